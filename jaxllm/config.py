@@ -1,0 +1,249 @@
+"""Run configuration: defaults, model presets, experiment files and command-line overrides.
+
+An experiment is a Python file whose `get_config()` returns an `ml_collections.ConfigDict`,
+usually `default_config()` with a few keys changed. Any key can be overridden from the
+command line as `--config.<section>.<key>=<value>`; a key that does not exist is an error.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib.util
+import pathlib
+from typing import Any, Sequence
+
+import ml_collections
+
+from jaxllm.errors import JaxllmError
+
+# name -> (n_layer, n_head, d_model, context_length). vocab_size comes from the tokenizer.
+PRESETS: dict[str, dict[str, int]] = {
+    "gpt2-small": dict(n_layer=12, n_head=12, d_model=768, context_length=1024),
+    "gpt2-medium": dict(n_layer=24, n_head=16, d_model=1024, context_length=1024),
+    "gpt2-large": dict(n_layer=36, n_head=20, d_model=1280, context_length=1024),
+    "gpt2-xl": dict(n_layer=48, n_head=25, d_model=1600, context_length=1024),
+    # CPU-sized models. gpt-nano is nanoGPT's CPU Shakespeare model.
+    "gpt-nano": dict(n_layer=4, n_head=4, d_model=128, context_length=64),
+    "gpt-micro": dict(n_layer=2, n_head=2, d_model=64, context_length=32),
+}
+# The architecture used when neither a preset nor explicit sizes are given.
+DEFAULT_PRESET = "gpt-nano"
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every key jaxllm knows, with its default. Experiments start from this."""
+  c = ml_collections.ConfigDict()
+
+  c.model = ml_collections.ConfigDict()
+  c.model.preset = ""  # a key of PRESETS; explicit sizes below override it
+  c.model.n_layer = None
+  c.model.n_head = None
+  c.model.d_model = None
+  c.model.context_length = None
+  c.model.vocab_size = None  # None: the tokenizer's vocabulary size
+  c.model.dropout = 0.0
+  c.model.bias = True  # biases in every Linear and LayerNorm
+  c.model.qkv_bias = None  # None: same as bias
+  c.model.tie_embeddings = True  # output projection = token embedding transposed
+  c.model.dtype = "float32"  # compute dtype; parameters are always float32
+  c.model.layer_norm_epsilon = 1e-5
+
+  c.data = ml_collections.ConfigDict()
+  c.data.dataset = "tiny_shakespeare"  # a TFDS catalog name, or "text" for local files
+  c.data.path = ""  # with dataset="text": a file, a directory of .txt files or a glob
+  c.data.data_dir = ""  # TFDS data dir; "" = TFDS's default ($TFDS_DATA_DIR or ~/tensorflow_datasets)
+  c.data.tokenizer = "gpt2"  # any tiktoken encoding name, or "char"
+  c.data.train_split = "train"  # TFDS splits, joined with "+"
+  c.data.val_split = ""  # "": carve val_fraction off the end of the training text
+  c.data.val_fraction = 0.1
+  c.data.separator = "<|endoftext|>"  # put between documents; "" joins them as they are
+  c.data.sampling = "random"  # "random" offsets (nanoGPT) or "sliding" windows (the book)
+  c.data.stride = 0  # sliding-window stride; 0 = context_length
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 1000  # optimizer steps
+  c.train.epochs = 0  # > 0: train this many passes over the sliding windows instead
+  c.train.batch_size = 12  # sequences per optimizer step (all microbatches together)
+  c.train.learning_rate = 1e-3
+  c.train.min_learning_rate = 1e-4  # end of the cosine decay
+  c.train.schedule = "cosine"  # "cosine" (linear warmup + cosine decay) or "constant"
+  c.train.warmup_steps = 100
+  c.train.decay_steps = 0  # 0 = steps
+  c.train.weight_decay = 0.1  # applied to matrices (ndim >= 2) only
+  c.train.beta1 = 0.9
+  c.train.beta2 = 0.95
+  c.train.grad_clip = 1.0  # global-norm clipping; 0 disables it
+  c.train.grad_accum = 1  # microbatches per optimizer step
+  c.train.eval_every = 250  # also evaluated before the first step and after the last
+  c.train.eval_batches = 20
+  c.train.log_every = 10
+  c.train.seed = 1337
+  c.train.peak_flops = 0.0  # per-device FLOP/s for MFU; 0 = measure a matmul at start-up
+  c.train.sample_prompt = "\n"
+  c.train.sample_tokens = 200
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = 1
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  return c
+
+
+def load_config(path: str | pathlib.Path) -> ml_collections.ConfigDict:
+  """Runs an experiment file's `get_config()`."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise JaxllmError(f"config file not found: {path} (pass --config experiments/<name>.py)")
+  spec = importlib.util.spec_from_file_location(f"jaxllm_experiment_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise JaxllmError(f"config file {path} defines no get_config() (see experiments/)")
+  config = module.get_config()
+  check_keys(config)
+  return config
+
+
+def check_keys(config: ml_collections.ConfigDict) -> None:
+  """Rejects keys that default_config() does not have (a typo in an experiment file)."""
+  known = default_config()
+
+  def walk(node, ref, prefix):
+    for key in node.keys():
+      name = f"{prefix}{key}"
+      if key not in ref:
+        raise JaxllmError(_unknown_key_message(name, ref, prefix))
+      if isinstance(node[key], ml_collections.ConfigDict):
+        walk(node[key], ref[key], f"{name}.")
+
+  walk(config, known, "")
+
+
+def _unknown_key_message(name: str, ref: ml_collections.ConfigDict, prefix: str) -> str:
+  where = f"section '{prefix[:-1]}'" if prefix else "the config"
+  return f"unknown config key '{name}' ({where} has: {', '.join(sorted(ref.keys()))})"
+
+
+def _parse_value(text: str, current: Any, name: str) -> Any:
+  if isinstance(current, bool):
+    lowered = text.strip().lower()
+    if lowered in ("true", "1", "yes"):
+      return True
+    if lowered in ("false", "0", "no"):
+      return False
+    raise JaxllmError(f"config key '{name}' takes true or false, got '{text}'")
+  if isinstance(current, (int, float)):
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or (
+        isinstance(current, int) and isinstance(value, float)):
+      raise JaxllmError(
+          f"config key '{name}' takes a{'n integer' if isinstance(current, int) else ' number'},"
+          f" got '{text}'")
+    return type(current)(value)
+  if isinstance(current, str):
+    # Escapes let a prompt hold a newline: --config.train.sample_prompt='\n'.
+    return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+  try:  # None: the key takes whatever the text spells (an int, a float, a bool, a string).
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    lowered = text.lower()
+    return {"true": True, "false": False, "none": None}.get(lowered, text)
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
+  """Applies `section.key=value` overrides in place; an unknown key is a JaxllmError."""
+  for override in overrides:
+    if "=" not in override:
+      raise JaxllmError(f"config override '{override}' needs the form section.key=value")
+    name, text = override.split("=", 1)
+    parts = name.split(".")
+    node, prefix = config, ""
+    for part in parts[:-1]:
+      if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+        raise JaxllmError(_unknown_key_message(prefix + part, node, prefix))
+      node, prefix = node[part], f"{prefix}{part}."
+    key = parts[-1]
+    if key not in node or isinstance(node[key], ml_collections.ConfigDict):
+      raise JaxllmError(_unknown_key_message(name, node, prefix))
+    value = _parse_value(text, node[key], name)
+    with node.ignore_type():
+      node[key] = value
+
+
+def to_dict(config: ml_collections.ConfigDict) -> dict:
+  return config.to_dict()
+
+
+def from_dict(values: dict) -> ml_collections.ConfigDict:
+  """Rebuilds a config saved as JSON (config.json in a run directory) on top of the defaults."""
+  config = default_config()
+
+  def merge(node, update, prefix):
+    for key, value in update.items():
+      if key not in node:
+        raise JaxllmError(_unknown_key_message(prefix + key, node, prefix))
+      if isinstance(node[key], ml_collections.ConfigDict):
+        merge(node[key], value, f"{prefix}{key}.")
+      else:
+        with node.ignore_type():
+          node[key] = value
+
+  merge(config, values, "")
+  return config
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """The resolved architecture: every field is concrete."""
+
+  vocab_size: int
+  context_length: int
+  n_layer: int
+  n_head: int
+  d_model: int
+  dropout: float = 0.0
+  bias: bool = True
+  qkv_bias: bool = True
+  tie_embeddings: bool = True
+  dtype: str = "float32"
+  layer_norm_epsilon: float = 1e-5
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.n_head
+
+
+def model_config(model: ml_collections.ConfigDict, vocab_size: int | None = None) -> ModelConfig:
+  """Resolves config.model (preset + explicit keys) into a ModelConfig."""
+  preset_name = model.preset or DEFAULT_PRESET
+  if preset_name not in PRESETS:
+    raise JaxllmError(
+        f"unknown preset '{model.preset}' (model.preset takes one of: {', '.join(PRESETS)})")
+  sizes = dict(PRESETS[preset_name])
+  for key in ("n_layer", "n_head", "d_model", "context_length"):
+    if model[key] is not None:
+      sizes[key] = int(model[key])
+  vocab = model.vocab_size if model.vocab_size is not None else vocab_size
+  if vocab is None:
+    raise JaxllmError("model.vocab_size is unknown (set it, or build the model from a tokenizer)")
+  if sizes["d_model"] % sizes["n_head"]:
+    raise JaxllmError(
+        f"model.d_model={sizes['d_model']} is not divisible by model.n_head={sizes['n_head']}")
+  if model.dtype not in ("float32", "bfloat16"):
+    raise JaxllmError(f"model.dtype must be float32 or bfloat16, got '{model.dtype}'")
+  if not 0.0 <= model.dropout < 1.0:
+    raise JaxllmError(f"model.dropout must be in [0, 1), got {model.dropout}")
+  return ModelConfig(
+      vocab_size=int(vocab),
+      dropout=float(model.dropout),
+      bias=bool(model.bias),
+      qkv_bias=bool(model.bias if model.qkv_bias is None else model.qkv_bias),
+      tie_embeddings=bool(model.tie_embeddings),
+      dtype=model.dtype,
+      layer_norm_epsilon=float(model.layer_norm_epsilon),
+      **sizes,
+  )

@@ -1,0 +1,190 @@
+"""A GPT-2-family transformer in Flax Linen, read top to bottom.
+
+Token + learned position embeddings, pre-LayerNorm blocks of causal multi-head attention and
+a GELU MLP, a final LayerNorm and an output projection tied to the token embedding (or not).
+Parameters are float32 whatever the compute dtype. Every parameter names its logical axes
+("vocab", "embed", "heads", "mlp", ...) so sharding is a table of rules, not model code.
+
+Shapes are in the names: B batch, L sequence, S cache length, D d_model, H heads,
+K head dim, F MLP hidden, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxllm.config import ModelConfig
+
+# A KV cache: one {"k": BxSxHxK, "v": BxSxHxK} dict per layer.
+KVCache = list[dict[str, jax.Array]]
+
+
+def _init(std: float, axes: tuple[str | None, ...]):
+  return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), axes)
+
+
+def _zeros(axes: tuple[str | None, ...]):
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+def _ones(axes: tuple[str | None, ...]):
+  return nn.with_logical_partitioning(nn.initializers.ones_init(), axes)
+
+
+def _layer_norm(cfg: ModelConfig, name: str | None = None) -> nn.LayerNorm:
+  return nn.LayerNorm(
+      epsilon=cfg.layer_norm_epsilon, use_bias=cfg.bias, dtype=cfg.dtype,
+      scale_init=_ones(("embed",)), bias_init=_zeros(("embed",)), name=name)
+
+
+class CausalSelfAttention(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD, positions_BxL, cache: dict[str, jax.Array] | None):
+    cfg = self.config
+    residual_std = 0.02 / math.sqrt(2 * cfg.n_layer)
+    qkv_BxLx3xHxK = nn.DenseGeneral(
+        features=(3, cfg.n_head, cfg.head_dim), use_bias=cfg.qkv_bias, dtype=cfg.dtype,
+        kernel_init=_init(0.02, ("embed", None, "heads", "kv")),
+        bias_init=_zeros((None, "heads", "kv")), name="qkv")(x_BxLxD)
+    q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (qkv_BxLx3xHxK[:, :, i] for i in range(3))
+
+    if cache is None:
+      out_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True)
+      new_cache = None
+    else:
+      # Each row writes its new keys/values at its own positions (prompts differ in length),
+      # then attends to every cached position at or before its own.
+      rows_Bx1 = jnp.arange(x_BxLxD.shape[0])[:, None]
+      k_BxSxHxK = cache["k"].at[rows_Bx1, positions_BxL].set(k_BxLxHxK.astype(cache["k"].dtype))
+      v_BxSxHxK = cache["v"].at[rows_Bx1, positions_BxL].set(v_BxLxHxK.astype(cache["v"].dtype))
+      cache_positions_S = jnp.arange(k_BxSxHxK.shape[1])
+      mask_BxLxS = cache_positions_S[None, None, :] <= positions_BxL[:, :, None]
+      out_BxLxHxK = jax.nn.dot_product_attention(
+          q_BxLxHxK, k_BxSxHxK.astype(q_BxLxHxK.dtype), v_BxSxHxK.astype(q_BxLxHxK.dtype),
+          mask=mask_BxLxS[:, None])
+      new_cache = {"k": k_BxSxHxK, "v": v_BxSxHxK}
+
+    out_BxLxD = nn.DenseGeneral(
+        features=cfg.d_model, axis=(-2, -1), use_bias=cfg.bias, dtype=cfg.dtype,
+        kernel_init=_init(residual_std, ("heads", "kv", "embed")),
+        bias_init=_zeros(("embed",)), name="out")(out_BxLxHxK)
+    return out_BxLxD, new_cache
+
+
+class MLP(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD):
+    cfg = self.config
+    residual_std = 0.02 / math.sqrt(2 * cfg.n_layer)
+    h_BxLxF = nn.Dense(
+        4 * cfg.d_model, use_bias=cfg.bias, dtype=cfg.dtype,
+        kernel_init=_init(0.02, ("embed", "mlp")), bias_init=_zeros(("mlp",)), name="fc")(x_BxLxD)
+    h_BxLxF = nn.gelu(h_BxLxF, approximate=True)  # GPT-2's tanh approximation
+    return nn.Dense(
+        cfg.d_model, use_bias=cfg.bias, dtype=cfg.dtype,
+        kernel_init=_init(residual_std, ("mlp", "embed")), bias_init=_zeros(("embed",)),
+        name="proj")(h_BxLxF)
+
+
+class Block(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD, positions_BxL, cache, deterministic: bool):
+    drop = nn.Dropout(self.config.dropout, deterministic=deterministic)
+    attn_BxLxD, cache = CausalSelfAttention(self.config, name="attn")(
+        _layer_norm(self.config, name="ln_1")(x_BxLxD), positions_BxL, cache)
+    x_BxLxD = x_BxLxD + drop(attn_BxLxD)
+    x_BxLxD = x_BxLxD + drop(MLP(self.config, name="mlp")(_layer_norm(self.config, name="ln_2")(x_BxLxD)))
+    return x_BxLxD, cache
+
+
+class GPT(nn.Module):
+  """`apply(tokens_BxL)` gives logits; `method=GPT.encode` gives the final hidden states."""
+
+  config: ModelConfig
+
+  def setup(self):
+    cfg = self.config
+    self.wte = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype,
+                        embedding_init=_init(0.02, ("vocab", "embed")))
+    self.wpe = nn.Embed(cfg.context_length, cfg.d_model, dtype=cfg.dtype,
+                        embedding_init=_init(0.02, (None, "embed")))
+    self.drop = nn.Dropout(cfg.dropout)
+    self.blocks = [Block(cfg) for _ in range(cfg.n_layer)]
+    self.ln_f = _layer_norm(cfg)
+    if not cfg.tie_embeddings:
+      self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype,
+                              kernel_init=_init(0.02, ("embed", "vocab")))
+
+  def encode(self, tokens_BxL, positions_BxL=None, cache: KVCache | None = None,
+             deterministic: bool = True):
+    """Final (post-LayerNorm) hidden states, BxLxD, and the updated cache (None without one)."""
+    length = tokens_BxL.shape[1]
+    if positions_BxL is None:
+      if length > self.config.context_length:
+        raise ValueError(f"sequence length {length} exceeds context_length "
+                         f"{self.config.context_length}")
+      positions_BxL = jnp.broadcast_to(jnp.arange(length), tokens_BxL.shape)
+    x_BxLxD = self.wte(tokens_BxL) + self.wpe(positions_BxL)
+    x_BxLxD = self.drop(x_BxLxD, deterministic=deterministic)
+    new_cache = [] if cache is not None else None
+    for i, block in enumerate(self.blocks):
+      x_BxLxD, layer_cache = block(x_BxLxD, positions_BxL,
+                                   None if cache is None else cache[i], deterministic)
+      if cache is not None:
+        new_cache.append(layer_cache)
+    return self.ln_f(x_BxLxD), new_cache
+
+  def logits(self, hidden_BxLxD):
+    """The LM head: float32 logits, BxLxV."""
+    if self.config.tie_embeddings:
+      logits_BxLxV = self.wte.attend(hidden_BxLxD)
+    else:
+      logits_BxLxV = self.lm_head(hidden_BxLxD)
+    return logits_BxLxV.astype(jnp.float32)
+
+  def __call__(self, tokens_BxL, deterministic: bool = True, return_hidden: bool = False):
+    hidden_BxLxD, _ = self.encode(tokens_BxL, deterministic=deterministic)
+    logits_BxLxV = self.logits(hidden_BxLxD)
+    return (logits_BxLxV, hidden_BxLxD) if return_hidden else logits_BxLxV
+
+
+def init_cache(config: ModelConfig, batch_size: int, length: int | None = None,
+               dtype: Any = None) -> KVCache:
+  """An empty KV cache for `length` positions (default: the context length)."""
+  length = length or config.context_length
+  shape = (batch_size, length, config.n_head, config.head_dim)
+  dtype = dtype or jnp.dtype(config.dtype)
+  return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+          for _ in range(config.n_layer)]
+
+
+def abstract_variables(model: GPT) -> Any:
+  """Shapes, dtypes and logical axes of `model.init`, without allocating anything."""
+  dummy = jnp.zeros((1, 1), jnp.int32)
+  return jax.eval_shape(lambda rng: model.init(rng, dummy), jax.random.key(0))
+
+
+def init_params(model: GPT, rng: jax.Array) -> Any:
+  """Fresh parameters as a plain pytree of float32 arrays."""
+  dummy = jnp.zeros((1, 1), jnp.int32)
+  return nn.unbox(model.init(rng, dummy)["params"])
+
+
+def logical_axes(model: GPT) -> Any:
+  """A pytree like the params holding each parameter's logical axis names (a PartitionSpec)."""
+  return nn.get_partition_spec(abstract_variables(model))["params"]
+
+
+def count_params(params: Any) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(params))

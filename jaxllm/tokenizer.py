@@ -1,0 +1,111 @@
+"""Tokenizers behind one interface: tiktoken BPE encodings (GPT-2's by default) and characters.
+
+Both know `<|endoftext|>`: tiktoken as its special token, the character tokenizer as one
+extra id after the characters of its corpus.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Sequence
+
+from jaxllm.errors import JaxllmError
+
+EOT = "<|endoftext|>"
+
+
+class Tokenizer:
+  """encode(text) -> ids, decode(ids) -> text; `vocab_size` and `eot_id` for the model."""
+
+  name: str
+  vocab_size: int
+  eot_id: int
+
+  def encode(self, text: str) -> list[int]:
+    raise NotImplementedError
+
+  def decode(self, ids: Sequence[int]) -> str:
+    raise NotImplementedError
+
+  def to_json(self) -> dict:
+    """What `from_json` needs to rebuild this tokenizer (stored with a run)."""
+    raise NotImplementedError
+
+
+class TiktokenTokenizer(Tokenizer):
+  """Any tiktoken encoding by name. `<|endoftext|>` in the text becomes the EOT id."""
+
+  def __init__(self, name: str = "gpt2"):
+    import tiktoken  # deferred: it reads its BPE files (TIKTOKEN_CACHE_DIR) on first use
+
+    try:
+      self._encoding = tiktoken.get_encoding(name)
+    except ValueError as e:
+      raise JaxllmError(f"unknown tokenizer '{name}' (data.tokenizer takes 'char' or a "
+                        f"tiktoken encoding such as gpt2, r50k_base, cl100k_base)") from e
+    except Exception as e:  # network / cache failures surface as requests or OS errors
+      raise JaxllmError(f"could not load tiktoken encoding '{name}': {e} (on an offline "
+                        f"machine, point TIKTOKEN_CACHE_DIR at a folder holding its files)") from e
+    self.name = name
+    self.vocab_size = self._encoding.n_vocab
+    self.eot_id = self._encoding.eot_token
+
+  def encode(self, text: str) -> list[int]:
+    return self._encoding.encode(text, allowed_special={EOT})
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self._encoding.decode([int(i) for i in ids])
+
+  def to_json(self) -> dict:
+    return {"kind": "tiktoken", "name": self.name}
+
+
+class CharTokenizer(Tokenizer):
+  """One id per distinct character of a corpus (sorted), plus `<|endoftext|>` last."""
+
+  name = "char"
+
+  def __init__(self, chars: str):
+    self.chars = "".join(sorted(set(chars)))
+    self._ids = {c: i for i, c in enumerate(self.chars)}
+    self.eot_id = len(self.chars)
+    self.vocab_size = len(self.chars) + 1
+
+  @classmethod
+  def from_corpus(cls, text: str) -> "CharTokenizer":
+    return cls(text.replace(EOT, ""))
+
+  def encode(self, text: str) -> list[int]:
+    ids = []
+    for i, piece in enumerate(text.split(EOT)):
+      if i:
+        ids.append(self.eot_id)
+      try:
+        ids.extend(self._ids[c] for c in piece)
+      except KeyError as e:
+        raise JaxllmError(f"character {e.args[0]!r} is not in the character vocabulary "
+                          f"(it was built from a corpus without it)") from None
+    return ids
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return "".join(EOT if i == self.eot_id else self.chars[i] for i in map(int, ids))
+
+  def to_json(self) -> dict:
+    return {"kind": "char", "chars": self.chars}
+
+
+def get_tokenizer(name: str, corpus: str | None = None) -> Tokenizer:
+  """`"char"` (built from `corpus`) or a tiktoken encoding name."""
+  if name == "char":
+    if corpus is None:
+      raise JaxllmError("the char tokenizer is built from a corpus; none was given")
+    return CharTokenizer.from_corpus(corpus)
+  return TiktokenTokenizer(name)
+
+
+def from_json(spec: dict) -> Tokenizer:
+  if spec.get("kind") == "char":
+    return CharTokenizer(spec["chars"])
+  if spec.get("kind") == "tiktoken":
+    return TiktokenTokenizer(spec["name"])
+  raise JaxllmError(f"unrecognised tokenizer description {json.dumps(spec)[:80]}")
