@@ -1,0 +1,48 @@
+"""Shared fixtures, and an environment that keeps tests offline and out of the home directory.
+
+The real data sets live outside the repository (see shared/data/README.md): tests find them
+through $JAXLLM_SHARED_DATA, by default the `shared/data` folder beside the repository.
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib.util
+import os
+import pathlib
+import shutil
+import tempfile
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+# Set before any test module imports tiktoken or TFDS (TFDS reads TFDS_DATA_DIR at import).
+os.environ.setdefault("TIKTOKEN_CACHE_DIR",
+                      os.environ.get("JAXLLM_TIKTOKEN_CACHE", str(SHARED / "tiktoken_cache")))
+if "TFDS_DATA_DIR" not in os.environ:  # else TFDS would write to ~/tensorflow_datasets
+  os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(prefix="jaxllm-tfds-")
+  atexit.register(shutil.rmtree, os.environ["TFDS_DATA_DIR"], ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> pathlib.Path:
+  """The folder holding tinyshakespeare.txt, the-verdict.txt, ..."""
+  path = pathlib.Path(os.environ.get("JAXLLM_SHARED_DATA", SHARED / "data"))
+  if not (path / "tinyshakespeare.txt").is_file():
+    pytest.fail(f"shared data not found in {path} (set JAXLLM_SHARED_DATA to the folder "
+                f"holding tinyshakespeare.txt and the-verdict.txt)")
+  return path
+
+
+@pytest.fixture(scope="session")
+def seeded_tfds_dir(shared_data, tmp_path_factory) -> pathlib.Path:
+  """A TFDS data dir whose download cache holds tiny_shakespeare, so it prepares offline."""
+  spec = importlib.util.spec_from_file_location(
+      "seed_tfds_downloads", REPO / "scripts" / "seed_tfds_downloads.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  data_dir = tmp_path_factory.mktemp("tfds")
+  module.seed(data_dir, shared_data, ["tiny_shakespeare"])
+  return data_dir
