@@ -1,0 +1,73 @@
+"""Run outputs: metrics as JSON lines, the loss-curve PNG, and the FLOP/s peak behind MFU."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+
+class MetricsWriter:
+  """Appends one JSON object per logged step to metrics.jsonl and keeps them for the plot."""
+
+  def __init__(self, path: pathlib.Path):
+    self.path = pathlib.Path(path)
+    self.records: list[dict[str, Any]] = []
+    self._file = open(self.path, "a")
+
+  def write(self, record: dict[str, Any]) -> None:
+    record = {k: (float(v) if hasattr(v, "dtype") else v) for k, v in record.items()}
+    self.records.append(record)
+    self._file.write(json.dumps(record) + "\n")
+    self._file.flush()
+
+  def close(self) -> None:
+    self._file.close()
+
+
+def plot_losses(records: list[dict[str, Any]], path: pathlib.Path, title: str = "") -> None:
+  """Training loss per logged step, and evaluated train/validation losses, against steps."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  series = [("loss", "train (batch)", "-", 1.0),
+            ("train_loss", "train (eval)", "o-", 1.0),
+            ("val_loss", "validation", "o-", 1.0)]
+  for key, label, style, alpha in series:
+    points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+    if points:
+      steps, values = zip(*points)
+      ax.plot(steps, values, style, label=label, alpha=alpha, markersize=3)
+  ax.set_xlabel("step")
+  ax.set_ylabel("cross-entropy loss (nats/token)")
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def measure_peak_flops(dtype: str = "float32", size: int = 2048, repeats: int = 5) -> float:
+  """FLOP/s of the best of `repeats` jitted size³ matmuls on the default device.
+
+  For bfloat16 the operands are bfloat16 and the product float32, as the model computes.
+  """
+  operand = jnp.dtype(dtype)
+  a = jnp.ones((size, size), operand)
+  b = jnp.ones((size, size), operand)
+  matmul = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
+  matmul(a, b).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a, b).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * size**3 / best

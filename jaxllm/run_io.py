@@ -1,0 +1,63 @@
+"""What a run directory holds, and how to read it back.
+
+    DIR/config.json      the resolved config (model sizes filled in)
+    DIR/tokenizer.json   how to rebuild the tokenizer
+    DIR/params/          the final parameters (Orbax)
+    DIR/metrics.jsonl    one JSON object per logged step
+    DIR/loss.png         the loss curve
+    DIR/sample.txt       a text sample from the final model
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from jaxllm import config as config_lib
+from jaxllm import tokenizer as tokenizer_lib
+from jaxllm.errors import JaxllmError
+from jaxllm.model import GPT, abstract_variables
+
+import flax.linen as nn
+
+
+def save_run_files(workdir: pathlib.Path, config: ml_collections.ConfigDict,
+                   tokenizer: tokenizer_lib.Tokenizer) -> None:
+  (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+  (workdir / "tokenizer.json").write_text(json.dumps(tokenizer.to_json()) + "\n")
+
+
+def save_params(workdir: pathlib.Path, params: Any) -> pathlib.Path:
+  path = (workdir / "params").absolute()
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(path, params, force=True)
+  checkpointer.wait_until_finished()
+  return path
+
+
+def load_run(workdir: str | pathlib.Path):
+  """(config, model, params, tokenizer) of a finished training run."""
+  workdir = pathlib.Path(workdir)
+  for name in ("config.json", "tokenizer.json", "params"):
+    if not (workdir / name).exists():
+      raise JaxllmError(f"{workdir / name} not found (is {workdir} the --workdir of a finished "
+                        f"`jaxllm train` run?)")
+  config = config_lib.from_dict(json.loads((workdir / "config.json").read_text()))
+  tokenizer = tokenizer_lib.from_json(json.loads((workdir / "tokenizer.json").read_text()))
+  model = GPT(config_lib.model_config(config.model, tokenizer.vocab_size))
+  abstract = nn.unbox(abstract_variables(model)["params"])
+  device = jax.devices()[0]
+  target = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                     sharding=jax.sharding.SingleDeviceSharding(device)), abstract)
+  try:
+    params = ocp.StandardCheckpointer().restore((workdir / "params").absolute(), target)
+  except (ValueError, KeyError) as e:
+    raise JaxllmError(f"parameters in {workdir / 'params'} do not match the model in "
+                      f"config.json: {str(e).splitlines()[0]}") from e
+  return config, model, params, tokenizer

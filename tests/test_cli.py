@@ -1,0 +1,112 @@
+"""The `jaxllm` command end to end: train, generate, and one-line errors for bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from jaxllm import cli
+
+TINY = ["--config.model.preset=gpt-micro", "--config.data.tokenizer=char",
+        "--config.train.batch_size=4", "--config.train.eval_batches=2", "--config.train.log_every=5",
+        "--config.train.peak_flops=1e11", "--config.train.sample_tokens=10", "--no-progress"]
+
+
+def _error_line(capsys) -> str:
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1, err  # one line, no traceback
+  assert err[0].startswith("jaxllm: error: ")
+  return err[0]
+
+
+def _train(workdir, *extra):
+  return cli.main(["train", "--config", "experiments/shakespeare_char.py", "--workdir",
+                   str(workdir), *TINY, *extra])
+
+
+def _train_text(workdir, corpus, *extra):
+  return _train(workdir, "--config.data.dataset=text", f"--config.data.path={corpus}",
+                "--config.data.train_split=train", *extra)
+
+
+def test_train_then_generate(tmp_path, shared_data, capsys):
+  corpus = tmp_path / "verdict.txt"
+  corpus.write_text((shared_data / "the-verdict.txt").read_text())
+  workdir = tmp_path / "run"
+  status = _train_text(workdir, corpus, "--config.train.steps=30", "--config.train.eval_every=15")
+  assert status == 0
+  out = capsys.readouterr().out
+  assert "--- sample" in out and "val loss" in out
+
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records if "val_loss" in r] == [0, 15, 30]
+  assert [r["step"] for r in records if "loss" in r] == [5, 10, 15, 20, 25, 30]
+  assert all({"lr", "tokens_per_s", "mfu", "grad_norm"} <= r.keys() for r in records if "loss" in r)
+  # A 2-layer char model learns something in 30 steps: validation loss falls.
+  assert records[-1]["val_loss"] < records[0]["val_loss"] - 0.3
+  config = json.loads((workdir / "config.json").read_text())
+  assert config["model"]["n_layer"] == 2 and config["model"]["vocab_size"] > 26
+  assert (workdir / "loss.png").stat().st_size > 10_000
+
+  assert cli.main(["generate", "--workdir", str(workdir), "--prompt", "The",
+                   "--max-new-tokens", "12", "--temperature", "0"]) == 0
+  first = capsys.readouterr().out
+  assert first.startswith("The") and len(first.rstrip("\n")) >= 3
+  assert cli.main(["generate", "--workdir", str(workdir), "--prompt", "The",
+                   "--max-new-tokens", "12", "--temperature", "0"]) == 0
+  assert capsys.readouterr().out == first  # greedy is deterministic
+
+  assert cli.main(["generate", "--workdir", str(workdir), "--prompt", "The",
+                   "--max-new-tokens", "500"]) == 2
+  assert "exceeds the context length 32" in _error_line(capsys)
+
+
+def test_unknown_config_key_is_named(tmp_path, capsys):
+  assert _train(tmp_path, "--config.train.stepz=3") == 2
+  assert "unknown config key 'train.stepz'" in _error_line(capsys)
+
+
+def test_unknown_preset(tmp_path, capsys):
+  assert _train(tmp_path, "--config.model.preset=gpt5") == 2
+  assert "unknown preset 'gpt5'" in _error_line(capsys)
+
+
+def test_unknown_dataset(tmp_path, capsys):
+  assert _train(tmp_path, "--config.data.dataset=no_such_dataset") == 2
+  assert "no_such_dataset" in _error_line(capsys)
+
+
+def test_missing_corpus_file(tmp_path, capsys):
+  assert _train_text(tmp_path, tmp_path / "missing.txt") == 2
+  assert "missing.txt" in _error_line(capsys)
+
+
+def test_empty_corpus(tmp_path, capsys):
+  (tmp_path / "empty.txt").write_text("")
+  assert _train_text(tmp_path, tmp_path / "empty.txt") == 2
+  assert "empty" in _error_line(capsys)
+
+
+def test_corpus_shorter_than_context(tmp_path, capsys):
+  (tmp_path / "short.txt").write_text("To be, or not to be, that is the question.\n")
+  assert _train_text(tmp_path, tmp_path / "short.txt") == 2
+  assert "fewer than context_length + 1 = 33" in _error_line(capsys)
+
+
+def test_generate_without_a_run(tmp_path, capsys):
+  assert cli.main(["generate", "--workdir", str(tmp_path / "nothing")]) == 2
+  assert "config.json not found" in _error_line(capsys)
+
+
+def test_installed_command_prints_one_line(tmp_path):
+  """The real console entry point: no traceback reaches the user."""
+  result = subprocess.run(
+      [sys.executable, "-m", "jaxllm.cli", "train", "--config", "experiments/shakespeare_char.py",
+       "--workdir", str(tmp_path), "--config.model.n_layr=2"],
+      capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2
+  assert result.stderr.strip() == (
+      "jaxllm: error: unknown config key 'model.n_layr' (section 'model' has: bias, "
+      "context_length, d_model, dropout, dtype, layer_norm_epsilon, n_head, n_layer, preset, "
+      "qkv_bias, tie_embeddings, vocab_size)")

@@ -1,0 +1,69 @@
+import ml_collections
+import pytest
+
+from jaxllm import config as config_lib
+from jaxllm.errors import JaxllmError
+
+
+def test_overrides_parse_by_type():
+  config = config_lib.default_config()
+  config_lib.apply_overrides(config, [
+      "model.n_layer=6", "train.learning_rate=3e-4", "model.tie_embeddings=false",
+      "data.path=corpus.txt", "train.sample_prompt=\\nROMEO:", "model.preset=gpt2-small"])
+  assert config.model.n_layer == 6 and isinstance(config.model.n_layer, int)
+  assert config.train.learning_rate == 3e-4
+  assert config.model.tie_embeddings is False
+  assert config.data.path == "corpus.txt"
+  assert config.train.sample_prompt == "\nROMEO:"
+  resolved = config_lib.model_config(config.model, vocab_size=50257)
+  assert (resolved.n_layer, resolved.n_head, resolved.d_model) == (6, 12, 768)
+
+
+def test_unknown_key_is_named():
+  config = config_lib.default_config()
+  with pytest.raises(JaxllmError, match=r"unknown config key 'model.n_layr'.*n_layer"):
+    config_lib.apply_overrides(config, ["model.n_layr=3"])
+  with pytest.raises(JaxllmError, match=r"unknown config key 'modle'"):
+    config_lib.apply_overrides(config, ["modle.n_layer=3"])
+
+
+def test_bad_value_types_are_errors():
+  config = config_lib.default_config()
+  with pytest.raises(JaxllmError, match="train.steps.*integer.*'ten'"):
+    config_lib.apply_overrides(config, ["train.steps=ten"])
+  with pytest.raises(JaxllmError, match="train.steps.*integer"):
+    config_lib.apply_overrides(config, ["train.steps=2.5"])
+  with pytest.raises(JaxllmError, match="true or false"):
+    config_lib.apply_overrides(config, ["model.bias=maybe"])
+
+
+def test_unknown_preset_lists_the_known_ones():
+  config = config_lib.default_config()
+  config.model.preset = "gpt5"
+  with pytest.raises(JaxllmError, match="unknown preset 'gpt5'.*gpt2-small"):
+    config_lib.model_config(config.model, vocab_size=100)
+
+
+def test_experiment_files_load_and_resolve():
+  for name, vocab, expected in [("shakespeare_char", 66, (4, 4, 128, 64)),
+                                ("verdict_gpt2", 50257, (12, 12, 768, 256))]:
+    config = config_lib.load_config(f"experiments/{name}.py")
+    resolved = config_lib.model_config(config.model, vocab)
+    assert (resolved.n_layer, resolved.n_head, resolved.d_model,
+            resolved.context_length) == expected
+
+
+def test_experiment_file_with_unknown_key(tmp_path):
+  path = tmp_path / "bad.py"
+  path.write_text("from jaxllm.config import default_config\n"
+                  "def get_config():\n  c = default_config()\n  c.train.stepz = 3\n  return c\n")
+  with pytest.raises(JaxllmError, match="unknown config key 'train.stepz'"):
+    config_lib.load_config(path)
+
+
+def test_config_json_round_trip():
+  config = config_lib.default_config()
+  config.model.n_layer = 3
+  again = config_lib.from_dict(config.to_dict())
+  assert again.to_dict() == config.to_dict()
+  assert isinstance(again, ml_collections.ConfigDict)
