@@ -1,0 +1,177 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxllm import generate as generate_lib
+from jaxllm.config import ModelConfig
+from jaxllm.errors import JaxllmError
+from jaxllm.model import GPT, init_params
+from jaxllm.tokenizer import CharTokenizer
+
+CONFIG = ModelConfig(vocab_size=97, context_length=64, n_layer=2, n_head=4, d_model=64)
+# Lengths 3, 7, 1 and 20 in one batch: every row but the longest decodes over prefill padding.
+PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [42], list(range(60, 80))]
+NEW_TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def model_and_params():
+  model = GPT(CONFIG)
+  # At init scale (std 0.02) a GPT's argmax just repeats the last token, which would let a
+  # cache that ignored the context pass. Weights x10 make the next token depend on it.
+  params = jax.tree.map(lambda x: x * 10 if x.ndim >= 2 else x,
+                        init_params(model, jax.random.key(0)))
+  return model, params
+
+
+def test_cached_greedy_equals_uncached(model_and_params):
+  model, params = model_and_params
+  cached = generate_lib.generate(model, params, PROMPTS, NEW_TOKENS, temperature=0)
+  uncached = generate_lib.generate_uncached(model, params, PROMPTS, NEW_TOKENS, temperature=0)
+  assert [len(row) for row in cached] == [NEW_TOKENS] * len(PROMPTS)
+  # float32 ids must match exactly, token for token, not "mostly".
+  assert cached == uncached
+  assert all(len(set(row)) >= 5 for row in cached), cached  # not a degenerate repeat
+
+  # Exact equality is robust, not luck: every step's top-1 logit leads the runner-up by far
+  # more than the ~1e-6 by which cached and full forwards differ.
+  sequences_BxL, _ = generate_lib._pad([p + new for p, new in zip(PROMPTS, cached)])
+  logits_BxLxV = model.apply({"params": params}, jnp.asarray(sequences_BxL))
+  for row, prompt in enumerate(PROMPTS):
+    steps = slice(len(prompt) - 1, len(prompt) - 1 + NEW_TOKENS)
+    top2_Nx2 = jax.lax.top_k(logits_BxLxV[row, steps], 2)[0]
+    assert float(jnp.min(top2_Nx2[:, 0] - top2_Nx2[:, 1])) > 1e-4
+
+def test_cached_sampling_equals_uncached(model_and_params):
+  model, params = model_and_params
+  kwargs = dict(temperature=1.0, top_k=20, top_p=0.9, seed=3)
+  cached = generate_lib.generate(model, params, PROMPTS, NEW_TOKENS, **kwargs)
+  assert cached == generate_lib.generate_uncached(model, params, PROMPTS, NEW_TOKENS, **kwargs)
+  assert cached != generate_lib.generate(model, params, PROMPTS, NEW_TOKENS,
+                                         **{**kwargs, "seed": 4})
+
+
+def test_batched_equals_one_at_a_time(model_and_params):
+  model, params = model_and_params
+  batched = generate_lib.generate(model, params, PROMPTS, NEW_TOKENS, temperature=0)
+  alone = [generate_lib.generate(model, params, [p], NEW_TOKENS, temperature=0)[0]
+           for p in PROMPTS]
+  assert batched == alone
+
+
+def test_repeated_calls_do_not_recompile(model_and_params):
+  model, params = model_and_params
+  first = generate_lib.generate(model, params, PROMPTS, 8, temperature=0.7, seed=1)
+  compiled = generate_lib._generate_cached._cache_size()
+  # Same config, shapes and settings, other token values and seed: the compiled loop is reused.
+  other_prompts = [[t + 1 for t in p] for p in PROMPTS]
+  generate_lib.generate(model, params, other_prompts, 8, temperature=0.7, seed=2)
+  assert generate_lib.generate(model, params, PROMPTS, 8, temperature=0.7, seed=1) == first
+  assert generate_lib._generate_cached._cache_size() == compiled
+
+
+# Logits with a known order: ids 4 > 1 > 7 > 2 > 0 > the rest.
+LOGITS_V = np.full(10, -2.0, np.float32)
+LOGITS_V[[4, 1, 7, 2, 0]] = [3.0, 2.5, 2.0, 1.0, 0.5]
+DRAWS = 2000
+
+
+def _draw(temperature, top_k, top_p, logits_V=LOGITS_V, seed=0):
+  """DRAWS independent samples (one per row of a broadcast batch)."""
+  logits_BxV = jnp.broadcast_to(jnp.asarray(logits_V), (DRAWS, len(logits_V)))
+  return np.asarray(generate_lib.sample_logits(jax.random.key(seed), logits_BxV,
+                                               temperature, top_k, top_p))
+
+
+def test_top_k_samples_only_the_k_largest():
+  ids = _draw(1.0, 3, 1.0)
+  assert set(ids) == {4, 1, 7}
+  # And in proportion to their renormalised probabilities (5 sigma is about 0.056 here).
+  expected = jax.nn.softmax(jnp.array([3.0, 2.5, 2.0]))
+  observed = np.array([np.mean(ids == i) for i in (4, 1, 7)])
+  np.testing.assert_allclose(observed, expected, atol=0.06)
+  # Unrestricted sampling does reach beyond them: the filter is what kept it inside.
+  assert len(set(_draw(1.0, 0, 1.0))) > 3
+
+
+def test_top_k_does_not_leak_through_ties():
+  logits_V = np.array([5.0, 5.0, 5.0, 0.0], np.float32)
+  assert len(set(_draw(1.0, 2, 1.0, logits_V))) == 2
+
+
+def test_top_p_samples_only_the_nucleus():
+  probs_V = np.asarray(jax.nn.softmax(jnp.asarray(LOGITS_V)))
+  order = np.argsort(-probs_V)
+  for top_p in (0.5, 0.8, 0.95):
+    # The smallest most-likely set whose mass reaches top_p.
+    size = int(np.searchsorted(np.cumsum(probs_V[order]), top_p)) + 1
+    nucleus = set(order[:size].tolist())
+    assert set(_draw(1.0, 0, top_p)) == nucleus, (top_p, nucleus)
+  assert set(_draw(1.0, 0, 1e-6)) == {4}  # at least one token, however small p
+  # top_k first, then top_p over the renormalised survivors: the top token holds 0.45 of all
+  # the mass (so p=0.5 alone keeps two, above) but 0.51 of the top three's.
+  assert set(_draw(1.0, 3, 0.5)) == {4}
+
+
+def test_temperature_zero_is_argmax():
+  logits_BxV = jax.random.normal(jax.random.key(1), (64, 97))
+  tokens_B = generate_lib.sample_logits(jax.random.key(2), logits_BxV, 0, 5, 0.5)
+  np.testing.assert_array_equal(tokens_B, jnp.argmax(logits_BxV, axis=-1))
+
+
+def test_rows_stop_at_eot_and_emit_nothing_after(model_and_params):
+  model, params = model_and_params
+  for kwargs in (dict(temperature=0), dict(temperature=1.0, seed=5)):
+    free = generate_lib.generate(model, params, PROMPTS, NEW_TOKENS, **kwargs)
+    # Make eot a token the first row really emits mid-way: each row must then end just before
+    # its own first occurrence of it, the other rows running on undisturbed.
+    eot_id = next(t for i, t in enumerate(free[0]) if i >= 3 and t not in free[0][:i])
+    expected = [row[:row.index(eot_id)] if eot_id in row else row for row in free]
+    assert len(expected[0]) >= 3 and any(len(e) != len(expected[0]) for e in expected)
+    stopped = generate_lib.generate(model, params, PROMPTS, NEW_TOKENS, eot_id=eot_id, **kwargs)
+    assert stopped == expected
+    assert generate_lib.generate_uncached(
+        model, params, PROMPTS, NEW_TOKENS, eot_id=eot_id, **kwargs) == expected
+
+
+def test_forced_eot_stops_every_row_at_once(model_and_params):
+  model, params = model_and_params
+  eot_id = 13
+  # With ln_f's scale 0 its output is its bias; a bias along eot's (tied) embedding makes
+  # eot the argmax at every position, so the loop must exit before emitting anything.
+  forced = jax.tree.map(lambda x: x, params)
+  forced["ln_f"] = {"scale": jnp.zeros_like(params["ln_f"]["scale"]),
+                    "bias": 100.0 * params["wte"]["embedding"][eot_id]}
+  assert generate_lib.generate(model, forced, PROMPTS, NEW_TOKENS, temperature=0.0,
+                               eot_id=eot_id) == [[]] * len(PROMPTS)
+  # Without eot_id the same model emits it as an ordinary token.
+  assert generate_lib.generate(model, forced, PROMPTS[:1], 4, temperature=0.0) == [[eot_id] * 4]
+
+
+def test_too_long_or_empty_requests_raise(model_and_params):
+  model, params = model_and_params
+  with pytest.raises(JaxllmError, match=r"40 tokens.*30.*= 70 exceeds context_length 64"):
+    generate_lib.generate(model, params, [[1] * 40, [2]], 30)
+  generate_lib.generate(model, params, [[1] * 34], 30)  # exactly fits
+  with pytest.raises(JaxllmError, match="prompt 1 is empty"):
+    generate_lib.generate(model, params, [[1], []], 4)
+  with pytest.raises(JaxllmError, match="outside"):
+    generate_lib.generate(model, params, [[97]], 4)
+  with pytest.raises(JaxllmError, match="top_p"):
+    generate_lib.generate(model, params, [[1]], 4, top_p=0.0)
+
+
+def test_generate_text_round_trips_strings():
+  tokenizer = CharTokenizer.from_corpus("hello world, goodbye world")
+  config = ModelConfig(vocab_size=tokenizer.vocab_size, context_length=32, n_layer=1, n_head=2,
+                       d_model=32)
+  model = GPT(config)
+  params = init_params(model, jax.random.key(0))
+  text = generate_lib.generate_text(model, params, tokenizer, "hello", 8, temperature=0)
+  assert isinstance(text, str)
+  ids = generate_lib.generate(model, params, [tokenizer.encode("hello")], 8, temperature=0,
+                              eot_id=tokenizer.eot_id)[0]
+  assert text == tokenizer.decode(ids)
+  texts = generate_lib.generate_text(model, params, tokenizer, ["hello", "good"], 8, seed=1)
+  assert isinstance(texts, list) and len(texts) == 2

@@ -1,0 +1,126 @@
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxllm.config import PRESETS, ModelConfig
+from jaxllm.model import GPT, abstract_variables, count_params, init_cache, init_params
+
+CONFIG = ModelConfig(vocab_size=97, context_length=64, n_layer=2, n_head=4, d_model=64)
+GPT2_VOCAB = 50257
+
+
+@pytest.fixture(scope="module")
+def params():
+  return init_params(GPT(CONFIG), jax.random.key(0))
+
+
+@pytest.fixture(scope="module")
+def tokens_BxL():
+  return jax.random.randint(jax.random.key(1), (3, 40), 0, CONFIG.vocab_size)
+
+
+def _count(config: ModelConfig) -> int:
+  # eval_shape: the 1.5B-parameter model is counted without allocating a byte of it.
+  return count_params(nn.unbox(abstract_variables(GPT(config)))["params"])
+
+
+@pytest.mark.parametrize("preset, expected", [
+    ("gpt2-small", 124_439_808),
+    ("gpt2-medium", 354_823_168),
+    ("gpt2-large", 774_030_080),
+    ("gpt2-xl", 1_557_611_200),
+])
+def test_preset_parameter_counts(preset, expected):
+  assert _count(ModelConfig(vocab_size=GPT2_VOCAB, **PRESETS[preset])) == expected
+
+
+def test_untied_head_adds_one_vocab_by_embed_matrix():
+  config = ModelConfig(vocab_size=GPT2_VOCAB, **PRESETS["gpt2-small"])
+  untied = dataclasses.replace(config, tie_embeddings=False)
+  assert _count(untied) - _count(config) == GPT2_VOCAB * 768
+
+
+def test_causal_masking(params, tokens_BxL):
+  model = GPT(CONFIG)
+  logits_BxLxV = model.apply({"params": params}, tokens_BxL)
+  t = 17
+  changed_BxL = tokens_BxL.at[:, t].set((tokens_BxL[:, t] + 1) % CONFIG.vocab_size)
+  changed_BxLxV = model.apply({"params": params}, changed_BxL)
+  # Exactly equal before t: masked positions contribute exact zeros, not small numbers.
+  np.testing.assert_array_equal(changed_BxLxV[:, :t], logits_BxLxV[:, :t])
+  assert np.all(np.abs(changed_BxLxV[:, t] - logits_BxLxV[:, t]).max(axis=-1) > 1e-3)
+
+
+def test_tied_and_untied_heads(params, tokens_BxL):
+  model = GPT(CONFIG)
+  logits_BxLxV, hidden_BxLxD = model.apply({"params": params}, tokens_BxL, return_hidden=True)
+  # Tolerance 1e-6 absolute on logits of magnitude ~1 (it is exact on CPU today).
+  np.testing.assert_allclose(logits_BxLxV, hidden_BxLxD @ params["wte"]["embedding"].T,
+                             atol=1e-6, rtol=0)
+  assert "lm_head" not in params
+
+  untied = GPT(dataclasses.replace(CONFIG, tie_embeddings=False))
+  untied_params = init_params(untied, jax.random.key(0))
+  assert untied_params["lm_head"]["kernel"].shape == (CONFIG.d_model, CONFIG.vocab_size)
+  untied_BxLxV, untied_hidden_BxLxD = untied.apply(
+      {"params": untied_params}, tokens_BxL, return_hidden=True)
+  np.testing.assert_allclose(untied_BxLxV,
+                             untied_hidden_BxLxD @ untied_params["lm_head"]["kernel"],
+                             atol=1e-6, rtol=0)
+  tied_view_BxLxV = untied_hidden_BxLxD @ untied_params["wte"]["embedding"].T
+  assert np.abs(untied_BxLxV - tied_view_BxLxV).max() > 0.1
+
+
+def test_return_hidden_matches_logits_method(params, tokens_BxL):
+  model = GPT(CONFIG)
+  logits_BxLxV, hidden_BxLxD = model.apply({"params": params}, tokens_BxL, return_hidden=True)
+  assert hidden_BxLxD.shape == (*tokens_BxL.shape, CONFIG.d_model)
+  assert logits_BxLxV.shape == (*tokens_BxL.shape, CONFIG.vocab_size)
+  np.testing.assert_array_equal(
+      model.apply({"params": params}, hidden_BxLxD, method=model.logits), logits_BxLxV)
+  np.testing.assert_array_equal(model.apply({"params": params}, tokens_BxL), logits_BxLxV)
+
+
+def test_sequence_longer_than_context_raises(params):
+  too_long_BxL = jnp.zeros((1, CONFIG.context_length + 1), jnp.int32)
+  with pytest.raises(ValueError, match="sequence length 65 exceeds context_length 64"):
+    GPT(CONFIG).apply({"params": params}, too_long_BxL)
+
+
+def test_bfloat16_compute(params, tokens_BxL):
+  reference_BxLxV = GPT(CONFIG).apply({"params": params}, tokens_BxL)
+  model = GPT(dataclasses.replace(CONFIG, dtype="bfloat16"))
+  assert all(x.dtype == jnp.float32
+             for x in jax.tree.leaves(init_params(model, jax.random.key(0))))
+  logits_BxLxV, hidden_BxLxD = model.apply({"params": params}, tokens_BxL, return_hidden=True)
+  assert hidden_BxLxD.dtype == jnp.bfloat16
+  assert logits_BxLxV.dtype == jnp.float32
+  # bfloat16 keeps ~3 significant digits; on logits up to ~1.1 the max error is ~4e-3,
+  # so 2e-2 absolute. Not bit-equal: the computation really ran in bfloat16.
+  difference = np.abs(logits_BxLxV - reference_BxLxV).max()
+  assert 0 < difference < 2e-2
+
+
+def test_cached_forward_matches_full_forward(params, tokens_BxL):
+  model = GPT(CONFIG)
+  reference_BxLxV = model.apply({"params": params}, tokens_BxL)
+  batch_size, length = tokens_BxL.shape
+  cache = init_cache(CONFIG, batch_size, length)
+  # A 5-token prefill, then one token at a time.
+  encode = jax.jit(lambda tokens_BxL, positions_BxL, cache: model.apply(
+      {"params": params}, tokens_BxL, positions_BxL, cache, method=model.encode))
+  # A 5-token prefill, then one token at a time.
+  chunks = [(0, 5)] + [(t, t + 1) for t in range(5, length)]
+  hidden = []
+  for start, end in chunks:
+    positions_BxL = jnp.broadcast_to(jnp.arange(start, end), (batch_size, end - start))
+    hidden_BxLxD, cache = encode(tokens_BxL[:, start:end], positions_BxL, cache)
+    hidden.append(hidden_BxLxD)
+  logits_BxLxV = model.apply({"params": params}, jnp.concatenate(hidden, axis=1),
+                             method=model.logits)
+  # Same math in another order: ~2e-7 on CPU, asserted to 1e-5.
+  np.testing.assert_allclose(logits_BxLxV, reference_BxLxV, atol=1e-5, rtol=0)
