@@ -3,7 +3,13 @@
 Token + learned position embeddings, pre-LayerNorm blocks of causal multi-head attention and
 a GELU MLP, a final LayerNorm and an output projection tied to the token embedding (or not).
 Parameters are float32 whatever the compute dtype. Every parameter names its logical axes
-("vocab", "embed", "heads", "mlp", ...) so sharding is a table of rules, not model code.
+("vocab", "embed", "heads", "mlp", ...) and a few activations name theirs ("batch", "sequence",
+...), so sharding is a table of rules (jaxllm/sharding.py), not model code; outside an
+`nn.logical_axis_rules` context the activation constraints do nothing.
+
+Two options change how the blocks run, not what they compute: `remat` recomputes each block's
+activations in the backward pass, and `scan_layers` stacks the blocks' parameters (one "blocks"
+entry with a leading "layers" axis instead of blocks_0, blocks_1, ...) under one `nn.scan`.
 
 Shapes are in the names: B batch, L sequence, S cache length, D d_model, H heads,
 K head dim, F MLP hidden, V vocabulary.
@@ -22,6 +28,14 @@ from jaxllm.config import ModelConfig
 
 # A KV cache: one {"k": BxSxHxK, "v": BxSxHxK} dict per layer.
 KVCache = list[dict[str, jax.Array]]
+
+# model.remat -> what a block keeps for the backward pass (None: only its inputs).
+REMAT_POLICIES = {
+    "full": None,
+    # The outputs of the matmuls with the weights (no batch dimensions); attention scores,
+    # GELU and LayerNorm are recomputed.
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 def _init(std: float, axes: tuple[str | None, ...]):
@@ -49,10 +63,14 @@ class CausalSelfAttention(nn.Module):
   def __call__(self, x_BxLxD, positions_BxL, cache: dict[str, jax.Array] | None):
     cfg = self.config
     residual_std = 0.02 / math.sqrt(2 * cfg.n_layer)
-    qkv_BxLx3xHxK = nn.DenseGeneral(
-        features=(3, cfg.n_head, cfg.head_dim), use_bias=cfg.qkv_bias, dtype=cfg.dtype,
-        kernel_init=_init(0.02, ("embed", None, "heads", "kv")),
+    # nn.Einsum, not nn.DenseGeneral: DenseGeneral initializes a flattened kernel and
+    # reshapes it, which breaks its logical-axis metadata under a mesh (flax 0.12).
+    qkv_BxLx3xHxK = nn.Einsum(
+        (cfg.d_model, 3, cfg.n_head, cfg.head_dim), "bld,dthk->blthk", use_bias=cfg.qkv_bias,
+        dtype=cfg.dtype, kernel_init=_init(0.02, ("embed", None, "heads", "kv")),
         bias_init=_zeros((None, "heads", "kv")), name="qkv")(x_BxLxD)
+    qkv_BxLx3xHxK = nn.with_logical_constraint(
+        qkv_BxLx3xHxK, ("batch", "sequence", None, "heads", "kv"))
     q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (qkv_BxLx3xHxK[:, :, i] for i in range(3))
 
     if cache is None:
@@ -71,9 +89,9 @@ class CausalSelfAttention(nn.Module):
           mask=mask_BxLxS[:, None])
       new_cache = {"k": k_BxSxHxK, "v": v_BxSxHxK}
 
-    out_BxLxD = nn.DenseGeneral(
-        features=cfg.d_model, axis=(-2, -1), use_bias=cfg.bias, dtype=cfg.dtype,
-        kernel_init=_init(residual_std, ("heads", "kv", "embed")),
+    out_BxLxD = nn.Einsum(
+        (cfg.n_head, cfg.head_dim, cfg.d_model), "blhk,hkd->bld", use_bias=cfg.bias,
+        dtype=cfg.dtype, kernel_init=_init(residual_std, ("heads", "kv", "embed")),
         bias_init=_zeros(("embed",)), name="out")(out_BxLxHxK)
     return out_BxLxD, new_cache
 
@@ -91,6 +109,8 @@ class MLP(nn.Module):
     h_NxF = nn.Dense(
         4 * cfg.d_model, use_bias=cfg.bias, dtype=cfg.dtype,
         kernel_init=_init(0.02, ("embed", "mlp")), bias_init=_zeros(("mlp",)), name="fc")(x_NxD)
+    # N = B * L rows: split as the batch is (whole rows of B stay together).
+    h_NxF = nn.with_logical_constraint(h_NxF, ("batch", "mlp"))
     h_NxF = nn.gelu(h_NxF, approximate=True)  # GPT-2's tanh approximation
     out_NxD = nn.Dense(
         cfg.d_model, use_bias=cfg.bias, dtype=cfg.dtype,
@@ -109,7 +129,25 @@ class Block(nn.Module):
         _layer_norm(self.config, name="ln_1")(x_BxLxD), positions_BxL, cache)
     x_BxLxD = x_BxLxD + drop(attn_BxLxD)
     x_BxLxD = x_BxLxD + drop(MLP(self.config, name="mlp")(_layer_norm(self.config, name="ln_2")(x_BxLxD)))
-    return x_BxLxD, cache
+    # Between blocks the residual stream is split by batch rows only: "batch" takes the
+    # fsdp axis first, so "embed" stays whole here (and tensor-parallel outputs are summed).
+    return nn.with_logical_constraint(x_BxLxD, ("batch", "sequence", "embed")), cache
+
+
+def _blocks(cfg: ModelConfig):
+  """The layer stack: a list of Blocks, or one scanned Block whose params have a layer axis."""
+  block = Block
+  if cfg.remat != "none":
+    # deterministic (argument 4, counting self) is a Python bool: static. Inside a scan the
+    # loop already keeps the recomputation from being merged away, so no CSE barrier there.
+    block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers,
+                     static_argnums=(4,))
+  if not cfg.scan_layers:
+    return [block(cfg) for _ in range(cfg.n_layer)]
+  return nn.scan(
+      block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+      in_axes=(nn.broadcast, 0, nn.broadcast), length=cfg.n_layer,
+      metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
 
 
 class GPT(nn.Module):
@@ -120,11 +158,11 @@ class GPT(nn.Module):
   def setup(self):
     cfg = self.config
     self.wte = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype,
-                        embedding_init=_init(0.02, ("vocab", "embed")))
+                        embedding_init=_init(cfg.embedding_init_std, ("vocab", "embed")))
     self.wpe = nn.Embed(cfg.context_length, cfg.d_model, dtype=cfg.dtype,
-                        embedding_init=_init(0.02, (None, "embed")))
+                        embedding_init=_init(cfg.embedding_init_std, (None, "embed")))
     self.drop = nn.Dropout(cfg.dropout)
-    self.blocks = [Block(cfg) for _ in range(cfg.n_layer)]
+    self.blocks = _blocks(cfg)
     self.ln_f = _layer_norm(cfg)
     if not cfg.tie_embeddings:
       self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype,
@@ -139,8 +177,21 @@ class GPT(nn.Module):
         raise ValueError(f"sequence length {length} exceeds context_length "
                          f"{self.config.context_length}")
       positions_BxL = jnp.broadcast_to(jnp.arange(length), tokens_BxL.shape)
-    x_BxLxD = self.wte(tokens_BxL) + self.wpe(positions_BxL)
+    # Look rows up in tables whose d_model side is whole: under FSDP it is split, and a lookup
+    # into a split table makes XLA replicate the result to split it by batch rows instead.
+    dtype = self.config.dtype
+    wte_VxD = nn.with_logical_constraint(self.wte.embedding.astype(dtype), ("vocab", None))
+    wpe_TxD = nn.with_logical_constraint(self.wpe.embedding.astype(dtype), (None, None))
+    x_BxLxD = jnp.take(wte_VxD, tokens_BxL, axis=0) + jnp.take(wpe_TxD, positions_BxL, axis=0)
+    x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "sequence", "embed"))
     x_BxLxD = self.drop(x_BxLxD, deterministic=deterministic)
+    if self.config.scan_layers:
+      # The cache goes through the scan stacked (LxBxSxHxK), one layer per iteration.
+      stacked = None if cache is None else jax.tree.map(lambda *xs: jnp.stack(xs), *cache)
+      x_BxLxD, stacked = self.blocks(x_BxLxD, positions_BxL, stacked, deterministic)
+      new_cache = None if cache is None else [
+          jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(self.config.n_layer)]
+      return self.ln_f(x_BxLxD), new_cache
     new_cache = [] if cache is not None else None
     for i, block in enumerate(self.blocks):
       x_BxLxD, layer_cache = block(x_BxLxD, positions_BxL,
@@ -155,7 +206,8 @@ class GPT(nn.Module):
       logits_BxLxV = self.wte.attend(hidden_BxLxD)
     else:
       logits_BxLxV = self.lm_head(hidden_BxLxD)
-    return logits_BxLxV.astype(jnp.float32)
+    logits_BxLxV = logits_BxLxV.astype(jnp.float32)
+    return nn.with_logical_constraint(logits_BxLxV, ("batch", "sequence", "vocab"))
 
   def __call__(self, tokens_BxL, deterministic: bool = True, return_hidden: bool = False):
     hidden_BxLxD, _ = self.encode(tokens_BxL, deterministic=deterministic)
@@ -192,3 +244,12 @@ def logical_axes(model: GPT) -> Any:
 
 def count_params(params: Any) -> int:
   return sum(int(x.size) for x in jax.tree.leaves(params))
+
+
+def stack_layers(params: Any, n_layer: int) -> Any:
+  """Params in the default layout (blocks_0, blocks_1, ...) as `scan_layers` holds them: one
+  "blocks" entry whose arrays have a leading layer axis."""
+  stacked = {k: v for k, v in params.items() if not k.startswith("blocks_")}
+  stacked["blocks"] = jax.tree.map(lambda *layers: jnp.stack(layers),
+                                   *[params[f"blocks_{i}"] for i in range(n_layer)])
+  return stacked

@@ -1,21 +1,58 @@
-"""The device mesh (axes data, fsdp, tensor) and the shardings derived from it.
+"""The device mesh (axes data, fsdp, tensor), the logical-axis rules, and the shardings they give.
+
+The model names logical axes ("batch", "embed", "heads", ...) and never mentions devices; a
+table of rules maps each logical axis to mesh axes (MaxText's `logical_axis_rules`). Data,
+FSDP and tensor parallelism are then configurations of the one train step:
+
+- data parallel (mesh.data): batch rows split, everything else replicated;
+- FSDP (mesh.fsdp): batch rows split too, and every weight's d_model side ("embed") split, so
+  parameters and optimizer state take 1/fsdp of the memory; the compiler gathers each
+  layer's weights where they are used;
+- tensor parallel (mesh.tensor): attention heads, MLP hidden units and the vocabulary split
+  (Megatron), activations between blocks whole.
 
 One device is the mesh (1, 1, 1); the same code runs on a pod slice.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import Any, Sequence
 
+import flax.linen as nn
 import jax
 import ml_collections
+import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from jaxllm import train as train_lib
 from jaxllm.errors import JaxllmError
+from jaxllm.model import GPT, abstract_variables, logical_axes
 
 MESH_AXES = ("data", "fsdp", "tensor")
 # Batch rows are split over every axis that holds a different slice of the data.
 BATCH_AXES = ("data", "fsdp")
+
+# Logical axis -> mesh axis (or axes, or None: replicated). An array's dimensions take their
+# rules in this order and a mesh axis serves one dimension only, so order matters: an
+# activation's "batch" takes (data, fsdp) first and its "embed", which weights split over
+# fsdp, stays whole. `mesh.rules` in the config replaces the rules of the axes it names.
+DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", BATCH_AXES),
+    ("sequence", None),
+    ("vocab", "tensor"),  # embedding rows and logits (Megatron's vocab-parallel head)
+    ("embed", "fsdp"),  # the d_model side of every weight: FSDP
+    ("heads", "tensor"),  # attention heads (Megatron)
+    ("kv", None),  # head dim
+    ("mlp", "tensor"),  # MLP hidden units (Megatron)
+    ("layers", None),  # the stacked axis of model.scan_layers
+)
+Rules = Sequence[tuple[str, Any]]
+
+# What a logical axis's size is called in the config, for errors a user can act on.
+_AXIS_SIZES = {"vocab": "model.vocab_size", "heads": "model.n_head", "embed": "model.d_model",
+               "mlp": "4 * model.d_model", "layers": "model.n_layer"}
 
 
 def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:
@@ -37,14 +74,152 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:
                        devices=devices)
 
 
+def logical_rules(overrides: Rules = ()) -> tuple[tuple[str, Any], ...]:
+  """DEFAULT_RULES with the logical axes named in `overrides` mapped as those say.
+
+  An overridden axis keeps its place in the table; a new one goes at the end. Lists (from
+  config.json) become tuples.
+  """
+  overrides = [(str(name), _mesh_axes(name, axes)) for name, axes in overrides]
+  rules = []
+  for name, axes in DEFAULT_RULES:
+    rules.extend([rule for rule in overrides if rule[0] == name] or [(name, axes)])
+  defaults = {name for name, _ in DEFAULT_RULES}
+  rules.extend(rule for rule in overrides if rule[0] not in defaults)
+  return tuple(rules)
+
+
+def _mesh_axes(name: str, axes: Any) -> str | tuple[str, ...] | None:
+  if axes is None or axes == []:
+    return None
+  axes_tuple = (axes,) if isinstance(axes, str) else tuple(axes)
+  for axis in axes_tuple:
+    if axis not in MESH_AXES:
+      raise JaxllmError(f"mesh.rules maps '{name}' to unknown mesh axis '{axis}' (mesh axes: "
+                        f"{', '.join(MESH_AXES)}, or None)")
+  return axes_tuple[0] if len(axes_tuple) == 1 else axes_tuple
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def batch_sharding(mesh: Mesh, leading_axes: int = 0) -> NamedSharding:
-  """Rows of a batch split over the data axes; `leading_axes` unsplit axes before them."""
-  return NamedSharding(mesh, P(*([None] * leading_axes), BATCH_AXES))
+def logical_sharding(mesh: Mesh, rules: Rules, *axes: str | None) -> NamedSharding:
+  """The sharding of an array whose dimensions have these logical names."""
+  return NamedSharding(mesh, nn.logical_to_mesh_axes(axes, rules))
 
 
-def data_parallel_size(mesh: Mesh) -> int:
-  return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+def batch_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES,
+                   leading_axes: int = 0) -> NamedSharding:
+  """Batch arrays (rows x sequence), after `leading_axes` unsplit axes (microbatches)."""
+  return logical_sharding(mesh, rules, *([None] * leading_axes), "batch", "sequence")
+
+
+def _axes(axes: str | tuple[str, ...] | None) -> tuple[str, ...]:
+  """A PartitionSpec entry as a tuple of mesh axis names."""
+  return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def data_parallel_size(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> int:
+  """How many ways batch rows are split (the mesh axes of the "batch" rule)."""
+  return math.prod(mesh.shape[axis] for axis in _axes(batch_sharding(mesh, rules).spec[0]))
+
+
+def check_batch(batch_size: int, grad_accum: int, mesh: Mesh, rules: Rules) -> None:
+  """A microbatch must split evenly over the devices that hold different rows."""
+  split = data_parallel_size(mesh, rules)
+  microbatch = batch_size // grad_accum
+  if microbatch % split:
+    axes = _axes(batch_sharding(mesh, rules).spec[0])
+    raise JaxllmError(
+        f"batch of {microbatch} sequences (train.batch_size={batch_size} / train.grad_accum="
+        f"{grad_accum}) is not divisible by the {split} batch shards (mesh "
+        f"{' x '.join(f'{axis}={mesh.shape[axis]}' for axis in axes)}); use a multiple of {split}")
+
+
+def param_shardings(model: GPT, mesh: Mesh, rules: Rules) -> Any:
+  """NamedShardings like the params, from each parameter's logical axes and the rules."""
+  return nn.logical_to_mesh_sharding(logical_axes(model), mesh, rules)
+
+
+def check_divisible(model: GPT, mesh: Mesh, rules: Rules) -> None:
+  """Every split parameter dimension must divide evenly over its mesh axes."""
+  names = jax.tree.leaves(logical_axes(model), is_leaf=lambda x: isinstance(x, P))
+  shapes = jax.tree_util.tree_leaves_with_path(nn.unbox(abstract_variables(model)["params"]))
+  shardings = jax.tree.leaves(param_shardings(model, mesh, rules))
+  for (path, shape), spec, sharding in zip(shapes, names, shardings):
+    for size, name, axes in zip(shape.shape, spec, sharding.spec):
+      axes = _axes(axes)
+      split = math.prod(mesh.shape[axis] for axis in axes)
+      if size % split:
+        what = _AXIS_SIZES.get(name, f"dimension '{name}' of {jax.tree_util.keystr(path)}")
+        fix = (f"set model.vocab_size={-(-size // split) * split} (ids past the tokenizer's "
+               f"are never used)" if name == "vocab" else "change the model size or the mesh")
+        raise JaxllmError(
+            f"{what}={size} is not divisible by mesh {' x '.join(axes)}={split} ('{name}' is "
+            f"split over {' x '.join(axes)}); {fix}, or map '{name}' to None in mesh.rules")
+
+
+def state_shardings(model: GPT, optimizer: optax.GradientTransformation, mesh: Mesh,
+                    rules: Rules) -> train_lib.TrainState:
+  """A TrainState of NamedShardings: params by the rules, optimizer state like its params.
+
+  An optimizer-state leaf whose trailing dict keys name a parameter of the same shape (Adam's
+  mu and nu) is split like that parameter; everything else (step, counts, rng) is replicated.
+  """
+  params = param_shardings(model, mesh, rules)
+  abstract_params = nn.unbox(abstract_variables(model)["params"])
+  by_path = {_dict_keys(path): (sharding, shape.shape) for (path, sharding), shape in zip(
+      jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(abstract_params))}
+
+  def place(path, leaf):
+    sharding, shape = by_path.get(_dict_keys(path), (None, None))
+    return sharding if shape == leaf.shape else replicated(mesh)
+
+  opt_state = jax.eval_shape(optimizer.init, abstract_params)
+  return train_lib.TrainState(
+      step=replicated(mesh), params=params,
+      opt_state=jax.tree_util.tree_map_with_path(place, opt_state), rng=replicated(mesh))
+
+
+def _dict_keys(path) -> tuple[str, ...]:
+  """The trailing run of dict keys of a pytree path: a parameter's name inside any state."""
+  keys = []
+  for entry in reversed(path):
+    if not isinstance(entry, jax.tree_util.DictKey):
+      break
+    keys.append(str(entry.key))
+  return tuple(reversed(keys))
+
+
+def _traced_with_rules(fn, mesh: Mesh, rules: Rules):
+  # The model's activation constraints read the rules and the mesh while jit traces.
+  @functools.wraps(fn)
+  def wrapped(*args):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+      return fn(*args)
+  return wrapped
+
+
+def jit_train_step(model: GPT, optimizer: optax.GradientTransformation, mesh: Mesh,
+                   rules: Rules):
+  """`train_step(state, batch AxBxL)` compiled for the mesh; the state is donated."""
+  shardings = state_shardings(model, optimizer, mesh, rules)
+  step = functools.partial(train_lib.train_step, model=model, optimizer=optimizer)
+  return jax.jit(_traced_with_rules(step, mesh, rules),
+                 in_shardings=(shardings, batch_sharding(mesh, rules, leading_axes=1)),
+                 out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
+
+
+def jit_eval_step(model: GPT, mesh: Mesh, rules: Rules):
+  """`eval_step(params, batch BxL)` compiled for the mesh."""
+  step = functools.partial(train_lib.eval_step, model=model)
+  return jax.jit(_traced_with_rules(step, mesh, rules),
+                 in_shardings=(param_shardings(model, mesh, rules), batch_sharding(mesh, rules)),
+                 out_shardings=replicated(mesh))
+
+
+def bytes_per_device(tree: Any, shardings: Any) -> int:
+  """The bytes of `tree` (arrays or ShapeDtypeStructs) that one device holds."""
+  return sum(math.prod(sharding.shard_shape(x.shape)) * x.dtype.itemsize
+             for x, sharding in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))

@@ -105,10 +105,14 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: GPT,
 
 
 def eval_step(params: Any, batch: dict[str, jax.Array], *, model: GPT) -> tuple[jax.Array, jax.Array]:
-  """Summed token losses and the token count of a BxL batch (partial batches weigh right)."""
+  """Summed token losses and the token count of a BxL batch (partial batches weigh right).
+
+  Optional batch["weights"] (BxL) weighs each token: 0 on padding rows (`data.pad_batch`).
+  """
   logits_BxLxV = model.apply({"params": params}, batch["inputs"])
   losses_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, batch["targets"])
-  return losses_BxL.sum(), jnp.asarray(losses_BxL.size, jnp.float32)
+  weights_BxL = batch.get("weights", jnp.ones_like(losses_BxL))
+  return (losses_BxL * weights_BxL).sum(), weights_BxL.sum()
 
 
 def flops_per_token(model: GPT, n_params: int) -> float:

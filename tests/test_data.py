@@ -173,6 +173,27 @@ def test_random_batches_are_a_function_of_seed_and_step():
   np.testing.assert_array_equal(micro["inputs"].reshape(4, 8), batch["inputs"])
 
 
+def test_a_process_reads_only_its_rows():
+  # Multi-host: each process takes rows i..j of the global batch (of each microbatch).
+  tokens = np.arange(1000, dtype=np.uint16)
+  random = data_lib.RandomBatches(tokens, 8, 4, seed=3, microbatches=2)
+  sliding = data_lib.SlidingBatches(tokens, 8, 4, stride=4, seed=3, microbatches=2)
+  for sampler in (random, sliding):
+    whole = sampler.batch(5)
+    part = sampler.batch(5, rows=slice(1, 3))
+    assert part["inputs"].shape == (2, 2, 4)
+    for key in ("inputs", "targets"):
+      np.testing.assert_array_equal(part[key], whole[key][:, 1:3])
+
+
+def test_pad_batch_adds_zero_weight_rows():
+  batch = {"inputs": np.ones((2, 4), np.int32), "targets": np.ones((2, 4), np.int32)}
+  padded = data_lib.pad_batch(batch, 4)
+  assert padded["inputs"].shape == (4, 4) and padded["inputs"].dtype == np.int32
+  assert padded["weights"].sum(axis=1).tolist() == [4, 4, 0, 0]
+  assert data_lib.pad_batch(batch, 2)["weights"].sum() == 8
+
+
 def test_sliding_windows_on_the_verdict_match_the_book(shared_data, tmp_path):
   data = _text(tmp_path, shared_data / "the-verdict.txt", sampling="sliding", stride=0)
   loaded = data_lib.load_token_data(data, context_length=256)

@@ -7,7 +7,10 @@ import numpy as np
 import pytest
 
 from jaxllm.config import PRESETS, ModelConfig
-from jaxllm.model import GPT, abstract_variables, count_params, init_cache, init_params
+from jax.sharding import PartitionSpec as P
+
+from jaxllm.model import (GPT, abstract_variables, count_params, init_cache, init_params,
+                          logical_axes, stack_layers)
 
 CONFIG = ModelConfig(vocab_size=97, context_length=64, n_layer=2, n_head=4, d_model=64)
 GPT2_VOCAB = 50257
@@ -124,3 +127,52 @@ def test_cached_forward_matches_full_forward(params, tokens_BxL):
                              method=model.logits)
   # Same math in another order: ~2e-7 on CPU, asserted to 1e-5.
   np.testing.assert_allclose(logits_BxLxV, reference_BxLxV, atol=1e-5, rtol=0)
+
+
+def test_default_tree_is_unscanned_and_scan_stacks_it():
+  assert {f"blocks_{i}" for i in range(CONFIG.n_layer)} <= init_params(
+      GPT(CONFIG), jax.random.key(0)).keys()
+  scanned = GPT(dataclasses.replace(CONFIG, scan_layers=True))
+  shapes = nn.unbox(abstract_variables(scanned))["params"]
+  assert "blocks_0" not in shapes
+  assert shapes["blocks"]["mlp"]["fc"]["kernel"].shape == (2, 64, 256)
+  assert logical_axes(scanned)["blocks"]["mlp"]["fc"]["kernel"] == P("layers", "embed", "mlp")
+
+
+def _value_and_grad(model, params, tokens_BxL):
+  return jax.jit(jax.value_and_grad(
+      lambda p: model.apply({"params": p}, tokens_BxL).mean()))(params)
+
+
+@pytest.fixture(scope="module")
+def reference_value_and_grad(params, tokens_BxL):
+  return _value_and_grad(GPT(CONFIG), params, tokens_BxL)
+
+
+@pytest.mark.parametrize("remat, scan", [("full", False), ("dots", False), ("full", True)])
+def test_remat_and_scan_compute_the_same_function(params, tokens_BxL, reference_value_and_grad,
+                                                  remat, scan):
+  model = GPT(dataclasses.replace(CONFIG, remat=remat, scan_layers=scan))
+  these = stack_layers(params, CONFIG.n_layer) if scan else params
+  reference, reference_grads = reference_value_and_grad
+  value, grads = _value_and_grad(model, these, tokens_BxL)
+  np.testing.assert_allclose(value, reference, atol=1e-6, rtol=0)
+  expected = stack_layers(reference_grads, CONFIG.n_layer) if scan else reference_grads
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+
+
+def test_scanned_model_decodes_with_a_cache(params, tokens_BxL):
+  model = GPT(dataclasses.replace(CONFIG, scan_layers=True))
+  stacked = stack_layers(params, CONFIG.n_layer)
+  reference_BxLxD, _ = GPT(CONFIG).apply({"params": params}, tokens_BxL[:, :6],
+                                         method=GPT.encode)
+  encode = jax.jit(lambda tokens_BxL, positions_BxL, cache: model.apply(
+      {"params": stacked}, tokens_BxL, positions_BxL, cache, method=GPT.encode))
+  cache = init_cache(CONFIG, tokens_BxL.shape[0], 8)
+  positions = jnp.broadcast_to(jnp.arange(6), (tokens_BxL.shape[0], 6))
+  prefill_BxLxD, cache = encode(tokens_BxL[:, :5], positions[:, :5], cache)
+  step_BxLxD, cache = encode(tokens_BxL[:, 5:6], positions[:, 5:6], cache)
+  assert len(cache) == CONFIG.n_layer and cache[0]["k"].shape == (3, 8, 4, 16)
+  np.testing.assert_allclose(jnp.concatenate([prefill_BxLxD, step_BxLxD], axis=1),
+                             reference_BxLxD, atol=1e-5, rtol=0)

@@ -8,6 +8,7 @@ import optax
 import pytest
 
 from jaxllm import config as config_lib
+from jaxllm import data as data_lib
 from jaxllm import train as train_lib
 from jaxllm.model import GPT, init_params
 
@@ -113,6 +114,11 @@ def test_eval_step_weighs_tokens():
   assert float(count) == 3 * TINY.context_length
   mean = train_lib.lm_loss(params, batch, None, model=model)
   np.testing.assert_allclose(float(total) / float(count), float(mean), rtol=1e-6)
+  # Padded to 5 rows (a short last batch on a mesh): the 2 zero-weight rows change nothing.
+  padded = data_lib.pad_batch(jax.device_get(batch), 5)
+  padded_total, padded_count = train_lib.eval_step(params, padded, model=model)
+  assert float(padded_count) == float(count)
+  np.testing.assert_allclose(float(padded_total), float(total), rtol=1e-6)
 
 
 def test_flops_per_token_convention():

@@ -9,6 +9,8 @@ resumed at step k sees exactly the batches it would have seen. Two ways to pick 
   (seed, epoch), in full batches (drop_last).
 
 With `microbatches=A` a training batch is AxMxL (M = B / A) for gradient accumulation.
+`batch(step, rows=slice(i, j))` gives only rows i..j of it (of each microbatch): in a
+multi-host run each process reads just the rows its devices hold.
 """
 
 from __future__ import annotations
@@ -34,14 +36,17 @@ def _check(tokens: np.ndarray, batch_size: int, context_length: int,
 
 
 def gather(tokens: np.ndarray, starts_B: np.ndarray, context_length: int,
-           microbatches: int | None = None) -> Batch:
-  """The windows starting at `starts_B` as inputs/targets; AxMxL with `microbatches`."""
-  chunk_BxL1 = np.asarray(tokens[starts_B[:, None] + np.arange(context_length + 1)], np.int32)
-  batch = {"inputs": np.ascontiguousarray(chunk_BxL1[:, :-1]),
-           "targets": np.ascontiguousarray(chunk_BxL1[:, 1:])}
-  if microbatches:
-    batch = {k: v.reshape(microbatches, -1, context_length) for k, v in batch.items()}
-  return batch
+           microbatches: int | None = None, rows: slice | None = None) -> Batch:
+  """The windows starting at `starts_B` as inputs/targets; AxMxL with `microbatches`.
+
+  With `rows`, only those rows of the batch (of each microbatch) are read.
+  """
+  starts = starts_B.reshape(microbatches, -1) if microbatches else starts_B
+  if rows is not None:
+    starts = starts[..., rows]
+  chunk = np.asarray(tokens[starts[..., None] + np.arange(context_length + 1)], np.int32)
+  return {"inputs": np.ascontiguousarray(chunk[..., :-1]),
+          "targets": np.ascontiguousarray(chunk[..., 1:])}
 
 
 class RandomBatches:
@@ -53,10 +58,10 @@ class RandomBatches:
     self.tokens, self.batch_size, self.context_length = tokens, batch_size, context_length
     self.seed, self.microbatches = seed, microbatches
 
-  def batch(self, step: int) -> Batch:
+  def batch(self, step: int, rows: slice | None = None) -> Batch:
     rng = np.random.default_rng((self.seed, step))
     starts_B = rng.integers(0, len(self.tokens) - self.context_length, size=self.batch_size)
-    return gather(self.tokens, starts_B, self.context_length, self.microbatches)
+    return gather(self.tokens, starts_B, self.context_length, self.microbatches, rows)
 
 
 def sliding_starts(num_tokens: int, context_length: int, stride: int = 0) -> np.ndarray:
@@ -81,13 +86,13 @@ class SlidingBatches:
           f"train.batch_size={batch_size}; lower train.batch_size or data.stride")
     self._epoch, self._order = -1, None
 
-  def batch(self, step: int) -> Batch:
+  def batch(self, step: int, rows: slice | None = None) -> Batch:
     epoch, index = divmod(step, self.batches_per_epoch)
     if epoch != self._epoch:  # one permutation per epoch, not per step
       self._epoch = epoch
       self._order = np.random.default_rng((self.seed, epoch)).permutation(self.windows_per_epoch)
     picked = self._order[index * self.batch_size:(index + 1) * self.batch_size]
-    return gather(self.tokens, self.starts[picked], self.context_length, self.microbatches)
+    return gather(self.tokens, self.starts[picked], self.context_length, self.microbatches, rows)
 
 
 def _stride(data: ml_collections.ConfigDict) -> int:
@@ -129,3 +134,16 @@ def eval_batches(tokens: np.ndarray, data: ml_collections.ConfigDict, batch_size
     return (gather(tokens, starts[i * batch_size:(i + 1) * batch_size], context_length)
             for i in range(count))
   raise JaxllmError(f"data.sampling must be 'random' or 'sliding', got '{data.sampling}'")
+
+
+def pad_batch(batch: Batch, batch_size: int) -> Batch:
+  """A batch of exactly `batch_size` rows, with "weights" (BxL) 0 on the rows added.
+
+  A short last evaluation batch then keeps the one compiled shape, and still splits evenly
+  over the devices that hold batch rows.
+  """
+  rows = len(batch["inputs"])
+  weights_BxL = np.ones(batch["targets"].shape, np.float32)
+  padded = {**batch, "weights": weights_BxL}
+  return {k: np.concatenate([v, np.zeros((batch_size - rows, *v.shape[1:]), v.dtype)])
+          for k, v in padded.items()}

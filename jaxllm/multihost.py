@@ -1,0 +1,102 @@
+"""Several processes, one program: multi-host start-up and each process's share of the data.
+
+A multi-host run starts the same `jaxllm train` on every host (one process per host, or per
+GPU). `initialize` joins them; then every process builds the same mesh over all devices,
+reads only the rows of each global batch that its own devices hold (`process_rows`), and
+assembles the global arrays from those rows (`global_array`). Process 0 alone prints and
+writes files; everything that runs on devices runs on all processes alike.
+
+When `initialize` calls `jax.distributed.initialize` (nothing else here reads these):
+
+- `JAXLLM_COORDINATOR=host:port` with `JAXLLM_NUM_PROCESSES` and `JAXLLM_PROCESS_ID`: join
+  explicitly (GPU clusters without SLURM, several processes on one machine);
+- `JAXLLM_DISTRIBUTED=auto`: let JAX detect the cluster (Cloud TPU, SLURM, Open MPI, ...);
+- neither, but a multi-task SLURM step or a multi-host TPU environment (`TPU_WORKER_HOSTNAMES`
+  listing several hosts, or `MEGASCALE_COORDINATOR_ADDRESS`) is found: as `auto`;
+- `JAXLLM_DISTRIBUTED=off`, or nothing found: one process, no call.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from jaxllm.errors import JaxllmError
+
+_EXPLICIT = ("JAXLLM_COORDINATOR", "JAXLLM_NUM_PROCESSES", "JAXLLM_PROCESS_ID")
+
+
+def _cluster_detected() -> bool:
+  if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    return True
+  return ("," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+          or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ)
+
+
+def initialize() -> None:
+  """Joins a multi-process run when one is asked for or detected; once; else does nothing.
+
+  Must run before anything touches a device (the first `jax.devices()`).
+  """
+  mode = os.environ.get("JAXLLM_DISTRIBUTED", "").lower()
+  if mode not in ("", "auto", "off"):
+    raise JaxllmError(f"JAXLLM_DISTRIBUTED must be auto or off, got '{mode}'")
+  if mode == "off" or jax.distributed.is_initialized():
+    return
+  if "JAXLLM_COORDINATOR" in os.environ:
+    missing = [name for name in _EXPLICIT if not os.environ.get(name)]
+    if missing:
+      raise JaxllmError(f"JAXLLM_COORDINATOR is set but {', '.join(missing)} is not (a "
+                        f"multi-process run needs all of {', '.join(_EXPLICIT)})")
+    # CPU devices of different processes talk over gloo; GPUs and TPUs ignore this option.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Explicit means explicit: no cluster detection (under SLURM it would also narrow each
+    # process to one GPU); JAX_LOCAL_DEVICE_IDS still picks a process's devices.
+    jax.distributed.initialize(os.environ["JAXLLM_COORDINATOR"],
+                               num_processes=int(os.environ["JAXLLM_NUM_PROCESSES"]),
+                               process_id=int(os.environ["JAXLLM_PROCESS_ID"]),
+                               cluster_detection_method="deactivate")
+  elif mode == "auto" or _cluster_detected():
+    jax.distributed.initialize()
+
+
+def is_main() -> bool:
+  """Process 0: the one that prints and writes files."""
+  return jax.process_index() == 0
+
+
+def process_rows(sharding: jax.sharding.Sharding, global_shape: tuple[int, ...],
+                 axis: int) -> slice:
+  """The rows (along `axis`) of a global array that this process's devices hold."""
+  spans = {(index[axis].start or 0, global_shape[axis] if index[axis].stop is None
+            else index[axis].stop)
+           for index in sharding.addressable_devices_indices_map(global_shape).values()}
+  start, stop = min(s for s, _ in spans), max(e for _, e in spans)
+  if sum(e - s for s, e in spans) != stop - start:
+    # make_mesh orders devices process by process, so this is only a mesh built by hand.
+    raise JaxllmError(f"this process's devices hold rows {sorted(spans)} of the batch, not "
+                      f"one contiguous block; build the mesh with sharding.make_mesh")
+  return slice(start, stop)
+
+
+def global_array(local: np.ndarray, sharding: jax.sharding.Sharding,
+                 global_shape: tuple[int, ...]) -> jax.Array:
+  """A global array from this process's rows of it (all of it, with one process)."""
+  return jax.make_array_from_process_local_data(sharding, local, global_shape)
+
+
+def host_copy(tree: Any) -> Any:
+  """Whole numpy copies of (possibly sharded, multi-process) arrays, on every process."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def sync(name: str) -> None:
+  """Waits until every process gets here (nothing to wait for with one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)

@@ -1,0 +1,130 @@
+"""Sharded train steps on 8 simulated CPU devices; prints what tests/test_sharding.py checks.
+
+Run as a subprocess (the device count is fixed when jax starts):
+
+    python tests/sharding_helper.py  ->  one JSON object on the last line of stdout
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8")
+
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jaxllm import config as config_lib  # noqa: E402
+from jaxllm import sharding  # noqa: E402
+from jaxllm import train as train_lib  # noqa: E402
+from jaxllm.data.batches import RandomBatches  # noqa: E402
+from jaxllm.errors import JaxllmError  # noqa: E402
+from jaxllm.model import GPT, init_params  # noqa: E402
+
+CONFIG = config_lib.ModelConfig(vocab_size=64, context_length=16, n_layer=2, n_head=4,
+                                d_model=32)
+MESHES = [(1, 1, 1), (8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]
+STEPS = 20
+RULES = sharding.logical_rules()
+
+
+def mesh_of(shape):
+  sizes = ml_collections.ConfigDict(dict(zip(sharding.MESH_AXES, shape)))
+  return sharding.make_mesh(sizes, jax.devices()[:math.prod(shape)])
+
+
+def optimizer():
+  train = config_lib.default_config().train
+  train.learning_rate, train.warmup_steps, train.schedule = 3e-3, 0, "constant"
+  return train_lib.make_optimizer(train, STEPS)
+
+
+def batches():
+  # A learnable stream (a random 200-token phrase repeated): the loss falls well within 20 steps.
+  tokens = np.tile(np.random.default_rng(0).integers(0, CONFIG.vocab_size, 200), 30)
+  # 2 microbatches of 8 rows: every mesh splits rows 8, 4, 2 or 1 ways.
+  return RandomBatches(tokens, 16, CONFIG.context_length, seed=0, microbatches=2)
+
+
+def train_losses(model, shape, start_params, opt):
+  """Losses of STEPS steps from `start_params` on the mesh `shape`, the final state, and the
+  temp bytes per device XLA assigned to the step."""
+  mesh = mesh_of(shape)
+  shardings = sharding.state_shardings(model, opt, mesh, RULES)
+  # From host copies: the step donates the state, which must not take `start_params` with it.
+  state = jax.device_put(train_lib.create_train_state(jax.device_get(start_params), opt, seed=1),
+                         shardings)
+  step = sharding.jit_train_step(model, opt, mesh, RULES)
+  data = batches()
+  losses = []
+  for i in range(STEPS):
+    batch = jax.device_put(data.batch(i), sharding.batch_sharding(mesh, RULES, leading_axes=1))
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss"]))
+  compiled = step.lower(state, batch).compile()  # the executable the steps ran, from the cache
+  return losses, state, int(compiled.memory_analysis().temp_size_in_bytes)
+
+
+def layout(tree):
+  """Per parameter: mesh axes per dimension, shard shape, whole and per-device bytes."""
+  out = {}
+  for path, x in jax.tree_util.tree_leaves_with_path(tree):
+    name = "/".join(str(k.key) for k in path)
+    out[name] = {"spec": [list(sharding._axes(a)) for a in x.sharding.spec],
+                 "shard_shape": list(x.addressable_shards[0].data.shape),
+                 "bytes": int(x.nbytes), "device_bytes": int(x.addressable_shards[0].data.nbytes)}
+  return out
+
+
+def error_of(fn):
+  try:
+    fn()
+  except JaxllmError as e:
+    return str(e)
+  return None
+
+
+def main():
+  opt = optimizer()
+  model = GPT(CONFIG)
+  params = init_params(model, jax.random.key(0))
+  result = {"losses": {}, "layout": {}, "temp_bytes": {}}
+  for shape in MESHES:
+    losses, state, _ = train_losses(model, shape, params, opt)
+    result["losses"][str(shape)] = losses
+    if shape in ((1, 8, 1), (1, 2, 4)):
+      result["layout"][str(shape)] = {"params": layout(state.params),
+                                      "mu": layout(state.opt_state[1][0].mu)}
+
+  # The same start as blocks_{i}, stacked for the scanned model; with and without remat.
+  # (Under scan: XLA:CPU hoists an unrolled stack's recomputation, so only a scan saves memory.)
+  stacked = {k: v for k, v in params.items() if not k.startswith("blocks_")}
+  stacked["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs),
+                                   *[params[f"blocks_{i}"] for i in range(CONFIG.n_layer)])
+  for remat in ("none", "full"):
+    scanned = GPT(dataclasses.replace(CONFIG, scan_layers=True, remat=remat))
+    name = f"scan remat={remat} (2, 2, 2)"
+    result["losses"][name], state, result["temp_bytes"][remat] = train_losses(
+        scanned, (2, 2, 2), stacked, opt)
+  result["layout"]["scan (2, 2, 2)"] = {"params": layout(state.params)}
+
+  mesh = mesh_of((2, 2, 2))
+  result["errors"] = {
+      "mesh": error_of(lambda: sharding.make_mesh(
+          ml_collections.ConfigDict({"data": 3, "fsdp": 1, "tensor": 1}))),
+      "batch": error_of(lambda: sharding.check_batch(6, 1, mesh, RULES)),
+      "vocab": error_of(lambda: sharding.check_divisible(
+          GPT(dataclasses.replace(CONFIG, vocab_size=65)), mesh, RULES)),
+      "heads": error_of(lambda: sharding.check_divisible(
+          GPT(dataclasses.replace(CONFIG, n_head=2, d_model=32)), mesh_of((1, 1, 4)), RULES)),
+  }
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  main()
