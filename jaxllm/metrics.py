@@ -29,6 +29,21 @@ class MetricsWriter:
     self._file.close()
 
 
+def read_records(path: pathlib.Path, until_step: int) -> list[dict[str, Any]]:
+  """The records of metrics.jsonl up to `until_step`: a resumed run's history (a killed run may
+  have logged past its last checkpoint; those steps are run again)."""
+  path = pathlib.Path(path)
+  if not path.exists():
+    return []
+  records = []
+  for line in path.read_text().splitlines():
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:  # a line cut short by a kill
+      continue
+  return [r for r in records if r["step"] <= until_step]
+
+
 def plot_losses(records: list[dict[str, Any]], path: pathlib.Path, title: str = "") -> None:
   """Training loss per logged step, and evaluated train/validation losses, against steps."""
   import matplotlib

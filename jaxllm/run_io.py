@@ -18,6 +18,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from jaxllm import checkpoint as checkpoint_lib
 from jaxllm import config as config_lib
 from jaxllm import tokenizer as tokenizer_lib
 from jaxllm.errors import JaxllmError
@@ -55,9 +56,26 @@ def load_run(workdir: str | pathlib.Path):
   target = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                      sharding=jax.sharding.SingleDeviceSharding(device)), abstract)
-  try:
-    params = ocp.StandardCheckpointer().restore((workdir / "params").absolute(), target)
-  except (ValueError, KeyError) as e:
-    raise JaxllmError(f"parameters in {workdir / 'params'} do not match the model in "
-                      f"config.json: {str(e).splitlines()[0]}") from e
+  params = load_params(workdir, target, fix=f"{workdir / 'config.json'} and the parameters "
+                                            f"disagree (was the folder edited by hand?)")
   return config, model, params, tokenizer
+
+
+def load_params(workdir: str | pathlib.Path, target: Any,
+                fix: str = "set model.* as in that run's config.json") -> Any:
+  """A run directory's params/, restored onto `target` (ShapeDtypeStructs with shardings).
+
+  Strict: a name, shape or dtype that differs from `target` is a JaxllmError naming it.
+  """
+  path = (pathlib.Path(workdir) / "params").absolute()
+  if not path.is_dir():
+    raise JaxllmError(f"{path} not found (expected the run directory of `jaxllm train` or "
+                      f"`jaxllm convert`)")
+  checkpointer = ocp.StandardCheckpointer()
+  try:
+    stored = checkpointer.metadata(path).item_metadata
+  except Exception as e:  # truncated or missing metadata files
+    raise JaxllmError(f"parameters in {path} cannot be read ({checkpoint_lib.first_line(e)}); "
+                      f"the folder is incomplete") from e
+  checkpoint_lib.check_matches(stored.tree, target, f"parameters in {path}", fix)
+  return checkpointer.restore(path, target)
