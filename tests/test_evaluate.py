@@ -1,0 +1,85 @@
+"""Evaluation: classifier metrics, perplexity, the book's responses file, the judge over HTTP."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxllm import config as config_lib
+from jaxllm import evaluate
+from jaxllm.data import instruction
+from jaxllm.errors import JaxllmError
+from jaxllm.model import GPT, init_params
+from jaxllm.tokenizer import CharTokenizer
+
+RECORDS = [{"instruction": "Name a color.", "input": "", "output": "Blue."},
+           {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5."},
+           {"instruction": "Say hi.", "input": "", "output": "Hi."}]
+
+
+def test_classification_metrics():
+  label_N = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
+  predicted_N = np.array([0, 0, 0, 1, 1, 1, 1, 1, 0, 0])
+  report = evaluate.classification_metrics(predicted_N, label_N, ["ham", "spam"])
+  assert report["confusion"] == [[3, 1], [2, 4]]  # rows true, columns predicted
+  assert report["accuracy"] == pytest.approx(0.7)
+  assert report["precision"] == pytest.approx(4 / 5)  # of spam, the positive class
+  assert report["recall"] == pytest.approx(4 / 6)
+  assert report["f1"] == pytest.approx(2 * 0.8 * (4 / 6) / (0.8 + 4 / 6))
+  three = evaluate.classification_metrics(np.array([0, 1, 2, 2]), np.array([0, 1, 1, 2]),
+                                          ["a", "b", "c"])
+  assert three["precision"] == pytest.approx((1 + 1 + 0.5) / 3)  # macro
+  assert three["recall"] == pytest.approx((1 + 0.5 + 1) / 3)
+
+
+def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
+  model = GPT(config_lib.ModelConfig(vocab_size=50, context_length=8, n_layer=1, n_head=2,
+                                     d_model=16))
+  zeros = jax.tree.map(jnp.zeros_like, init_params(model, jax.random.key(0)))  # logits all 0
+  tokens = np.arange(40, dtype=np.int32) % 50
+  figures = evaluate.perplexity(model, zeros, tokens, batch_size=2)
+  assert figures["tokens"] == 32  # windows start at 0, 8, 16, 24 (the book's stride rule)
+  assert figures["loss"] == pytest.approx(np.log(50), rel=1e-6)
+  assert figures["perplexity"] == pytest.approx(50.0, rel=1e-5)
+
+
+def test_responses_in_the_books_format():
+  prompts = "".join(instruction.format_prompt(r) + instruction.format_response(r) for r in RECORDS)
+  tokenizer = CharTokenizer.from_corpus(prompts)
+  model = GPT(config_lib.ModelConfig(vocab_size=tokenizer.vocab_size, context_length=256,
+                                     n_layer=1, n_head=2, d_model=16))
+  params = init_params(model, jax.random.key(0))
+  entries = evaluate.generate_responses(model, params, tokenizer, RECORDS, template="alpaca",
+                                        max_new_tokens=5, batch_size=2, progress=False)
+  assert [list(e) for e in entries] == [["instruction", "input", "output", "model_response"]] * 3
+  assert [e["output"] for e in entries] == [r["output"] for r in RECORDS]
+  assert all(isinstance(e["model_response"], str) and len(e["model_response"]) <= 5
+             for e in entries)
+
+
+def test_judge_scores_over_a_real_http_server(judge_server):
+  entries = [{**r, "model_response": f"answer {i}"} for i, r in enumerate(RECORDS)]
+  result = evaluate.judge_responses(entries, url=judge_server.url, model="llama3",
+                                    progress=False)
+  assert result["scores"] == [85, 40, None]
+  assert result["judge_score"] == pytest.approx(62.5)
+  assert result["judge_scored"] == 2 and result["judge_unparsed"] == 1
+  path, body = judge_server.requests[1]
+  assert path == "/v1/chat/completions"
+  assert body["model"] == "llama3" and body["temperature"] == 0.0
+  prompt = body["messages"][0]["content"]
+  assert body["messages"][0]["role"] == "user"
+  assert prompt == (
+      "Given the input `" + instruction.format_prompt(RECORDS[1]) + "` and correct output `5.`, "
+      "score the model response `answer 1` on a scale from 0 to 100, where 100 is the best "
+      "score. Respond with the integer number only.")
+  # A URL ending in /v1 works too; a closed port is a one-line error.
+  assert evaluate.query_judge("x", url=judge_server.url + "/v1/", model="m") == "Score: 85"
+  with pytest.raises(JaxllmError, match="unreachable"):
+    evaluate.query_judge("x", url="http://127.0.0.1:9", model="m", timeout=2)
+
+
+def test_parse_score():
+  assert evaluate.parse_score("87") == 87
+  assert evaluate.parse_score("The score is 100.") == 100
+  assert evaluate.parse_score("250") is None and evaluate.parse_score("none") is None
