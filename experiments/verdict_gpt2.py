@@ -21,6 +21,10 @@ def get_config():
   c.model.context_length = 256
   c.model.dropout = 0.1
   c.model.qkv_bias = False
+  # The book's GPTModel: a separate output head (163M parameters at context 1,024) and
+  # PyTorch's default init, under which embeddings are N(0, 1), not GPT-2's N(0, 0.02).
+  c.model.tie_embeddings = False
+  c.model.embedding_init_std = 1.0
 
   c.data.dataset = "text"
   c.data.path = ""  # the-verdict.txt: give it with --config.data.path=...

@@ -2,9 +2,14 @@
 
     jaxllm train --config experiments/shakespeare_char.py [--workdir DIR] [--config.KEY=VALUE ...]
     jaxllm generate --workdir DIR --prompt TEXT [--max-new-tokens N] [--temperature T] ...
+    jaxllm finetune --config experiments/spam_classifier.py [--workdir DIR] [--config.KEY=VALUE ...]
+    jaxllm eval --workdir DIR [--text FILE] [--config.KEY=VALUE ...]
+    jaxllm convert --from gpt2-medium|FOLDER --out DIR [--to jaxllm|hf]
 
 Problems a user can fix (a missing file, an unknown config key, ...) print one line,
-`jaxllm: error: ...`, and exit with status 2.
+`jaxllm: error: ...`, and exit with status 2. A training run stopped by SIGTERM saves a
+checkpoint at the next step boundary, prints `jaxllm: preempted ...` and exits with status 75
+(EX_TEMPFAIL); the same command resumes it.
 """
 
 from __future__ import annotations
@@ -12,6 +17,10 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
+
+# A preempted training run exits with EX_TEMPFAIL ("try again later"): not success (0), which
+# would end a scheduler's job, nor failure.
+PREEMPTED_EXIT_STATUS = 75
 
 
 def _split_config_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -55,6 +64,36 @@ def _parser() -> argparse.ArgumentParser:
   generate.add_argument("--top-p", type=float, default=1.0, help="1 = off")
   generate.add_argument("--seed", type=int, default=0)
   generate.add_argument("--num-samples", type=int, default=1)
+
+  finetune = commands.add_parser(
+      "finetune", help="finetune a model for classification or instructions",
+      description="Finetune as an experiment file says (finetune.task, finetune.init_from, ...); "
+                  "override any key with --config.KEY=VALUE. Writes DIR/eval.json.")
+  finetune.add_argument("--config", required=True, help="experiments/<name>.py")
+  finetune.add_argument("--workdir", help="run directory (default: runs/<experiment name>)")
+  finetune.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+  evaluate = commands.add_parser(
+      "eval", help="evaluate a run",
+      description="A finetuned run: its task's figures on its splits, into DIR/eval.json "
+                  "(--config.KEY=VALUE overrides its config, e.g. --config.judge.url=...). "
+                  "Any run with --text: the perplexity of that text.")
+  evaluate.add_argument("--workdir", required=True, help="a run directory")
+  evaluate.add_argument("--text", help="a UTF-8 text file: report its perplexity")
+  evaluate.add_argument("--batch-size", type=int, default=8, help="windows per batch (--text)")
+  evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+  convert = commands.add_parser(
+      "convert", help="import GPT-2 weights as a run directory, or export one",
+      description="--to jaxllm (default): a GPT-2 checkpoint folder (Hugging Face "
+                  "model.safetensors + config.json, or OpenAI's model.ckpt.* + hparams.json), or "
+                  "a name (gpt2, gpt2-medium, gpt2-large, gpt2-xl: downloaded once), into a run "
+                  "directory that generate, eval and train.init_from read. --to hf: a run "
+                  "directory into a Hugging Face folder.")
+  convert.add_argument("--from", dest="source", required=True, help="folder or GPT-2 name")
+  convert.add_argument("--out", required=True, help="the folder to write")
+  convert.add_argument("--to", choices=("jaxllm", "hf"), default="jaxllm")
+  convert.add_argument("--cache-dir", help="where names are downloaded (default ~/.cache/jaxllm)")
   return parser
 
 
@@ -66,6 +105,52 @@ def _train(args, overrides: list[str]) -> None:
   config_lib.apply_overrides(config, overrides)
   workdir = args.workdir or pathlib.Path("runs") / pathlib.Path(args.config).stem
   loop.run(config, workdir, progress=not args.no_progress)
+
+
+def _finetune(args, overrides: list[str]) -> None:
+  from jaxllm import config as config_lib
+  from jaxllm import finetune
+
+  config = config_lib.load_config(args.config)
+  config_lib.apply_overrides(config, overrides)
+  workdir = args.workdir or pathlib.Path("runs") / pathlib.Path(args.config).stem
+  finetune.run(config, workdir, progress=not args.no_progress)
+
+
+def _eval(args, overrides: list[str]) -> None:
+  import json
+
+  import numpy as np
+
+  from jaxllm import evaluate, finetune, run_io
+  from jaxllm.data import classification
+
+  if args.text:
+    _, model, params, tokenizer = run_io.load_run(args.workdir)
+    tokens = np.asarray(tokenizer.encode(classification.read_utf8(args.text)), np.int32)
+    figures = evaluate.perplexity(model, params, tokens, args.batch_size,
+                                  progress=not args.no_progress)
+    print(f"{args.text}: {figures['tokens']:,} tokens, loss {figures['loss']:.4f}, "
+          f"perplexity {figures['perplexity']:.2f}")
+    return
+  config, model, params, tokenizer = finetune.load_finetuned(args.workdir, overrides)
+  figures = evaluate.evaluate_finetuned(config, model, params, tokenizer, args.workdir,
+                                        progress=not args.no_progress)
+  print(json.dumps({k: v for k, v in figures.items() if not isinstance(v, dict)}, indent=2))
+
+
+def _convert(args) -> None:
+  from jaxllm import convert
+
+  if args.to == "hf":
+    hparams = convert.export_hf(args.source, args.out)
+  else:
+    source = args.source
+    if source in convert.GPT2_NAMES and not pathlib.Path(source).is_dir():
+      source = convert.download(source, args.cache_dir)
+    hparams = convert.import_gpt2(source, args.out)
+  print(f"wrote {args.out}: {hparams['n_layer']} layers, {hparams['n_head']} heads, d_model "
+        f"{hparams['d_model']}, context {hparams['context_length']}, vocab {hparams['vocab_size']}")
 
 
 def _generate(args) -> None:
@@ -96,19 +181,28 @@ def main(argv: list[str] | None = None) -> int:
   rest, overrides = _split_config_overrides(argv)
   parser = _parser()
   args = parser.parse_args(rest)
-  if overrides and args.command != "train":
-    parser.error(f"--config.{overrides[0]} only applies to `jaxllm train`")
+  if overrides and args.command not in ("train", "finetune", "eval"):
+    parser.error(f"--config.{overrides[0]} only applies to `jaxllm train`, `finetune` and `eval`")
 
-  from jaxllm.errors import JaxllmError
+  from jaxllm.errors import JaxllmError, Preempted
 
   try:
     if args.command == "train":
       _train(args, overrides)
+    elif args.command == "finetune":
+      _finetune(args, overrides)
+    elif args.command == "eval":
+      _eval(args, overrides)
+    elif args.command == "convert":
+      _convert(args)
     else:
       _generate(args)
   except JaxllmError as e:
     print(f"jaxllm: error: {e}", file=sys.stderr)
     return 2
+  except Preempted as e:  # saved; the status asks a scheduler to run the command again
+    print(f"jaxllm: {e}", file=sys.stderr)
+    return PREEMPTED_EXIT_STATUS
   except KeyboardInterrupt:
     print("jaxllm: interrupted", file=sys.stderr)
     return 130

@@ -48,6 +48,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.tie_embeddings = True  # output projection = token embedding transposed
   c.model.dtype = "float32"  # compute dtype; parameters are always float32
   c.model.layer_norm_epsilon = 1e-5
+  # Std of the token and position embeddings at init: GPT-2's 0.02, or 1.0 for PyTorch's
+  # nn.Embedding default (what "Build a Large Language Model (From Scratch)" trains with).
+  c.model.embedding_init_std = 0.02
+  # Recompute each block's activations in the backward pass: "none", "full" (keep only the
+  # block's input) or "dots" (keep the weight matmuls' outputs); less memory, more FLOPs.
+  c.model.remat = "none"
+  c.model.scan_layers = False  # stack the blocks under one nn.scan (params: "blocks", LxDx...)
 
   c.data = ml_collections.ConfigDict()
   c.data.dataset = "tiny_shakespeare"  # a TFDS catalog name, or "text" for local files
@@ -82,11 +89,71 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.peak_flops = 0.0  # per-device FLOP/s for MFU; 0 = measure a matmul at start-up
   c.train.sample_prompt = "\n"
   c.train.sample_tokens = 200
+  # A run directory (of `jaxllm train`, or made by `jaxllm convert` from GPT-2 weights) whose
+  # params start this run; the model config must match its config.json. "" = random init.
+  c.train.init_from = ""
 
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 250  # save the train state every this many steps; 0 = only at the end
+  c.checkpoint.keep = 3  # how many of the latest checkpoints to keep; 0 = all
+  c.checkpoint.keep_best = 0  # also keep this many with the lowest val_loss (saved at eval steps)
+  c.checkpoint["async"] = True  # write in a background thread while training goes on
+  c.checkpoint.resume = True  # a --workdir holding checkpoints resumes from the latest
+
+  # Devices as a (data, fsdp, tensor) grid; one size may be -1 (= the remaining devices).
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = 1
-  c.mesh.fsdp = 1
-  c.mesh.tensor = 1
+  c.mesh.data = 1  # data parallel: batch rows split, weights replicated
+  c.mesh.fsdp = 1  # batch rows split and weights + optimizer state split (FSDP / ZeRO-3)
+  c.mesh.tensor = 1  # heads, MLP units and vocabulary split (Megatron tensor parallel)
+  # (logical axis, mesh axis or axes or None) pairs replacing those axes' rules in
+  # jaxllm.sharding.DEFAULT_RULES, e.g. --config.mesh.rules="[('vocab', None)]".
+  c.mesh.rules = ()
+
+  # `jaxllm finetune` (jaxllm/finetune.py). Optimizer, batch size, epochs, evaluation and
+  # seed come from `train` as for pretraining; the architecture from `init_from` if given.
+  c.finetune = ml_collections.ConfigDict()
+  c.finetune.task = ""  # "classify" or "instruct"
+  c.finetune.init_from = ""  # run dir (jaxllm train / jaxllm convert) to start from; "" = random init
+  # What trains, comma-separated: all, backbone, head, last_block, final_norm, embeddings, lora,
+  # or a regex on parameter paths ("backbone/blocks_11/attn"). The book's ch. 6:
+  # "head,last_block,final_norm".
+  c.finetune.trainable = "all"
+
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = 0  # 0 = no LoRA; > 0 adds rank-r adapters (train them with trainable="lora")
+  c.lora.alpha = 16.0  # adapters are scaled by alpha / rank
+  c.lora.targets = "qkv,out,fc,proj"  # kernels to adapt; add "head" for the class head (appendix E)
+
+  c.classifier = ml_collections.ConfigDict()
+  c.classifier.path = ""  # labelled texts: SMSSpamCollection, .csv/.tsv with a header, .jsonl
+  c.classifier.format = "auto"  # auto (.csv, .jsonl, else tsv), tsv, csv or jsonl
+  c.classifier.text_column = "text"  # header name / JSON key, or a 0-based index (no header)
+  c.classifier.label_column = "label"
+  c.classifier.labels = ""  # class names in class-id order, "ham,spam"; "" = sorted distinct labels
+  c.classifier.balance = True  # downsample every class to the rarest class's count
+  c.classifier.train_fraction = 0.7
+  c.classifier.val_fraction = 0.1  # test = the rest
+  c.classifier.max_length = 0  # pad/truncate to this many tokens; 0 = longest training text
+  c.classifier.pad_id = -1  # -1 = the tokenizer's <|endoftext|> (50256 for gpt2)
+  c.classifier.seed = 123  # balancing and splitting (the book's random_state)
+
+  c.instruct = ml_collections.ConfigDict()
+  c.instruct.path = ""  # Alpaca records {instruction, input, output}: a .json list or .jsonl
+  c.instruct.template = "alpaca"  # prompt template: alpaca (the book's) or phi3
+  c.instruct.train_fraction = 0.85  # the book's order: train, then test, then validation
+  c.instruct.test_fraction = 0.1
+  c.instruct.shuffle = False  # shuffle records (with train.seed) before splitting
+  c.instruct.mask_prompt = False  # no loss on the prompt's tokens, only on the response
+  c.instruct.max_length = 0  # truncate examples to this many tokens; 0 = context length
+  c.instruct.pad_multiple = 16  # pad batches to a multiple of this: fewer shapes to compile
+  c.instruct.bucket_batches = 20  # sort pools of this many batches by length; 0 = plain shuffle
+  c.instruct.max_new_tokens = 256  # response length when generating for the test split
+  c.instruct.generate_batch_size = 16
+
+  c.judge = ml_collections.ConfigDict()
+  c.judge.url = ""  # OpenAI-compatible server scoring test responses (Ollama, vLLM); "" = off
+  c.judge.model = "llama3"  # the judge model's name on that server
+  c.judge.timeout = 120.0  # seconds per request
   return c
 
 
@@ -211,6 +278,9 @@ class ModelConfig:
   tie_embeddings: bool = True
   dtype: str = "float32"
   layer_norm_epsilon: float = 1e-5
+  embedding_init_std: float = 0.02
+  remat: str = "none"  # "none" | "full" | "dots": what each block keeps for the backward pass
+  scan_layers: bool = False  # one nn.scan over stacked blocks: compile time flat in n_layer
 
   @property
   def head_dim(self) -> int:
@@ -237,6 +307,8 @@ def model_config(model: ml_collections.ConfigDict, vocab_size: int | None = None
     raise JaxllmError(f"model.dtype must be float32 or bfloat16, got '{model.dtype}'")
   if not 0.0 <= model.dropout < 1.0:
     raise JaxllmError(f"model.dropout must be in [0, 1), got {model.dropout}")
+  if model.remat not in ("none", "full", "dots"):
+    raise JaxllmError(f"model.remat must be none, full or dots, got '{model.remat}'")
   return ModelConfig(
       vocab_size=int(vocab),
       dropout=float(model.dropout),
@@ -245,5 +317,8 @@ def model_config(model: ml_collections.ConfigDict, vocab_size: int | None = None
       tie_embeddings=bool(model.tie_embeddings),
       dtype=model.dtype,
       layer_norm_epsilon=float(model.layer_norm_epsilon),
+      embedding_init_std=float(model.embedding_init_std),
+      remat=model.remat,
+      scan_layers=bool(model.scan_layers),
       **sizes,
   )

@@ -1,5 +1,5 @@
 # Sourced by scripts/quickstart.sh and .ci/run: `source scripts/setup.sh`.
-# Creates .venv with jaxllm and its test extras, and, where an offline data mirror sits beside
+# Creates .venv with jaxllm and its test extras (test, hf), and, where an offline data mirror sits beside
 # the checkout (../shared, or $JAXLLM_SHARED), points tiktoken and TFDS at it so nothing is
 # downloaded. On a connected machine without the mirror, tiktoken and TFDS download as usual.
 set -euo pipefail
@@ -9,7 +9,7 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e ".[test]"
+.venv/bin/python -m pip install --quiet -e ".[test,hf]"
 
 shared="${JAXLLM_SHARED:-$repo/../shared}"
 if [ -d "$shared/tiktoken_cache" ]; then

@@ -7,11 +7,15 @@ through $JAXLLM_SHARED_DATA, by default the `shared/data` folder beside the repo
 from __future__ import annotations
 
 import atexit
+import http.server
 import importlib.util
+import json
 import os
 import pathlib
 import shutil
 import tempfile
+import threading
+import types
 
 import pytest
 
@@ -46,3 +50,38 @@ def seeded_tfds_dir(shared_data, tmp_path_factory) -> pathlib.Path:
   data_dir = tmp_path_factory.mktemp("tfds")
   module.seed(data_dir, shared_data, ["tiny_shakespeare"])
   return data_dir
+
+
+class _ChatHandler(http.server.BaseHTTPRequestHandler):
+  """An OpenAI-compatible chat endpoint (as Ollama and vLLM serve it) with scripted replies."""
+
+  requests: list = []
+  replies: list = []
+
+  def do_POST(self):  # noqa: N802 (http.server's name)
+    body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+    self.requests.append((self.path, body))
+    reply = self.replies[(len(self.requests) - 1) % len(self.replies)]
+    payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]})
+    self.send_response(200)
+    self.send_header("Content-Type", "application/json")
+    self.end_headers()
+    self.wfile.write(payload.encode())
+
+  def log_message(self, *args):
+    pass
+
+
+@pytest.fixture
+def judge_server():
+  """A real HTTP server on 127.0.0.1 in a thread: `.url`, `.requests` ((path, JSON body) of
+  each POST), `.replies` (answered in turn)."""
+  handler = type("Handler", (_ChatHandler,), {
+      "requests": [], "replies": ["Score: 85", "I would rate it 40 out of 100.", "no idea"]})
+  server = http.server.HTTPServer(("127.0.0.1", 0), handler)
+  thread = threading.Thread(target=server.serve_forever, daemon=True)
+  thread.start()
+  yield types.SimpleNamespace(url=f"http://127.0.0.1:{server.server_address[1]}",
+                              requests=handler.requests, replies=handler.replies)
+  server.shutdown()
+  server.server_close()
