@@ -17,9 +17,7 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from tqdm.auto import tqdm
 
 from jaxllm import checkpoint as checkpoint_lib
@@ -93,7 +91,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     run_io.save_run_files(workdir, config, tokens.tokenizer)
 
   optimizer = train_lib.make_optimizer(train, total_steps)
-  init_rng, dropout_seed = jax.random.split(jax.random.key(train.seed))
+  init_rng, _ = jax.random.split(jax.random.key(train.seed))  # dropout draws from state.rng
   # Created in their shards: FSDP parameters are never whole on one device.
   shardings = sharding.state_shardings(model, optimizer, mesh, rules)
   params = jax.jit(functools.partial(init_params, model),
