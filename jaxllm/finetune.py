@@ -23,7 +23,6 @@ import jax
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
 from jaxllm import config as config_lib
@@ -154,9 +153,7 @@ def save_finetuned(workdir: pathlib.Path, config: ml_collections.ConfigDict,
   run_io.save_run_files(workdir, config, tokenizer)
   run_io.save_params(workdir, params["backbone"])
   if jax.tree.leaves(params["head"]):
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save((workdir / "head").absolute(), params["head"], force=True)
-    checkpointer.wait_until_finished()
+    run_io.save_params(workdir, params["head"], name="head")
 
 
 def load_finetuned(workdir: str | pathlib.Path, overrides=()) -> tuple[
@@ -171,12 +168,11 @@ def load_finetuned(workdir: str | pathlib.Path, overrides=()) -> tuple[
       raise JaxllmError(f"{workdir / 'head'} not found (is {workdir} a finished `jaxllm "
                         f"finetune` run?)")
     num_classes = len(config.classifier.labels.split(","))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-        jax.eval_shape(lambda: heads.classifier_init(jax.random.key(0), model.config.d_model,
-                                                     num_classes)))
-    head = ocp.StandardCheckpointer().restore((workdir / "head").absolute(), target)
+    target = run_io.on_one_device(jax.eval_shape(
+        lambda: heads.classifier_init(jax.random.key(0), model.config.d_model, num_classes)))
+    head = run_io.load_params(workdir, target, name="head",
+                              fix=f"classifier.labels in {workdir / 'config.json'} and the "
+                                  f"head disagree (was the folder edited by hand?)")
   return config, model, {"backbone": backbone_params, "head": head}, tokenizer
 
 

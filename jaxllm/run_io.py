@@ -33,8 +33,9 @@ def save_run_files(workdir: pathlib.Path, config: ml_collections.ConfigDict,
   (workdir / "tokenizer.json").write_text(json.dumps(tokenizer.to_json()) + "\n")
 
 
-def save_params(workdir: pathlib.Path, params: Any) -> pathlib.Path:
-  path = (workdir / "params").absolute()
+def save_params(workdir: pathlib.Path, params: Any, name: str = "params") -> pathlib.Path:
+  """Writes a params pytree to workdir/name (Orbax); finetuning stores its head beside."""
+  path = (workdir / name).absolute()
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(path, params, force=True)
   checkpointer.wait_until_finished()
@@ -51,23 +52,26 @@ def load_run(workdir: str | pathlib.Path):
   config = config_lib.from_dict(json.loads((workdir / "config.json").read_text()))
   tokenizer = tokenizer_lib.from_json(json.loads((workdir / "tokenizer.json").read_text()))
   model = GPT(config_lib.model_config(config.model, tokenizer.vocab_size))
-  abstract = nn.unbox(abstract_variables(model)["params"])
-  device = jax.devices()[0]
-  target = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                     sharding=jax.sharding.SingleDeviceSharding(device)), abstract)
+  target = on_one_device(nn.unbox(abstract_variables(model)["params"]))
   params = load_params(workdir, target, fix=f"{workdir / 'config.json'} and the parameters "
                                             f"disagree (was the folder edited by hand?)")
   return config, model, params, tokenizer
 
 
+def on_one_device(abstract: Any) -> Any:
+  """Restore targets with the shapes and dtypes of `abstract`, placed on the first device."""
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
+
+
 def load_params(workdir: str | pathlib.Path, target: Any,
-                fix: str = "set model.* as in that run's config.json") -> Any:
-  """A run directory's params/, restored onto `target` (ShapeDtypeStructs with shardings).
+                fix: str = "set model.* as in that run's config.json", name: str = "params") -> Any:
+  """A run directory's params/ (or `name`), restored onto `target` (ShapeDtypeStructs with
+  shardings).
 
   Strict: a name, shape or dtype that differs from `target` is a JaxllmError naming it.
   """
-  path = (pathlib.Path(workdir) / "params").absolute()
+  path = (pathlib.Path(workdir) / name).absolute()
   if not path.is_dir():
     raise JaxllmError(f"{path} not found (expected the run directory of `jaxllm train` or "
                       f"`jaxllm convert`)")
