@@ -9,7 +9,7 @@ OpenAI-compatible server such as Ollama's, serving e.g. llama3) each is scored 0
 
     jaxllm convert ... --workdir runs/gpt2-medium     # GPT-2 medium in jaxllm's run layout
     jaxllm finetune --config experiments/instruct_alpaca.py \
-        --config.instruct.path=/path/to/instruction-data.json \
+        --config.data.path=/path/to/instruction-data.json \
         [--config.judge.url=http://127.0.0.1:11434 --config.judge.model=llama3]
 """
 
@@ -22,12 +22,12 @@ EXPECTED = {"val_loss": ("<=", 0.75), "judge_score": (">=", 45.0)}
 
 def get_config():
   c = default_config()
-  c.finetune.task = "instruct"
-  c.finetune.init_from = "runs/gpt2-medium"  # GPT-2 medium (355M) from `jaxllm convert`
-  c.finetune.trainable = "all"
+  c.train.task = "instruct"
+  c.train.init_from = "runs/gpt2-medium"  # GPT-2 medium (355M) from `jaxllm convert`
+  c.train.trainable = "all"
   c.model.dropout = 0.0
 
-  c.instruct.path = ""  # instruction-data.json: give it with --config.instruct.path=...
+  c.data.path = ""  # instruction-data.json: give it with --config.data.path=...
   c.instruct.template = "alpaca"
   c.instruct.train_fraction = 0.85
   c.instruct.test_fraction = 0.1

@@ -7,7 +7,7 @@ template's shape, not the answers: the point is the pipeline (validation loss fa
 responses file in the book's format), in a few minutes on 2 CPU cores.
 
     jaxllm finetune --config experiments/instruct_alpaca_cpu.py \
-        --config.instruct.path=/path/to/instruction-data.json
+        --config.data.path=/path/to/instruction-data.json
 """
 
 from jaxllm.config import default_config
@@ -18,9 +18,9 @@ EXPECTED = {"val_loss": ("<=", 4.0)}
 
 def get_config():
   c = default_config()
-  c.finetune.task = "instruct"
-  c.finetune.init_from = ""  # from scratch
-  c.finetune.trainable = "all"
+  c.train.task = "instruct"
+  c.train.init_from = ""  # from scratch
+  c.train.trainable = "all"
   c.model.n_layer = 2
   c.model.n_head = 2
   c.model.d_model = 64
@@ -28,7 +28,7 @@ def get_config():
   c.model.dropout = 0.0
   c.data.tokenizer = "gpt2"
 
-  c.instruct.path = ""  # instruction-data.json: give it with --config.instruct.path=...
+  c.data.path = ""  # instruction-data.json: give it with --config.data.path=...
   c.instruct.template = "alpaca"
   c.instruct.train_fraction = 0.85
   c.instruct.test_fraction = 0.1

@@ -9,7 +9,7 @@ position (a padding token in all but the longest texts).
 
     jaxllm convert ... --workdir runs/gpt2-small      # GPT-2 small in jaxllm's run layout
     jaxllm finetune --config experiments/spam_classifier.py \
-        --config.classifier.path=/path/to/SMSSpamCollection
+        --config.data.path=/path/to/SMSSpamCollection
 """
 
 from jaxllm.config import default_config
@@ -21,12 +21,12 @@ EXPECTED = {"train_accuracy": (">=", 0.95), "val_accuracy": (">=", 0.95),
 
 def get_config():
   c = default_config()
-  c.finetune.task = "classify"
-  c.finetune.init_from = "runs/gpt2-small"  # GPT-2 small (124M) from `jaxllm convert`
-  c.finetune.trainable = "head,last_block,final_norm"
+  c.train.task = "classify"
+  c.train.init_from = "runs/gpt2-small"  # GPT-2 small (124M) from `jaxllm convert`
+  c.train.trainable = "head,last_block,final_norm"
   c.model.dropout = 0.0
 
-  c.classifier.path = ""  # SMSSpamCollection: give it with --config.classifier.path=...
+  c.data.path = ""  # SMSSpamCollection: give it with --config.data.path=...
   c.classifier.text_column = "1"  # label<TAB>text, no header
   c.classifier.label_column = "0"
   c.classifier.labels = "ham,spam"

@@ -6,7 +6,7 @@ from random initialisation, all of it, with AdamW (lr 1e-3, cosine decay) for 3 
 2 CPU cores.
 
     jaxllm finetune --config experiments/spam_classifier_cpu.py \
-        --config.classifier.path=/path/to/SMSSpamCollection
+        --config.data.path=/path/to/SMSSpamCollection
 """
 
 from jaxllm.config import default_config
@@ -17,9 +17,9 @@ EXPECTED = {"test_accuracy": (">=", 0.95)}
 
 def get_config():
   c = default_config()
-  c.finetune.task = "classify"
-  c.finetune.init_from = ""  # from scratch
-  c.finetune.trainable = "all"
+  c.train.task = "classify"
+  c.train.init_from = ""  # from scratch
+  c.train.trainable = "all"
   c.model.n_layer = 2
   c.model.n_head = 2
   c.model.d_model = 64
@@ -27,7 +27,7 @@ def get_config():
   c.model.dropout = 0.0
   c.data.tokenizer = "gpt2"
 
-  c.classifier.path = ""  # SMSSpamCollection: give it with --config.classifier.path=...
+  c.data.path = ""  # SMSSpamCollection: give it with --config.data.path=...
   c.classifier.text_column = "1"  # label<TAB>text, no header
   c.classifier.label_column = "0"
   c.classifier.labels = "ham,spam"

@@ -6,7 +6,7 @@ parameters, as the book counts them. AdamW (lr 8e-4, weight decay 0.1), batch 8,
 the data as in ch. 6. The saved run holds the adapters merged into plain weights.
 
     jaxllm finetune --config experiments/spam_lora.py \
-        --config.classifier.path=/path/to/SMSSpamCollection
+        --config.data.path=/path/to/SMSSpamCollection
 """
 
 from jaxllm.config import default_config
@@ -17,16 +17,16 @@ EXPECTED = {"trainable_params": ("==", 2_666_528), "test_accuracy": (">=", 0.95)
 
 def get_config():
   c = default_config()
-  c.finetune.task = "classify"
-  c.finetune.init_from = "runs/gpt2-small"  # GPT-2 small (124M) from `jaxllm convert`
-  c.finetune.trainable = "lora"
+  c.train.task = "classify"
+  c.train.init_from = "runs/gpt2-small"  # GPT-2 small (124M) from `jaxllm convert`
+  c.train.trainable = "lora"
   c.model.dropout = 0.0
 
   c.lora.rank = 16
   c.lora.alpha = 16.0
   c.lora.targets = "qkv,out,fc,proj,head"
 
-  c.classifier.path = ""  # SMSSpamCollection: give it with --config.classifier.path=...
+  c.data.path = ""  # SMSSpamCollection: give it with --config.data.path=...
   c.classifier.text_column = "1"  # label<TAB>text, no header
   c.classifier.label_column = "0"
   c.classifier.labels = "ham,spam"

@@ -7,7 +7,7 @@ adapters alone can learn on top of random features; with pretrained weights use
 spam_lora.py.
 
     jaxllm finetune --config experiments/spam_lora_cpu.py \
-        --config.classifier.path=/path/to/SMSSpamCollection
+        --config.data.path=/path/to/SMSSpamCollection
 """
 
 from jaxllm.config import default_config
@@ -18,9 +18,9 @@ EXPECTED = {"test_accuracy": (">=", 0.85)}
 
 def get_config():
   c = default_config()
-  c.finetune.task = "classify"
-  c.finetune.init_from = ""  # from scratch: a random frozen backbone
-  c.finetune.trainable = "lora"
+  c.train.task = "classify"
+  c.train.init_from = ""  # from scratch: a random frozen backbone
+  c.train.trainable = "lora"
   c.model.n_layer = 2
   c.model.n_head = 2
   c.model.d_model = 64
@@ -32,7 +32,7 @@ def get_config():
   c.lora.alpha = 16.0
   c.lora.targets = "qkv,out,fc,proj,head"
 
-  c.classifier.path = ""  # SMSSpamCollection: give it with --config.classifier.path=...
+  c.data.path = ""  # SMSSpamCollection: give it with --config.data.path=...
   c.classifier.text_column = "1"  # label<TAB>text, no header
   c.classifier.label_column = "0"
   c.classifier.labels = "ham,spam"

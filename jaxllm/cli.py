@@ -3,6 +3,7 @@
     jaxllm train --config experiments/shakespeare_char.py [--workdir DIR] [--config.KEY=VALUE ...]
     jaxllm generate --workdir DIR --prompt TEXT [--max-new-tokens N] [--temperature T] ...
     jaxllm finetune --config experiments/spam_classifier.py [--workdir DIR] [--config.KEY=VALUE ...]
+      (the same trainer as `train`: train.task says what it trains)
     jaxllm eval --workdir DIR [--text FILE] [--config.KEY=VALUE ...]
     jaxllm convert --from gpt2-medium|FOLDER --out DIR [--to jaxllm|hf]
 
@@ -66,9 +67,10 @@ def _parser() -> argparse.ArgumentParser:
   generate.add_argument("--num-samples", type=int, default=1)
 
   finetune = commands.add_parser(
-      "finetune", help="finetune a model for classification or instructions",
-      description="Finetune as an experiment file says (finetune.task, finetune.init_from, ...); "
-                  "override any key with --config.KEY=VALUE. Writes DIR/eval.json.")
+      "finetune", help="finetune a model: classification, instructions, preferences (DPO)",
+      description="The trainer of `jaxllm train`, for experiments whose train.task is classify, "
+                  "instruct or dpo (train.init_from, train.trainable, ...); override any key "
+                  "with --config.KEY=VALUE. Writes DIR/eval.json.")
   finetune.add_argument("--config", required=True, help="experiments/<name>.py")
   finetune.add_argument("--workdir", help="run directory (default: runs/<experiment name>)")
   finetune.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -99,22 +101,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def _train(args, overrides: list[str]) -> None:
   from jaxllm import config as config_lib
-  from jaxllm import loop
+  from jaxllm import trainer
 
   config = config_lib.load_config(args.config)
   config_lib.apply_overrides(config, overrides)
   workdir = args.workdir or pathlib.Path("runs") / pathlib.Path(args.config).stem
-  loop.run(config, workdir, progress=not args.no_progress)
-
-
-def _finetune(args, overrides: list[str]) -> None:
-  from jaxllm import config as config_lib
-  from jaxllm import finetune
-
-  config = config_lib.load_config(args.config)
-  config_lib.apply_overrides(config, overrides)
-  workdir = args.workdir or pathlib.Path("runs") / pathlib.Path(args.config).stem
-  finetune.run(config, workdir, progress=not args.no_progress)
+  trainer.run(config, workdir, progress=not args.no_progress)
 
 
 def _eval(args, overrides: list[str]) -> None:
@@ -122,7 +114,7 @@ def _eval(args, overrides: list[str]) -> None:
 
   import numpy as np
 
-  from jaxllm import evaluate, finetune, run_io
+  from jaxllm import evaluate, run_io
   from jaxllm.data import classification
 
   if args.text:
@@ -133,7 +125,7 @@ def _eval(args, overrides: list[str]) -> None:
     print(f"{args.text}: {figures['tokens']:,} tokens, loss {figures['loss']:.4f}, "
           f"perplexity {figures['perplexity']:.2f}")
     return
-  config, model, params, tokenizer = finetune.load_finetuned(args.workdir, overrides)
+  config, model, params, tokenizer = run_io.load_finetuned(args.workdir, overrides)
   figures = evaluate.evaluate_finetuned(config, model, params, tokenizer, args.workdir,
                                         progress=not args.no_progress)
   print(json.dumps({k: v for k, v in figures.items() if not isinstance(v, dict)}, indent=2))
@@ -162,11 +154,6 @@ def _generate(args) -> None:
   prompt = args.prompt.encode("latin-1", "backslashreplace").decode("unicode_escape")
   if not prompt:
     raise JaxllmError("--prompt is empty (give at least one character)")
-  room = model.config.context_length - len(tokenizer.encode(prompt))
-  if args.max_new_tokens > room:
-    raise JaxllmError(f"prompt ({len(tokenizer.encode(prompt))} tokens) + --max-new-tokens "
-                      f"{args.max_new_tokens} exceeds the context length "
-                      f"{model.config.context_length} (ask for at most {max(room, 0)} tokens)")
   texts = generate_lib.generate_text(
       model, params, tokenizer, [prompt] * args.num_samples, max_new_tokens=args.max_new_tokens,
       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
@@ -187,10 +174,8 @@ def main(argv: list[str] | None = None) -> int:
   from jaxllm.errors import JaxllmError, Preempted
 
   try:
-    if args.command == "train":
+    if args.command in ("train", "finetune"):
       _train(args, overrides)
-    elif args.command == "finetune":
-      _finetune(args, overrides)
     elif args.command == "eval":
       _eval(args, overrides)
     elif args.command == "convert":

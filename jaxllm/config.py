@@ -58,7 +58,10 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.dataset = "tiny_shakespeare"  # a TFDS catalog name, or "text" for local files
-  c.data.path = ""  # with dataset="text": a file, a directory of .txt files or a glob
+  # The corpus of every task. lm with dataset="text": a file, a directory of .txt files or a
+  # glob; classify: labelled texts (SMSSpamCollection, .csv/.tsv with a header, .jsonl);
+  # instruct: Alpaca records (.json list or .jsonl); dpo: the same with chosen/rejected.
+  c.data.path = ""
   c.data.data_dir = ""  # TFDS data dir; "" = TFDS's default ($TFDS_DATA_DIR or ~/tensorflow_datasets)
   c.data.tokenizer = "gpt2"  # any tiktoken encoding name, or "char"
   c.data.train_split = "train"  # TFDS splits, joined with "+"
@@ -89,9 +92,17 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.peak_flops = 0.0  # per-device FLOP/s for MFU; 0 = measure a matmul at start-up
   c.train.sample_prompt = "\n"
   c.train.sample_tokens = 200
+  # What the trainer optimises (jaxllm/tasks/): "lm" (next-token pretraining), "classify",
+  # "instruct" (Alpaca-style instruction tuning) or "dpo" (preference tuning).
+  c.train.task = "lm"
   # A run directory (of `jaxllm train`, or made by `jaxllm convert` from GPT-2 weights) whose
-  # params start this run; the model config must match its config.json. "" = random init.
+  # parameters start this run; its config.json gives the architecture and its tokenizer.json
+  # the tokenizer. "" = random init from `model`.
   c.train.init_from = ""
+  # What trains, comma-separated: all, backbone, head, last_block, final_norm, embeddings, lora,
+  # or a regex on parameter paths ("backbone/blocks_11/attn"). The book's ch. 6:
+  # "head,last_block,final_norm".
+  c.train.trainable = "all"
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 250  # save the train state every this many steps; 0 = only at the end
@@ -109,23 +120,12 @@ def default_config() -> ml_collections.ConfigDict:
   # jaxllm.sharding.DEFAULT_RULES, e.g. --config.mesh.rules="[('vocab', None)]".
   c.mesh.rules = ()
 
-  # `jaxllm finetune` (jaxllm/finetune.py). Optimizer, batch size, epochs, evaluation and
-  # seed come from `train` as for pretraining; the architecture from `init_from` if given.
-  c.finetune = ml_collections.ConfigDict()
-  c.finetune.task = ""  # "classify" or "instruct"
-  c.finetune.init_from = ""  # run dir (jaxllm train / jaxllm convert) to start from; "" = random init
-  # What trains, comma-separated: all, backbone, head, last_block, final_norm, embeddings, lora,
-  # or a regex on parameter paths ("backbone/blocks_11/attn"). The book's ch. 6:
-  # "head,last_block,final_norm".
-  c.finetune.trainable = "all"
-
   c.lora = ml_collections.ConfigDict()
   c.lora.rank = 0  # 0 = no LoRA; > 0 adds rank-r adapters (train them with trainable="lora")
   c.lora.alpha = 16.0  # adapters are scaled by alpha / rank
   c.lora.targets = "qkv,out,fc,proj"  # kernels to adapt; add "head" for the class head (appendix E)
 
   c.classifier = ml_collections.ConfigDict()
-  c.classifier.path = ""  # labelled texts: SMSSpamCollection, .csv/.tsv with a header, .jsonl
   c.classifier.format = "auto"  # auto (.csv, .jsonl, else tsv), tsv, csv or jsonl
   c.classifier.text_column = "text"  # header name / JSON key, or a 0-based index (no header)
   c.classifier.label_column = "label"
@@ -138,7 +138,6 @@ def default_config() -> ml_collections.ConfigDict:
   c.classifier.seed = 123  # balancing and splitting (the book's random_state)
 
   c.instruct = ml_collections.ConfigDict()
-  c.instruct.path = ""  # Alpaca records {instruction, input, output}: a .json list or .jsonl
   c.instruct.template = "alpaca"  # prompt template: alpaca (the book's) or phi3
   c.instruct.train_fraction = 0.85  # the book's order: train, then test, then validation
   c.instruct.test_fraction = 0.1
@@ -150,11 +149,30 @@ def default_config() -> ml_collections.ConfigDict:
   c.instruct.max_new_tokens = 256  # response length when generating for the test split
   c.instruct.generate_batch_size = 16
 
+  # train.task=dpo (Rafailov et al. 2023, as the book's bonus chapter): data.path holds Alpaca
+  # records with "chosen" and "rejected" responses; prompt, split and batching as `instruct`,
+  # the prompt's tokens always masked; the reference model is train.init_from, frozen.
+  c.dpo = ml_collections.ConfigDict()
+  c.dpo.beta = 0.1  # how far the policy may move from the reference
+  # Each response's log-probability as the mean over its tokens (the book), or the sum (the
+  # paper).
+  c.dpo.average_logprobs = True
+
   c.judge = ml_collections.ConfigDict()
   c.judge.url = ""  # OpenAI-compatible server scoring test responses (Ollama, vLLM); "" = off
   c.judge.model = "llama3"  # the judge model's name on that server
   c.judge.timeout = 120.0  # seconds per request
   return c
+
+
+# Keys that moved when pretraining and finetuning became tasks of one trainer: old name -> new.
+RENAMED = {
+    "finetune.task": "train.task",
+    "finetune.init_from": "train.init_from",
+    "finetune.trainable": "train.trainable",
+    "classifier.path": "data.path",
+    "instruct.path": "data.path",
+}
 
 
 def load_config(path: str | pathlib.Path) -> ml_collections.ConfigDict:
@@ -167,7 +185,11 @@ def load_config(path: str | pathlib.Path) -> ml_collections.ConfigDict:
   spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
     raise JaxllmError(f"config file {path} defines no get_config() (see experiments/)")
-  config = module.get_config()
+  try:
+    config = module.get_config()
+  except AttributeError as e:  # most likely a section or key that was renamed
+    moved = ", ".join(f"{old} -> {new}" for old, new in RENAMED.items())
+    raise JaxllmError(f"config file {path}: {e} (keys that moved: {moved})") from None
   check_keys(config)
   return config
 
@@ -188,6 +210,8 @@ def check_keys(config: ml_collections.ConfigDict) -> None:
 
 
 def _unknown_key_message(name: str, ref: ml_collections.ConfigDict, prefix: str) -> str:
+  if name in RENAMED:
+    return f"config key '{name}' is now '{RENAMED[name]}' (one trainer for every task)"
   where = f"section '{prefix[:-1]}'" if prefix else "the config"
   return f"unknown config key '{name}' ({where} has: {', '.join(sorted(ref.keys()))})"
 
@@ -227,6 +251,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
     if "=" not in override:
       raise JaxllmError(f"config override '{override}' needs the form section.key=value")
     name, text = override.split("=", 1)
+    if name in RENAMED:
+      raise JaxllmError(_unknown_key_message(name, config, ""))
     parts = name.split(".")
     node, prefix = config, ""
     for part in parts[:-1]:
@@ -248,6 +274,7 @@ def to_dict(config: ml_collections.ConfigDict) -> dict:
 def from_dict(values: dict) -> ml_collections.ConfigDict:
   """Rebuilds a config saved as JSON (config.json in a run directory) on top of the defaults."""
   config = default_config()
+  values = _migrate(values)
 
   def merge(node, update, prefix):
     for key, value in update.items():
@@ -261,6 +288,23 @@ def from_dict(values: dict) -> ml_collections.ConfigDict:
 
   merge(config, values, "")
   return config
+
+
+def _migrate(values: dict) -> dict:
+  """A config.json written before the keys in RENAMED moved, in today's names."""
+  values = {section: dict(keys) if isinstance(keys, dict) else keys
+            for section, keys in values.items()}
+  for old, new in RENAMED.items():
+    old_section, old_key = old.split(".")
+    if not isinstance(values.get(old_section), dict) or old_key not in values[old_section]:
+      continue
+    value = values[old_section].pop(old_key)
+    new_section, new_key = new.split(".")
+    if value not in ("", None):
+      values.setdefault(new_section, {})[new_key] = value
+  if values.get("finetune") == {}:
+    del values["finetune"]
+  return values
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,13 +29,13 @@ import optax
 from tqdm.auto import tqdm
 
 from jaxllm import generate as generate_lib
-from jaxllm import tasks
 from jaxllm import train as train_lib
 from jaxllm.data import batches as batches_lib
 from jaxllm.data import classification
 from jaxllm.data import instruction
 from jaxllm.errors import JaxllmError
 from jaxllm.model import GPT
+from jaxllm.tasks import losses as loss_lib
 from jaxllm.tokenizer import Tokenizer
 
 RESPONSES_FILE = "instruction-data-with-response.json"  # the book's name for it
@@ -66,7 +66,7 @@ def perplexity(model: GPT, params: Any, tokens: np.ndarray, batch_size: int = 8,
 
 @functools.partial(jax.jit, static_argnames=("backbone", "lora_scale"))
 def _classify_batch(params, batch, *, backbone: GPT, lora_scale: float):
-  logits_BxC = tasks.classifier_logits(params, batch, backbone=backbone, lora_scale=lora_scale)
+  logits_BxC = loss_lib.classifier_logits(params, batch, backbone=backbone, lora_scale=lora_scale)
   losses_B = optax.softmax_cross_entropy_with_integer_labels(logits_BxC, batch["label_B"])
   return jnp.argmax(logits_BxC, axis=-1), losses_B
 
@@ -124,7 +124,7 @@ def classification_metrics(predicted_N: np.ndarray, label_N: np.ndarray,
 
 @functools.partial(jax.jit, static_argnames=("backbone", "lora_scale"))
 def _weighted_loss_sums(params, batch, *, backbone: GPT, lora_scale: float):
-  losses_BxL = tasks.token_losses(params, batch, backbone=backbone, lora_scale=lora_scale)
+  losses_BxL = loss_lib.token_losses(params, batch, backbone=backbone, lora_scale=lora_scale)
   return jnp.sum(losses_BxL * batch["weights_BxL"]), jnp.sum(batch["weights_BxL"])
 
 
@@ -158,7 +158,7 @@ def generate_responses(model: GPT, backbone_params: Any, tokenizer: Tokenizer,
                           f"{model.config.context_length}; nothing left to generate")
       new_tokens = generate_lib.generate(
           model, backbone_params, [prompts[i] for i in chunk], min(max_new_tokens, room),
-          temperature=0.0, eot_id=tokenizer.eot_id)
+          temperature=0.0, eot_id=tokenizer.eot_id, vocab_size=tokenizer.vocab_size)
       for i, tokens in zip(chunk, new_tokens):
         responses[i] = instruction.clean_response(tokenizer.decode(tokens), template)
       bar.update(len(chunk))
@@ -233,42 +233,79 @@ def evaluate_finetuned(config: ml_collections.ConfigDict, model: GPT, params: An
                        tokenizer: Tokenizer, workdir: str | pathlib.Path, *,
                        progress: bool = True, extra: dict | None = None) -> dict[str, Any]:
   """The figures of a finetuned model ({"backbone", "head"}, adapters merged) on its task's
-  splits, written with `extra` to workdir/eval.json."""
+  splits, written with `extra` (training's figures; these take precedence) to
+  workdir/eval.json."""
   workdir = pathlib.Path(workdir)
-  batch_size = config.train.batch_size
-  figures: dict[str, Any] = {"task": config.finetune.task}
-  if config.finetune.task == "classify":
-    data = classification.load(config.classifier, tokenizer, model.config.context_length)
-    for split in classification.SPLITS:
-      result = classify_split(params, data.splits[split], batch_size, backbone=model)
-      report = classification_metrics(result["predicted"], result["label"], data.labels)
-      figures[f"{split}_accuracy"] = report["accuracy"]
-      figures[f"{split}_loss"] = result["loss"]
-      figures[split] = report
-  elif config.finetune.task == "instruct":
-    records, encoded = instruction.load(config.instruct, tokenizer, config.train.seed)
-    options = instruction.batch_options(config.instruct, model.config.context_length,
-                                        tokenizer.eot_id)
-    for split in ("train", "val"):
-      figures[f"{split}_loss"] = instruction_loss(params, encoded[split], batch_size,
-                                                  backbone=model, **options)
-    entries = generate_responses(
-        model, params["backbone"], tokenizer, records["test"], template=config.instruct.template,
-        max_new_tokens=config.instruct.max_new_tokens,
-        batch_size=config.instruct.generate_batch_size, progress=progress)
-    path = workdir / RESPONSES_FILE
-    path.write_text(json.dumps(entries, indent=4) + "\n")
-    figures["responses"] = str(path)
-    if config.judge.url:
-      judged = judge_responses(entries, url=config.judge.url, model=config.judge.model,
-                               template=config.instruct.template, timeout=config.judge.timeout,
-                               progress=progress)
-      figures.update({k: v for k, v in judged.items() if k != "scores"})
-  else:
-    raise JaxllmError(f"{workdir} is not a finetuned run (finetune.task is "
-                      f"'{config.finetune.task}'); for a language model use --text FILE")
-  figures.update(extra or {})
-  return write_figures(workdir, figures)
+  task = config.train.task
+  figure_fns = {"classify": _classify_figures, "instruct": _instruct_figures,
+                "dpo": _dpo_figures}
+  if task not in figure_fns:
+    raise JaxllmError(f"{workdir} is not a finetuned run (train.task is '{task}'); for a "
+                      f"language model use --text FILE")
+  figures = figure_fns[task](config, model, params, tokenizer, workdir, progress)
+  return write_figures(workdir, {**(extra or {}), "task": task, **figures})
+
+
+def _classify_figures(config, model, params, tokenizer, workdir, progress) -> dict[str, Any]:
+  data = classification.load(config.classifier, config.data.path, tokenizer,
+                             model.config.context_length)
+  figures: dict[str, Any] = {}
+  for split in classification.SPLITS:
+    result = classify_split(params, data.splits[split], config.train.batch_size, backbone=model)
+    report = classification_metrics(result["predicted"], result["label"], data.labels)
+    figures[f"{split}_accuracy"] = report["accuracy"]
+    figures[f"{split}_loss"] = result["loss"]
+    figures[split] = report
+  return figures
+
+
+def _instruct_figures(config, model, params, tokenizer, workdir, progress) -> dict[str, Any]:
+  records, encoded = instruction.load(config.instruct, config.data.path, tokenizer,
+                                      config.train.seed)
+  options = instruction.batch_options(config.instruct, model.config.context_length,
+                                      tokenizer.eot_id)
+  figures: dict[str, Any] = {
+      f"{split}_loss": instruction_loss(params, encoded[split], config.train.batch_size,
+                                        backbone=model, **options) for split in ("train", "val")}
+  entries = generate_responses(
+      model, params["backbone"], tokenizer, records["test"], template=config.instruct.template,
+      max_new_tokens=config.instruct.max_new_tokens,
+      batch_size=config.instruct.generate_batch_size, progress=progress)
+  path = workdir / RESPONSES_FILE
+  path.write_text(json.dumps(entries, indent=4) + "\n")
+  figures["responses"] = str(path)
+  if config.judge.url:
+    judged = judge_responses(entries, url=config.judge.url, model=config.judge.model,
+                             template=config.instruct.template, timeout=config.judge.timeout,
+                             progress=progress)
+    figures.update({k: v for k, v in judged.items() if k != "scores"})
+  return figures
+
+
+def _dpo_figures(config, model, params, tokenizer, workdir, progress) -> dict[str, Any]:
+  """DPO loss and reward figures on every split, against the reference (train.init_from)."""
+  from jaxllm import run_io
+  from jaxllm.tasks import dpo
+
+  _, _, reference, _ = run_io.load_run(config.train.init_from)
+  records, pairs = dpo.load(config, tokenizer)
+  shape = instruction.batch_options(config.instruct, model.config.context_length,
+                                    tokenizer.eot_id)
+  del shape["mask_prompt"]
+  sums_fn = jax.jit(functools.partial(
+      loss_lib.dpo_sums, backbone=model, beta=float(config.dpo.beta),
+      average=bool(config.dpo.average_logprobs)))
+  full = {"backbone": params["backbone"], "reference": reference, "head": {}}
+  figures: dict[str, Any] = {}
+  for split in ("train", "val", "test"):
+    totals: dict[str, float] = {}
+    for start in range(0, len(records[split]), config.train.batch_size):
+      rows = np.arange(start, min(start + config.train.batch_size, len(records[split])))
+      for name, value in sums_fn(full, dpo.pair_batch(pairs[split], rows, **shape)).items():
+        totals[name] = totals.get(name, 0.0) + float(value)
+    count = totals.pop("count")
+    figures.update({f"{split}_{name}": value / count for name, value in totals.items()})
+  return figures
 
 
 def write_figures(workdir: str | pathlib.Path, figures: dict[str, Any]) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 
 The backbone is `GPT.encode` (final, post-LayerNorm hidden states); a finetuned model's
 parameters are one pytree `{"backbone": <GPT params>, "head": <head params>}`, so which parts
-train is an optax mask over that tree (see `jaxllm/finetune.py`), never a code change.
+train is an optax mask over that tree (see `jaxllm/tasks/common.py`), never a code change.
 
 - LM head: next-token logits; tied to the token embedding (GPT-2) or its own kernel.
 - Classification head: a Linear on the last real (non-padding) token, the one whose causal

@@ -24,6 +24,7 @@ from typing import Any, Iterator, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from jaxllm.errors import JaxllmError
 
@@ -155,3 +156,23 @@ def intercept(adapters: Any, scale_: float):
 
   with nn.intercept_methods(interceptor):
     yield
+
+
+def logical_axes(adapters: Any, param_axes: Any) -> dict:
+  """Logical axes of the adapters, from their kernels' (`param_axes` mirrors the params).
+
+  A's input side and B's output side are the kernel's flattened input and output dimensions;
+  each takes the name of its outermost dimension (splitting it into contiguous blocks is
+  splitting that dimension), so FSDP and tensor parallelism split the adapters as they split
+  the kernels. Groups and the rank stay whole.
+  """
+  axes: dict = {}
+  for path, _ in _adapters_in(adapters):
+    spec = tuple(_get(param_axes, path + ("kernel",)))
+    name = path[-1]
+    n_in, ndim = TARGETS[name]
+    lead, dims = spec[:len(spec) - ndim], spec[len(spec) - ndim:]
+    inputs, outputs = (dims[:1], dims[2:]) if name == "qkv" else (dims[:n_in], dims[n_in:])
+    _set(axes, path, {"lora_a": P(*lead, None, inputs[0], None),
+                      "lora_b": P(*lead, None, None, outputs[0])})
+  return axes

@@ -2,7 +2,9 @@
 
     DIR/config.json      the resolved config (model sizes filled in)
     DIR/tokenizer.json   how to rebuild the tokenizer
-    DIR/params/          the final parameters (Orbax)
+    DIR/params/          the final parameters (Orbax): the GPT, adapters merged
+    DIR/head/            a finetuned classifier's head (Orbax)
+    DIR/eval.json        the final figures
     DIR/metrics.jsonl    one JSON object per logged step
     DIR/loss.png         the loss curve
     DIR/sample.txt       a text sample from the final model
@@ -83,3 +85,25 @@ def load_params(workdir: str | pathlib.Path, target: Any,
                       f"the folder is incomplete") from e
   checkpoint_lib.check_matches(stored.tree, target, f"parameters in {path}", fix)
   return checkpointer.restore(path, target)
+
+
+def load_finetuned(workdir: str | pathlib.Path, overrides=()):
+  """(config, backbone, {"backbone", "head"}, tokenizer) of a finetuned run; `overrides`
+  (`section.key=value`) change its config, e.g. judge.url for a later scoring."""
+  from jaxllm import heads
+
+  workdir = pathlib.Path(workdir)
+  config, model, backbone_params, tokenizer = load_run(workdir)
+  config_lib.apply_overrides(config, overrides)
+  head: Any = {}
+  if config.train.task == "classify":
+    if not (workdir / "head").is_dir():
+      raise JaxllmError(f"{workdir / 'head'} not found (is {workdir} a finished classifier "
+                        f"run?)")
+    num_classes = len(config.classifier.labels.split(","))
+    target = on_one_device(jax.eval_shape(
+        lambda: heads.classifier_init(jax.random.key(0), model.config.d_model, num_classes)))
+    head = load_params(workdir, target, name="head",
+                       fix=f"classifier.labels in {workdir / 'config.json'} and the head "
+                           f"disagree (was the folder edited by hand?)")
+  return config, model, {"backbone": backbone_params, "head": head}, tokenizer

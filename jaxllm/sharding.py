@@ -109,10 +109,16 @@ def logical_sharding(mesh: Mesh, rules: Rules, *axes: str | None) -> NamedShardi
   return NamedSharding(mesh, nn.logical_to_mesh_axes(axes, rules))
 
 
-def batch_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES,
-                   leading_axes: int = 0) -> NamedSharding:
-  """Batch arrays (rows x sequence), after `leading_axes` unsplit axes (microbatches)."""
-  return logical_sharding(mesh, rules, *([None] * leading_axes), "batch", "sequence")
+def batch_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES, leading_axes: int = 0,
+                   ndim: int | None = None) -> NamedSharding:
+  """Batch arrays (rows x sequence x ...), after `leading_axes` unsplit axes (microbatches).
+
+  `ndim` (default leading_axes + 2) counts all dimensions: rows come first, then positions,
+  then anything else (pairs, classes) unsplit.
+  """
+  ndim = leading_axes + 2 if ndim is None else ndim
+  axes = [None] * leading_axes + ["batch", "sequence"][:ndim - leading_axes]
+  return logical_sharding(mesh, rules, *axes, *[None] * (ndim - len(axes)))
 
 
 def _axes(axes: str | tuple[str, ...] | None) -> tuple[str, ...]:
@@ -137,17 +143,25 @@ def check_batch(batch_size: int, grad_accum: int, mesh: Mesh, rules: Rules) -> N
         f"{' x '.join(f'{axis}={mesh.shape[axis]}' for axis in axes)}); use a multiple of {split}")
 
 
-def param_shardings(model: GPT, mesh: Mesh, rules: Rules) -> Any:
+def model_axes(model: GPT) -> tuple[Any, Any]:
+  """A GPT's abstract parameters (ShapeDtypeStructs) and their logical axes (PartitionSpecs)."""
+  return nn.unbox(abstract_variables(model)["params"]), logical_axes(model)
+
+
+def param_shardings(param_axes: Any, mesh: Mesh, rules: Rules) -> Any:
   """NamedShardings like the params, from each parameter's logical axes and the rules."""
-  return nn.logical_to_mesh_sharding(logical_axes(model), mesh, rules)
+  return nn.logical_to_mesh_sharding(param_axes, mesh, rules)
 
 
-def check_divisible(model: GPT, mesh: Mesh, rules: Rules) -> None:
+def _spec_leaves(tree: Any) -> list[P]:
+  return jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, P))
+
+
+def check_divisible(abstract_params: Any, param_axes: Any, mesh: Mesh, rules: Rules) -> None:
   """Every split parameter dimension must divide evenly over its mesh axes."""
-  names = jax.tree.leaves(logical_axes(model), is_leaf=lambda x: isinstance(x, P))
-  shapes = jax.tree_util.tree_leaves_with_path(nn.unbox(abstract_variables(model)["params"]))
-  shardings = jax.tree.leaves(param_shardings(model, mesh, rules))
-  for (path, shape), spec, sharding in zip(shapes, names, shardings):
+  shapes = jax.tree_util.tree_leaves_with_path(abstract_params)
+  shardings = jax.tree.leaves(param_shardings(param_axes, mesh, rules))
+  for (path, shape), spec, sharding in zip(shapes, _spec_leaves(param_axes), shardings):
     for size, name, axes in zip(shape.shape, spec, sharding.spec):
       axes = _axes(axes)
       split = math.prod(mesh.shape[axis] for axis in axes)
@@ -160,15 +174,15 @@ def check_divisible(model: GPT, mesh: Mesh, rules: Rules) -> None:
             f"split over {' x '.join(axes)}); {fix}, or map '{name}' to None in mesh.rules")
 
 
-def state_shardings(model: GPT, optimizer: optax.GradientTransformation, mesh: Mesh,
+def state_shardings(abstract_params: Any, param_axes: Any,
+                    optimizer: optax.GradientTransformation, mesh: Mesh,
                     rules: Rules) -> train_lib.TrainState:
   """A TrainState of NamedShardings: params by the rules, optimizer state like its params.
 
   An optimizer-state leaf whose trailing dict keys name a parameter of the same shape (Adam's
   mu and nu) is split like that parameter; everything else (step, counts, rng) is replicated.
   """
-  params = param_shardings(model, mesh, rules)
-  abstract_params = nn.unbox(abstract_variables(model)["params"])
+  params = param_shardings(param_axes, mesh, rules)
   by_path = {_dict_keys(path): (sharding, shape.shape) for (path, sharding), shape in zip(
       jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(abstract_params))}
 
@@ -201,21 +215,19 @@ def _traced_with_rules(fn, mesh: Mesh, rules: Rules):
   return wrapped
 
 
-def jit_train_step(model: GPT, optimizer: optax.GradientTransformation, mesh: Mesh,
-                   rules: Rules):
-  """`train_step(state, batch AxBxL)` compiled for the mesh; the state is donated."""
-  shardings = state_shardings(model, optimizer, mesh, rules)
-  step = functools.partial(train_lib.train_step, model=model, optimizer=optimizer)
-  return jax.jit(_traced_with_rules(step, mesh, rules),
-                 in_shardings=(shardings, batch_sharding(mesh, rules, leading_axes=1)),
+def jit_train_step(step_fn, shardings: train_lib.TrainState, mesh: Mesh, rules: Rules):
+  """`step_fn(state, batch) -> (state, metrics)` compiled for the mesh; the state is donated.
+
+  Batches arrive as global arrays already placed (`batch_sharding`), so their shardings,
+  whatever the task's batch holds, are taken from them.
+  """
+  return jax.jit(_traced_with_rules(step_fn, mesh, rules), in_shardings=(shardings, None),
                  out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
 
 
-def jit_eval_step(model: GPT, mesh: Mesh, rules: Rules):
-  """`eval_step(params, batch BxL)` compiled for the mesh."""
-  step = functools.partial(train_lib.eval_step, model=model)
-  return jax.jit(_traced_with_rules(step, mesh, rules),
-                 in_shardings=(param_shardings(model, mesh, rules), batch_sharding(mesh, rules)),
+def jit_eval_step(eval_fn, params_shardings: Any, mesh: Mesh, rules: Rules):
+  """`eval_fn(params, batch) -> sums` compiled for the mesh."""
+  return jax.jit(_traced_with_rules(eval_fn, mesh, rules), in_shardings=(params_shardings, None),
                  out_shardings=replicated(mesh))
 
 

@@ -6,7 +6,7 @@ lives in `jaxllm/loop.py`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import jax
@@ -50,14 +50,22 @@ def weight_decay_mask(params: Any) -> Any:
       lambda path, _: path[-1].key in ("kernel", "embedding"), params)
 
 
-def make_optimizer(train: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-  """AdamW with global-norm clipping (train.grad_clip > 0) and decay on matrices only."""
+def make_optimizer(train: ml_collections.ConfigDict, total_steps: int,
+                   trainable: Any = None) -> optax.GradientTransformation:
+  """AdamW with global-norm clipping (train.grad_clip > 0) and decay on matrices only.
+
+  `trainable` (a pytree of bools like the params, None = all) freezes the False leaves:
+  they get no optimizer state and never move.
+  """
   adamw = optax.adamw(
       learning_rate_schedule(train, total_steps), b1=train.beta1, b2=train.beta2, eps=1e-8,
       weight_decay=train.weight_decay, mask=weight_decay_mask)
   if train.grad_clip > 0:
-    return optax.chain(optax.clip_by_global_norm(train.grad_clip), adamw)
-  return adamw
+    adamw = optax.chain(optax.clip_by_global_norm(train.grad_clip), adamw)
+  if trainable is None or all(jax.tree.leaves(trainable)):
+    return adamw
+  labels = jax.tree.map(lambda t: "train" if t else "freeze", trainable)
+  return optax.multi_transform({"train": adamw, "freeze": optax.set_to_zero()}, labels)
 
 
 def create_train_state(params: Any, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
@@ -66,42 +74,70 @@ def create_train_state(params: Any, optimizer: optax.GradientTransformation, see
 
 
 def lm_loss(params: Any, batch: dict[str, jax.Array], rng: jax.Array | None, *, model: GPT,
-            deterministic: bool = True) -> jax.Array:
+            deterministic: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Mean next-token cross-entropy of a batch {"inputs": BxL, "targets": BxL}."""
   rngs = None if deterministic else {"dropout": rng}
   logits_BxLxV = model.apply({"params": params}, batch["inputs"], deterministic=deterministic,
                              rngs=rngs)
-  return optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, batch["targets"]).mean()
+  losses_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, batch["targets"])
+  return losses_BxL.mean(), {}
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: GPT,
-               optimizer: optax.GradientTransformation) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer step over a batch of shape AxBxL (A microbatches, averaged gradients).
+def rows_weight(batch: dict[str, jax.Array]) -> jax.Array:
+  """A microbatch's weight when its loss is a mean over rows (or over equal-length rows)."""
+  return jnp.asarray(jax.tree.leaves(batch)[0].shape[0], jnp.float32)
 
-  Accumulating inside the step keeps one call = one optimizer step, so schedules, logs and
-  checkpoints all count the same steps.
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, loss_fn: Callable,
+               optimizer: optax.GradientTransformation, weight_fn: Callable = rows_weight,
+               trainable: Any = None) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step of `loss_fn(params, microbatch, rng) -> (loss, aux)` over a batch
+  whose arrays have a leading microbatch axis A.
+
+  Each microbatch's loss is a mean over its `weight_fn(microbatch)` items (tokens, rows,
+  pairs), so gradients and aux means are combined with weights w_a / sum(w): the whole
+  batch's mean, also when its items split unevenly (loss-masked tokens). Gradients are taken
+  for the `trainable` leaves only (None: all); the frozen ones cost nothing. Accumulating
+  inside the step keeps one call = one optimizer step, so schedules, logs and checkpoints all
+  count the same steps.
   """
   rng, step_rng = jax.random.split(state.rng)
-  deterministic = model.config.dropout == 0.0
-  grad_fn = jax.value_and_grad(lm_loss)
-  microbatches = batch["inputs"].shape[0]
+  leaves, treedef = jax.tree.flatten(state.params)
+  mask = [True] * len(leaves) if trainable is None else jax.tree.leaves(trainable)
 
-  def accumulate(carry, index_and_batch):
-    index, microbatch = index_and_batch
-    loss, grads = grad_fn(state.params, microbatch, jax.random.fold_in(step_rng, index),
-                          model=model, deterministic=deterministic)
-    loss_sum, grad_sum = carry
-    return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+  def loss_of_trained(trained, microbatch, microbatch_rng):
+    rest = iter(trained)
+    params = treedef.unflatten([next(rest) if t else p for p, t in zip(leaves, mask)])
+    return loss_fn(params, microbatch, microbatch_rng)
 
-  zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
-  (loss_sum, grad_sum), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(microbatches), batch))
-  loss = loss_sum / microbatches
-  grads = jax.tree.map(lambda g: g / microbatches, grad_sum)
+  grad_fn = jax.value_and_grad(loss_of_trained, has_aux=True)
+  trained = [p for p, t in zip(leaves, mask) if t]
+  weights_A = jax.lax.map(weight_fn, batch)
+  total = jnp.sum(weights_A)
+  scales_A = jnp.where(total > 0, weights_A / jnp.where(total > 0, total, 1.0), 0.0)
 
+  def accumulate(carry, xs):
+    index, microbatch, scale = xs
+    (loss, aux), grads = grad_fn(trained, microbatch, jax.random.fold_in(step_rng, index))
+    metrics = {"loss": loss, **aux}
+    metric_sums, grad_sums = carry
+    return (jax.tree.map(lambda acc, x: acc + scale * x.astype(jnp.float32), metric_sums,
+                         metrics),
+            [acc + scale * g for acc, g in zip(grad_sums, grads)]), None
+
+  first = jax.tree.map(lambda x: x[0], batch)
+  loss_shape, aux_shape = jax.eval_shape(loss_fn, state.params, first, step_rng)
+  zeros = (jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32),
+                        {"loss": loss_shape, **aux_shape}),
+           [jnp.zeros_like(p) for p in trained])
+  (metrics, grad_sums), _ = jax.lax.scan(
+      accumulate, zeros, (jnp.arange(weights_A.shape[0]), batch, scales_A))
+  sums = iter(grad_sums)
+  grads = treedef.unflatten([next(sums) if t else jnp.zeros_like(p) for p, t in zip(leaves, mask)])
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
-  return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+  return new_state, {**metrics, "grad_norm": optax.tree.norm(grad_sums)}
 
 
 def eval_step(params: Any, batch: dict[str, jax.Array], *, model: GPT) -> tuple[jax.Array, jax.Array]:

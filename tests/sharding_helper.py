@@ -11,6 +11,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8")
 
 import dataclasses  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 
@@ -55,11 +56,14 @@ def train_losses(model, shape, start_params, opt):
   """Losses of STEPS steps from `start_params` on the mesh `shape`, the final state, and the
   temp bytes per device XLA assigned to the step."""
   mesh = mesh_of(shape)
-  shardings = sharding.state_shardings(model, opt, mesh, RULES)
+  shardings = sharding.state_shardings(*sharding.model_axes(model), opt, mesh, RULES)
   # From host copies: the step donates the state, which must not take `start_params` with it.
   state = jax.device_put(train_lib.create_train_state(jax.device_get(start_params), opt, seed=1),
                          shardings)
-  step = sharding.jit_train_step(model, opt, mesh, RULES)
+  loss_fn = functools.partial(train_lib.lm_loss, model=model)
+  step = sharding.jit_train_step(
+      functools.partial(train_lib.train_step, loss_fn=loss_fn, optimizer=opt), shardings, mesh,
+      RULES)
   data = batches()
   losses = []
   for i in range(STEPS):
@@ -118,10 +122,10 @@ def main():
       "mesh": error_of(lambda: sharding.make_mesh(
           ml_collections.ConfigDict({"data": 3, "fsdp": 1, "tensor": 1}))),
       "batch": error_of(lambda: sharding.check_batch(6, 1, mesh, RULES)),
-      "vocab": error_of(lambda: sharding.check_divisible(
-          GPT(dataclasses.replace(CONFIG, vocab_size=65)), mesh, RULES)),
-      "heads": error_of(lambda: sharding.check_divisible(
-          GPT(dataclasses.replace(CONFIG, n_head=2, d_model=32)), mesh_of((1, 1, 4)), RULES)),
+      "vocab": error_of(lambda: sharding.check_divisible(*sharding.model_axes(
+          GPT(dataclasses.replace(CONFIG, vocab_size=65))), mesh, RULES)),
+      "heads": error_of(lambda: sharding.check_divisible(*sharding.model_axes(
+          GPT(dataclasses.replace(CONFIG, n_head=2, d_model=32))), mesh_of((1, 1, 4)), RULES)),
   }
   print(json.dumps(result))
 

@@ -11,9 +11,8 @@ from jaxllm.errors import JaxllmError
 from jaxllm.tokenizer import TiktokenTokenizer
 
 
-def _sms_config(shared_data):
+def _sms_config():
   c = config_lib.default_config().classifier
-  c.path = str(shared_data / "SMSSpamCollection")
   c.text_column, c.label_column, c.labels = "1", "0", "ham,spam"
   return c
 
@@ -36,7 +35,8 @@ def test_sms_balanced_split_is_the_books(shared_data):
 
 def test_load_pads_with_eot_to_the_longest_training_text(shared_data):
   tokenizer = TiktokenTokenizer("gpt2")
-  data = classification.load(_sms_config(shared_data), tokenizer, context_length=1024)
+  data = classification.load(_sms_config(), str(shared_data / "SMSSpamCollection"), tokenizer,
+                             context_length=1024)
   train = data.splits["train"]
   assert data.pad_id == 50256 and data.labels == ["ham", "spam"]
   assert train["tokens_BxL"].shape == (1045, data.max_length)

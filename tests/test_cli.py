@@ -56,9 +56,13 @@ def test_train_then_generate(tmp_path, shared_data, capsys):
                    "--max-new-tokens", "12", "--temperature", "0"]) == 0
   assert capsys.readouterr().out == first  # greedy is deterministic
 
+  # Past the context (32): as nanoGPT's sample.py, by a sliding window.
   assert cli.main(["generate", "--workdir", str(workdir), "--prompt", "The",
-                   "--max-new-tokens", "500"]) == 2
-  assert "exceeds the context length 32" in _error_line(capsys)
+                   "--max-new-tokens", "500", "--temperature", "0"]) == 0
+  long = capsys.readouterr().out
+  assert long.startswith(first.rstrip("\n")) and len(long.rstrip("\n")) > 200
+  assert cli.main(["generate", "--workdir", str(workdir), "--prompt", "The end " * 5]) == 2
+  assert "a prompt of 40 tokens is longer than the context length 32" in _error_line(capsys)
 
 
 def test_unknown_config_key_is_named(tmp_path, capsys):

@@ -149,11 +149,50 @@ def test_forced_eot_stops_every_row_at_once(model_and_params):
   assert generate_lib.generate(model, forced, PROMPTS[:1], 4, temperature=0.0) == [[eot_id] * 4]
 
 
+def test_generation_past_the_context_slides_a_window(model_and_params):
+  # 20-token prompt + 100 new tokens > context 64: the first 45 tokens come from the KV
+  # cache, the rest from windows of the last 64 tokens (nanoGPT's crop), exactly as the
+  # cache-free reference, which crops every step.
+  model, params = model_and_params
+  for kwargs in (dict(temperature=0), dict(temperature=1.0, top_k=20, seed=5)):
+    cached = generate_lib.generate(model, params, PROMPTS, 100, **kwargs)
+    assert [len(row) for row in cached] == [100] * len(PROMPTS)
+    assert cached == generate_lib.generate_uncached(model, params, PROMPTS, 100, **kwargs)
+    # Within the context, the same tokens as a shorter request.
+    short = generate_lib.generate(model, params, PROMPTS, 40, **kwargs)
+    assert [row[:40] for row in cached] == short
+  assert len(set(cached[0][60:])) >= 5  # still a varied continuation, not a stuck repeat
+
+
+def test_padded_vocabulary_ids_are_never_sampled():
+  # A vocabulary padded from 65 (the tokenizer's) to 72 (for tensor parallelism), with the
+  # padded rows' logits made the largest: sampling and greedy decoding must skip them.
+  tokenizer = CharTokenizer.from_corpus("".join(chr(c) for c in range(32, 96)))
+  assert tokenizer.vocab_size == 65
+  model = GPT(ModelConfig(vocab_size=72, context_length=16, n_layer=1, n_head=2, d_model=32))
+  params = init_params(model, jax.random.key(0))
+  # Hidden state all ones (ln_f's scale 0, bias 1): logits are the embedding rows' sums,
+  # 32 for the padded ids, 16 for "*" (id 10), about 0 for the rest.
+  params["wte"]["embedding"] = params["wte"]["embedding"].at[65:].set(1.0).at[10].set(0.5)
+  params["ln_f"] = {"scale": jnp.zeros(32), "bias": jnp.ones(32)}
+  assert generate_lib.generate(model, params, [[1]], 3, temperature=0) == [[65] * 3]  # unmasked
+  for kwargs in (dict(temperature=0), dict(temperature=2.0, seed=1)):
+    text = generate_lib.generate_text(model, params, tokenizer, "AB", 40, **kwargs)
+    ids = generate_lib.generate(model, params, [tokenizer.encode("AB")], 40, vocab_size=65,
+                                eot_id=tokenizer.eot_id, **kwargs)[0]
+    assert text == tokenizer.decode(ids) and len(ids) == 40 and max(ids) < 65
+    assert ids == generate_lib.generate_uncached(
+        model, params, [tokenizer.encode("AB")], 40, vocab_size=65, eot_id=tokenizer.eot_id,
+        **kwargs)[0]
+  assert ids.count(10) > 20
+
+
 def test_too_long_or_empty_requests_raise(model_and_params):
   model, params = model_and_params
-  with pytest.raises(JaxllmError, match=r"40 tokens.*30.*= 70 exceeds context_length 64"):
-    generate_lib.generate(model, params, [[1] * 40, [2]], 30)
-  generate_lib.generate(model, params, [[1] * 34], 30)  # exactly fits
+  with pytest.raises(JaxllmError, match=r"a prompt of 65 tokens is longer than the context "
+                                        r"length 64"):
+    generate_lib.generate(model, params, [[1] * 65, [2]], 30)
+  generate_lib.generate(model, params, [[1] * 64], 3)  # a full context still generates
   with pytest.raises(JaxllmError, match="prompt 1 is empty"):
     generate_lib.generate(model, params, [[1], []], 4)
   with pytest.raises(JaxllmError, match="outside"):

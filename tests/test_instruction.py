@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxllm import config as config_lib
-from jaxllm import tasks
+from jaxllm.tasks import losses
 from jaxllm.data import instruction
 from jaxllm.errors import JaxllmError
 from jaxllm.model import GPT, init_params
@@ -86,7 +86,7 @@ def test_masked_positions_contribute_exactly_zero_gradient():
   batch = instruction.make_batch(data, [0, 1, 2], pad_id=63, max_length=16, pad_multiple=16,
                                  mask_prompt=True)
   loss_and_grad = jax.jit(jax.value_and_grad(
-      lambda p, b: tasks.instruction_loss(p, b, backbone=model)[0]))
+      lambda p, b: losses.instruction_loss(p, b, backbone=model)[0]))
   loss, grads = loss_and_grad(params, batch)
 
   # Any other target at a masked position (prompt or padding): the same loss and gradient,
@@ -101,7 +101,7 @@ def test_masked_positions_contribute_exactly_zero_gradient():
   for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads2)):
     np.testing.assert_array_equal(a, b)
   # The loss is the mean over the response tokens alone.
-  losses_BxL = tasks.token_losses(params, batch, backbone=model)
+  losses_BxL = losses.token_losses(params, batch, backbone=model)
   expected = np.asarray(losses_BxL)[~masked_BxL].mean()
   np.testing.assert_allclose(float(loss), expected, rtol=1e-6)
 
@@ -116,12 +116,12 @@ def test_bucketed_batches_waste_little_padding(shared_data):
     lengths = [[len(data.tokens[r]) for r in batch] for batch in rows]
     return sum(len(b) * max(b) - sum(b) for b in lengths), np.concatenate(rows)
 
-  plain_waste, plain_rows = padding(instruction.Batches(data, 8, seed=123))
-  sorted_waste, sorted_rows = padding(instruction.Batches(data, 8, seed=123, bucket_batches=20))
+  plain_waste, plain_rows = padding(instruction.Batches(data.lengths, 8, seed=123))
+  sorted_waste, sorted_rows = padding(instruction.Batches(data.lengths, 8, seed=123, bucket_batches=20))
   assert len(sorted_rows) == len(set(sorted_rows.tolist())) == 116 * 8  # drop_last, no repeats
   assert sorted(sorted_rows.tolist()) == sorted(plain_rows.tolist())  # the same examples
   assert sorted_waste < plain_waste / 4
-  epoch_1 = instruction.Batches(data, 8, seed=123, bucket_batches=20).epoch(1)
+  epoch_1 = instruction.Batches(data.lengths, 8, seed=123, bucket_batches=20).epoch(1)
   assert not np.array_equal(np.concatenate(epoch_1), sorted_rows)  # reshuffled per epoch
 
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from jaxllm import config as config_lib
-from jaxllm import finetune
+from jaxllm.tasks import common
 from jaxllm import heads
 from jaxllm import lora
-from jaxllm import tasks
+from jaxllm.tasks import losses
 from jaxllm import train as train_lib
 from jaxllm.errors import JaxllmError
 from jaxllm.model import GPT, abstract_variables, init_params
@@ -74,7 +74,7 @@ def test_merged_weights_give_the_logits_of_adapters_on_the_fly():
   merged_BxC = merged_logits(params, adapters)
   on_the_fly_BxC = on_the_fly_logits(params, adapters)
 
-  plain_BxC = jax.jit(functools.partial(tasks.classifier_logits, backbone=model))(
+  plain_BxC = jax.jit(functools.partial(losses.classifier_logits, backbone=model))(
       params, {"tokens_BxL": tokens_BxL, "length_B": length_B})
   assert np.abs(np.asarray(merged_BxC - plain_BxC)).max() > 1e-2  # the adapters do something
   np.testing.assert_allclose(merged_BxC, on_the_fly_BxC, atol=1e-5)
@@ -88,21 +88,22 @@ def test_only_adapters_train():
   model = GPT(TINY)
   params = _params(model)
   params["lora"] = lora.init(jax.random.key(2), params, TARGETS, 4)
-  mask = finetune.trainable_mask(params, "lora", TINY.n_layer)
+  mask = common.trainable_mask(params, "lora", TINY.n_layer)
   d, f, r = 32, 128, 4  # q, k, v, out: DxD each; fc DxF; proj FxD; head Dx2
   per_block = 4 * (d * r + r * d) + (d * r + r * f) + (f * r + r * d)
   expected = 2 * per_block + (d * r + r * 2)
-  assert finetune.count_trainable(params, mask) == expected == 4_744
+  assert common.count_trainable(params, mask) == expected == 4_744
 
   train = config_lib.default_config().train
   train.learning_rate, train.warmup_steps, train.schedule = 1e-2, 0, "constant"
-  optimizer = finetune.make_optimizer(train, 10, mask)
-  loss_fn = functools.partial(tasks.classification_loss, backbone=model, lora_scale=2.0)
-  step = jax.jit(functools.partial(finetune.train_step, loss_fn=loss_fn, optimizer=optimizer,
-                                   mask=mask))
+  optimizer = train_lib.make_optimizer(train, 10, mask)
+  loss_fn = functools.partial(losses.classification_loss, backbone=model, lora_scale=2.0)
+  step = jax.jit(functools.partial(train_lib.train_step, loss_fn=loss_fn, optimizer=optimizer,
+                                   trainable=mask))
   rng = np.random.default_rng(1)
   batch = {"tokens_BxL": jnp.asarray(rng.integers(0, 48, size=(4, 10)), jnp.int32),
            "length_B": jnp.array([10, 6, 4, 9]), "label_B": jnp.array([0, 1, 1, 0])}
+  batch = {k: v[None] for k, v in batch.items()}  # one microbatch
   state = train_lib.create_train_state(params, optimizer, seed=0)
   for _ in range(3):
     state, metrics = step(state, batch)

@@ -28,6 +28,12 @@ def _batch(tokens_A_B_L1):
   return {"inputs": tokens[..., :-1], "targets": tokens[..., 1:]}
 
 
+def _lm_step(model, optimizer, deterministic=True):
+  """The jitted train step of next-token prediction."""
+  loss_fn = functools.partial(train_lib.lm_loss, model=model, deterministic=deterministic)
+  return jax.jit(functools.partial(train_lib.train_step, loss_fn=loss_fn, optimizer=optimizer))
+
+
 def test_tiny_model_overfits_tiny_corpus():
   # 4 fixed sequences of 16 tokens: a 2-layer model must memorise them.
   rng = np.random.default_rng(0)
@@ -36,7 +42,7 @@ def test_tiny_model_overfits_tiny_corpus():
   train = _train_config(learning_rate=1e-2, schedule="constant", weight_decay=0.0)
   optimizer = train_lib.make_optimizer(train, total_steps=200)
   state = train_lib.create_train_state(init_params(model, jax.random.key(0)), optimizer, seed=1)
-  step = jax.jit(functools.partial(train_lib.train_step, model=model, optimizer=optimizer))
+  step = _lm_step(model, optimizer)
   state, metrics = step(state, batch)
   first = float(metrics["loss"])
   for _ in range(199):
@@ -55,7 +61,7 @@ def test_gradient_accumulation_matches_one_big_batch():
   # Plain SGD with lr 1 makes the parameter change equal to the gradient (Adam's first step
   # would amplify float rounding in near-zero gradients to +-lr).
   optimizer = optax.sgd(1.0)
-  step = jax.jit(functools.partial(train_lib.train_step, model=model, optimizer=optimizer))
+  step = _lm_step(model, optimizer)
   whole, m_whole = step(train_lib.create_train_state(params, optimizer, 0), _batch(tokens[None]))
   split, m_split = step(train_lib.create_train_state(params, optimizer, 0),
                         _batch(tokens.reshape(2, 2, -1)))
@@ -94,7 +100,7 @@ def test_train_step_is_deterministic():
   batch = _batch(rng.integers(0, TINY.vocab_size, size=(1, 2, TINY.context_length + 1)))
   dropout_model = GPT(config_lib.ModelConfig(**{**TINY.__dict__, "dropout": 0.1}))
   optimizer = train_lib.make_optimizer(_train_config(), total_steps=10)
-  step = jax.jit(functools.partial(train_lib.train_step, model=dropout_model, optimizer=optimizer))
+  step = _lm_step(dropout_model, optimizer, deterministic=False)
   params = init_params(dropout_model, jax.random.key(0))
   losses = []
   for _ in range(2):
@@ -112,7 +118,7 @@ def test_eval_step_weighs_tokens():
   batch = _batch(rng.integers(0, TINY.vocab_size, size=(3, TINY.context_length + 1)))
   total, count = train_lib.eval_step(params, batch, model=model)
   assert float(count) == 3 * TINY.context_length
-  mean = train_lib.lm_loss(params, batch, None, model=model)
+  mean, _ = train_lib.lm_loss(params, batch, None, model=model)
   np.testing.assert_allclose(float(total) / float(count), float(mean), rtol=1e-6)
   # Padded to 5 rows (a short last batch on a mesh): the 2 zero-weight rows change nothing.
   padded = data_lib.pad_batch(jax.device_get(batch), 5)

@@ -174,14 +174,14 @@ class ClassificationData:
   pad_id: int
 
 
-def load(classifier: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Tokenizer,
+def load(classifier: ml_collections.ConfigDict, path: str, tokenizer: tokenizer_lib.Tokenizer,
          context_length: int) -> ClassificationData:
-  """The three padded splits `config.classifier` describes."""
-  if not classifier.path:
-    raise JaxllmError("set classifier.path to a labelled file (e.g. SMSSpamCollection)")
+  """The three padded splits of the labelled file at `path` that `config.classifier` describes."""
+  if not path:
+    raise JaxllmError("set data.path to a labelled file (e.g. SMSSpamCollection)")
   labels = [name.strip() for name in classifier.labels.split(",") if name.strip()]
   texts, label_N, labels = read_labelled(
-      classifier.path, fmt=classifier.format, text_column=str(classifier.text_column),
+      path, fmt=classifier.format, text_column=str(classifier.text_column),
       label_column=str(classifier.label_column), labels=labels)
   keep = balance(label_N, classifier.seed) if classifier.balance else np.arange(len(texts))
   parts = split(len(keep), classifier.train_fraction, classifier.val_fraction, classifier.seed)

@@ -92,8 +92,10 @@ def _json_list(path: pathlib.Path, text: str) -> list[tuple[int, Any]]:
       fail(index, "expected ',' or ']' after a record")
 
 
-def read_records(path: str | pathlib.Path) -> list[dict[str, str]]:
-  """Alpaca records from a JSON list or JSONL; a bad record's line is in the error."""
+def read_records(path: str | pathlib.Path,
+                 required: Sequence[str] = REQUIRED_KEYS) -> list[dict[str, str]]:
+  """Alpaca records from a JSON list or JSONL, each with the `required` string fields; a bad
+  record's line is in the error."""
   path = pathlib.Path(path)
   text = read_utf8(path)
   if path.suffix.lower() == ".jsonl":
@@ -110,10 +112,10 @@ def read_records(path: str | pathlib.Path) -> list[dict[str, str]]:
   for number, value in values:
     if not isinstance(value, dict):
       raise JaxllmError(f"{path}:{number}: expected a record object, got {type(value).__name__}")
-    for key in REQUIRED_KEYS:
+    for key in required:
       if not isinstance(value.get(key), str):
-        raise JaxllmError(f"{path}:{number}: record has no {key!r} string "
-                          f"(Alpaca records need instruction, output and optionally input)")
+        raise JaxllmError(f"{path}:{number}: record has no {key!r} string (records need "
+                          f"{', '.join(required)} and optionally input)")
     records.append({**value, "input": value.get("input") or ""})
   if not records:
     raise JaxllmError(f"{path} holds no records")
@@ -144,6 +146,10 @@ class Encoded:
 
   def __len__(self) -> int:
     return len(self.tokens)
+
+  @property
+  def lengths(self) -> np.ndarray:
+    return np.array([len(t) for t in self.tokens])
 
 
 def encode(records: Sequence[dict], tokenizer: tokenizer_lib.Tokenizer, template: str
@@ -181,22 +187,21 @@ class Batches:
   partial batch dropped (as the book's loader), and, with `bucket_batches` > 0, sorted by
   length within pools of that many batches, the batch order shuffled again."""
 
-  def __init__(self, data: Encoded, batch_size: int, seed: int, bucket_batches: int = 0):
-    if len(data) < batch_size:
-      raise JaxllmError(f"{len(data)} training records are fewer than train.batch_size="
+  def __init__(self, lengths: np.ndarray, batch_size: int, seed: int, bucket_batches: int = 0):
+    if len(lengths) < batch_size:
+      raise JaxllmError(f"{len(lengths)} training records are fewer than train.batch_size="
                         f"{batch_size}")
-    self.data, self.batch_size, self.seed = data, batch_size, seed
+    self.lengths, self.batch_size, self.seed = np.asarray(lengths), batch_size, seed
     self.bucket_batches = bucket_batches
-    self.batches_per_epoch = len(data) // batch_size
+    self.batches_per_epoch = len(lengths) // batch_size
 
   def epoch(self, epoch: int) -> list[np.ndarray]:
     """The row indices of each batch of `epoch`."""
     rng = np.random.default_rng((self.seed, epoch))
-    order = rng.permutation(len(self.data))[:self.batches_per_epoch * self.batch_size]
+    order = rng.permutation(len(self.lengths))[:self.batches_per_epoch * self.batch_size]
     if self.bucket_batches > 0:
       pool = self.bucket_batches * self.batch_size
-      lengths = np.array([len(t) for t in self.data.tokens])
-      order = np.concatenate([chunk[np.argsort(lengths[chunk], kind="stable")]
+      order = np.concatenate([chunk[np.argsort(self.lengths[chunk], kind="stable")]
                               for chunk in np.split(order, range(pool, len(order), pool))])
     rows = order.reshape(self.batches_per_epoch, self.batch_size)
     if self.bucket_batches > 0:
@@ -223,15 +228,21 @@ def batch_options(instruct: ml_collections.ConfigDict, context_length: int, pad_
           "mask_prompt": bool(instruct.mask_prompt)}
 
 
-def load(instruct: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Tokenizer,
-         seed: int) -> tuple[dict[str, list[dict]], dict[str, Encoded]]:
-  """The records of each split and their encodings, as `config.instruct` says."""
-  if not instruct.path:
-    raise JaxllmError("set instruct.path to an Alpaca-format .json or .jsonl file")
+def load_records(instruct: ml_collections.ConfigDict, path: str, seed: int,
+                 required: Sequence[str] = REQUIRED_KEYS) -> dict[str, list[dict]]:
+  """The records of each split of the file at `path`, as `config.instruct` cuts them."""
+  if not path:
+    raise JaxllmError("set data.path to an Alpaca-format .json or .jsonl file")
   if instruct.template not in TEMPLATES:
     raise JaxllmError(f"unknown prompt template '{instruct.template}' (instruct.template "
                       f"takes: {', '.join(TEMPLATES)})")
-  records = split_records(read_records(instruct.path), instruct.train_fraction,
-                          instruct.test_fraction, instruct.shuffle, seed)
+  return split_records(read_records(path, required), instruct.train_fraction,
+                       instruct.test_fraction, instruct.shuffle, seed)
+
+
+def load(instruct: ml_collections.ConfigDict, path: str, tokenizer: tokenizer_lib.Tokenizer,
+         seed: int) -> tuple[dict[str, list[dict]], dict[str, Encoded]]:
+  """The records of each split and their encodings, as `config.instruct` says."""
+  records = load_records(instruct, path, seed)
   return records, {name: encode(split, tokenizer, instruct.template)
                    for name, split in records.items()}

@@ -188,28 +188,32 @@ def _check_length(what: str, tokens: np.ndarray, context_length: int | None, fix
                       f"{context_length + 1}; lower model.context_length or {fix}")
 
 
-def cache_key(data: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder) -> dict:
-  """Everything the token arrays depend on. `full_name` of the local builder hashes the files."""
+def cache_key(data: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder,
+              tokenizer: tokenizer_lib.Tokenizer | None = None) -> dict:
+  """Everything the token arrays depend on. `full_name` of the local builder hashes the files;
+  a given tokenizer (another run's) is keyed by its whole JSON, a character vocabulary too."""
   return {
       "format": CACHE_FORMAT, "dataset": builder.info.full_name,
       "train_split": data.train_split, "val_split": data.val_split,
       "val_fraction": None if data.val_split else float(data.val_fraction),
-      "separator": data.separator, "tokenizer": data.tokenizer,
+      "separator": data.separator,
+      "tokenizer": data.tokenizer if tokenizer is None else tokenizer.to_json(),
   }
 
 
-def load_token_data(data: ml_collections.ConfigDict,
-                    context_length: int | None = None) -> TokenData:
+def load_token_data(data: ml_collections.ConfigDict, context_length: int | None = None,
+                    tokenizer: tokenizer_lib.Tokenizer | None = None) -> TokenData:
   """Train/val tokens for `config.data`, from the cache or tokenized once and cached.
 
-  With `context_length`, a split too short for one window (context_length + 1 tokens) is a
+  `tokenizer` (e.g. the one of a run to continue from) replaces data.tokenizer. With
+  `context_length`, a split too short for one window (context_length + 1 tokens) is a
   JaxllmError here rather than a shape error in the first batch.
   """
   if not data.val_split and not 0.0 < data.val_fraction < 1.0:
     raise JaxllmError(f"data.val_fraction must be in (0, 1), got {data.val_fraction} (or name "
                       f"validation splits in data.val_split)")
   builder = dataset_builder(data)
-  key = cache_key(data, builder)
+  key = cache_key(data, builder, tokenizer)
   digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
   slug = re.sub(r"[^\w.-]", "_", "-".join(builder.info.full_name.split("/")[:-1]))
   cache_dir = pathlib.Path(tfds_data_dir(data)) / "jaxllm_tokens" / f"{slug}-{digest}"
@@ -226,7 +230,7 @@ def load_token_data(data: ml_collections.ConfigDict,
       cut = int(len(text) * (1.0 - data.val_fraction))
       train_text, val_text = text[:cut], text[cut:]
     # The char vocabulary covers validation too, or an unseen character could not be encoded.
-    tok = tokenizer_lib.get_tokenizer(data.tokenizer, corpus=train_text + val_text)
+    tok = tokenizer or tokenizer_lib.get_tokenizer(data.tokenizer, corpus=train_text + val_text)
     train = encode(tok, train_text, "tokenizing train")
     val = encode(tok, val_text, "tokenizing val")
     _write_cache(cache_dir, key, tok, train, val)

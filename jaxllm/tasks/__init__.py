@@ -1,0 +1,32 @@
+"""What the one trainer (jaxllm/trainer.py) trains: a task is data and pure functions.
+
+    lm         next-token pretraining on a corpus (jaxllm/tasks/lm.py)
+    classify   a class head on the last real token (jaxllm/tasks/classify.py)
+    instruct   Alpaca-style instruction tuning (jaxllm/tasks/instruct.py)
+    dpo        preference tuning against a frozen reference (jaxllm/tasks/dpo.py)
+
+`build(config)` returns the `Task` that `train.task` names; the pure losses they share are in
+jaxllm/tasks/losses.py, the backbone, masks and batch helpers in jaxllm/tasks/common.py.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import ml_collections
+
+from jaxllm.errors import JaxllmError
+from jaxllm.tasks.common import Task
+
+NAMES = ("lm", "classify", "instruct", "dpo")
+
+
+def build(config: ml_collections.ConfigDict) -> Task:
+  """The task `config.train.task` names, its data loaded and its parameters described."""
+  if config.train.task not in NAMES:
+    raise JaxllmError(f"train.task must be one of {', '.join(NAMES)}, got "
+                      f"'{config.train.task}'")
+  return importlib.import_module(f"jaxllm.tasks.{config.train.task}").make_task(config)
+
+
+__all__ = ["NAMES", "Task", "build"]

@@ -1,0 +1,71 @@
+"""Classification: a GPT backbone, a class head on the last real token, labelled texts.
+
+The book's ch. 6 recipe: labelled texts from data.path (classes balanced, a seeded 70/10/20
+split, right-padded), batches shuffled per epoch with drop_last; periodic figures are loss
+and accuracy on train and validation, the final report (`evaluate.evaluate_finetuned`) adds
+precision, recall, F1 and the confusion matrix on all three splits.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import ml_collections
+import numpy as np
+
+from jaxllm import evaluate
+from jaxllm import heads
+from jaxllm.data import classification
+from jaxllm.tasks import common, losses
+
+
+def make_task(config: ml_collections.ConfigDict) -> common.Task:
+  train = config.train
+  model, tokenizer = common.backbone(config)
+  data = classification.load(config.classifier, config.data.path, tokenizer,
+                             model.config.context_length)
+  with config.ignore_type():  # config.json records what ran: the classes and the length
+    config.classifier.labels = ",".join(data.labels)
+    config.classifier.max_length = data.max_length
+  head_init = functools.partial(heads.classifier_init, d_model=model.config.d_model,
+                                num_classes=len(data.labels))
+  params = common.finetuned_params(config, model, (head_init, common.HEAD_AXES))
+  splits = {name: {**split, "weight_B": np.ones(len(split["label_B"]), np.float32)}
+            for name, split in data.splits.items()}
+  batches_per_epoch = classification.num_batches(splits["train"], train.batch_size, True)
+
+  @functools.lru_cache(maxsize=1)  # one permutation per epoch, not per step
+  def epoch_order(epoch):
+    return np.random.default_rng((train.seed, epoch)).permutation(len(splits["train"]["label_B"]))
+
+  def train_batch(step, rows):
+    epoch, index = divmod(step, batches_per_epoch)
+    picked = epoch_order(epoch)[index * train.batch_size:(index + 1) * train.batch_size]
+    batch = {k: v[picked] for k, v in splits["train"].items()}
+    return common.microbatches(batch, train.grad_accum, rows)
+
+  def eval_batches(split):
+    for i, batch in enumerate(classification.batches(splits[split], train.batch_size)):
+      if train.eval_batches and i >= train.eval_batches:
+        return
+      yield common.pad_rows(batch, train.batch_size)
+
+  def report(workdir, saved, summary):
+    return evaluate.evaluate_finetuned(
+        config, model, {"backbone": saved["params"], "head": saved["head"]}, tokenizer, workdir,
+        extra=summary)
+
+  sizes = ", ".join(f"{k} {len(v['label_B'])}" for k, v in data.splits.items())
+  return common.Task(
+      model=model, tokenizer=tokenizer, init_params=params.init, param_axes=params.axes,
+      loss_fn=functools.partial(losses.classification_loss, backbone=model,
+                                lora_scale=params.lora_scale,
+                                deterministic=model.config.dropout == 0.0),
+      eval_fn=functools.partial(losses.classification_sums, backbone=model,
+                                lora_scale=params.lora_scale),
+      train_batch=train_batch, eval_batches=eval_batches, token_key="tokens_BxL",
+      export=functools.partial(common.export_finetuned, lora_scale=params.lora_scale),
+      report=report, trainable=params.trainable, pretrained_into=(("backbone",),),
+      batches_per_epoch=batches_per_epoch,
+      description=(f"{sizes} examples, classes {data.labels}, padded to {data.max_length} "
+                   f"tokens (pad id {data.pad_id}); {params.description}"))

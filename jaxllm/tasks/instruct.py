@@ -1,0 +1,60 @@
+"""Instruction tuning: Alpaca-style records, next-token loss on the response (and, unless
+instruct.mask_prompt, on the prompt), never on padding.
+
+The book's ch. 7 recipe: records from data.path cut 85/10/5 (train/test/validation), the
+Alpaca template, <|endoftext|> appended and used as padding, batches grouped by length. The
+final report (`evaluate.evaluate_finetuned`) adds greedy responses to the test prompts and,
+with judge.url, their scores.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import ml_collections
+
+from jaxllm import evaluate
+from jaxllm.data import instruction
+from jaxllm.tasks import common, losses
+
+
+def make_task(config: ml_collections.ConfigDict) -> common.Task:
+  train = config.train
+  model, tokenizer = common.backbone(config)
+  records, encoded = instruction.load(config.instruct, config.data.path, tokenizer, train.seed)
+  shape = instruction.batch_options(config.instruct, model.config.context_length,
+                                    tokenizer.eot_id)
+  sampler = instruction.Batches(encoded["train"].lengths, train.batch_size, train.seed,
+                                config.instruct.bucket_batches)
+  params = common.finetuned_params(config, model)
+  epoch_rows = functools.lru_cache(maxsize=1)(sampler.epoch)
+
+  def train_batch(step, rows):
+    epoch, index = divmod(step, sampler.batches_per_epoch)
+    batch = instruction.make_batch(encoded["train"], epoch_rows(epoch)[index], **shape)
+    return common.microbatches(batch, train.grad_accum, rows)
+
+  def eval_batches(split):
+    limit = train.eval_batches * train.batch_size
+    for rows in instruction.eval_batches(encoded[split], train.batch_size, limit=limit):
+      yield common.pad_rows(instruction.make_batch(encoded[split], rows, **shape),
+                            train.batch_size)
+
+  def report(workdir, saved, summary):
+    return evaluate.evaluate_finetuned(config, model, {"backbone": saved["params"], "head": {}},
+                                       tokenizer, workdir, extra=summary)
+
+  return common.Task(
+      model=model, tokenizer=tokenizer, init_params=params.init, param_axes=params.axes,
+      loss_fn=functools.partial(losses.instruction_loss, backbone=model,
+                                lora_scale=params.lora_scale,
+                                deterministic=model.config.dropout == 0.0),
+      eval_fn=functools.partial(losses.instruction_sums, backbone=model,
+                                lora_scale=params.lora_scale),
+      train_batch=train_batch, eval_batches=eval_batches, token_key="inputs_BxL",
+      export=functools.partial(common.export_finetuned, lora_scale=params.lora_scale),
+      report=report, weight_fn=losses.target_weight, trainable=params.trainable,
+      pretrained_into=(("backbone",),), batches_per_epoch=sampler.batches_per_epoch,
+      description=(f"{', '.join(f'{k} {len(v)}' for k, v in records.items())} records "
+                   f"({config.instruct.template} template, prompt masked: "
+                   f"{config.instruct.mask_prompt}); {params.description}"))

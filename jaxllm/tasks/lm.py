@@ -1,0 +1,85 @@
+"""Language-model pretraining: next-token prediction on windows of a tokenized corpus.
+
+Data comes from `config.data` (a TFDS catalog dataset or local text, tokenized once and
+cached); batches are random or sliding windows as a pure function of (seed, step); the
+final report is a loss curve (the trainer's) and a text sample.
+"""
+
+from __future__ import annotations
+
+import functools
+import pathlib
+
+import jax
+import ml_collections
+
+from jaxllm import config as config_lib
+from jaxllm import data as data_lib
+from jaxllm import generate as generate_lib
+from jaxllm import multihost
+from jaxllm import train as train_lib
+from jaxllm.errors import JaxllmError
+from jaxllm.model import init_params, logical_axes
+from jaxllm.tasks import common
+
+
+def _token_data(config: ml_collections.ConfigDict) -> data_lib.TokenData:
+  """The corpus's tokens. Process 0 tokenizes and caches first, so processes sharing a disk
+  never write one cache at once."""
+  run = common.pretrained_run(config)
+  context_length = (run[0] if run else config_lib.model_config(config.model, 1)).context_length
+  load = functools.partial(data_lib.load_token_data, config.data, context_length,
+                           tokenizer=run[1] if run else None)
+  tokens = load() if multihost.is_main() else None
+  multihost.sync("jaxllm: tokens cached")
+  return tokens if tokens is not None else load()
+
+
+def make_task(config: ml_collections.ConfigDict) -> common.Task:
+  common.check_lm_options(config)
+  train = config.train
+  tokens = _token_data(config)
+  model, tokenizer = common.backbone(config, tokens.tokenizer)
+  context_length = model.config.context_length
+  batches = data_lib.train_batches(tokens.train, config.data, train.batch_size, context_length,
+                                   seed=train.seed, microbatches=train.grad_accum)
+  if train.epochs > 0 and not hasattr(batches, "batches_per_epoch"):
+    raise JaxllmError("train.epochs needs data.sampling=sliding (random windows have no "
+                      "epochs); set train.steps instead")
+
+  def eval_batches(split):
+    # A fixed seed, other than training's: every evaluation sees the same batches.
+    split_tokens = tokens.train if split == "train" else tokens.val
+    for batch in data_lib.eval_batches(split_tokens, config.data, train.batch_size,
+                                       context_length, train.eval_batches, seed=train.seed + 1):
+      yield data_lib.pad_batch(batch, train.batch_size)
+
+  def eval_fn(params, batch):
+    loss_sum, count = train_lib.eval_step(params, batch, model=model)
+    return {"loss": loss_sum, "count": count}
+
+  def report(workdir: pathlib.Path, saved, summary):
+    prompt = train.sample_prompt
+    sample = generate_lib.generate_text(
+        model, saved["params"], tokenizer, prompt, max_new_tokens=train.sample_tokens,
+        temperature=0.8, top_k=200, seed=train.seed)
+    (workdir / "sample.txt").write_text(prompt + sample)
+    print(f"--- sample (temperature 0.8, top-k 200) ---\n{prompt}{sample}\n---")
+    return summary
+
+  return common.Task(
+      model=model, tokenizer=tokenizer,
+      # The seed's first half: state.rng (dropout) draws from train.seed + 1.
+      init_params=lambda: init_params(model, jax.random.split(jax.random.key(train.seed))[0]),
+      param_axes=logical_axes(model),
+      loss_fn=functools.partial(train_lib.lm_loss, model=model,
+                                deterministic=model.config.dropout == 0.0),
+      eval_fn=eval_fn,
+      train_batch=lambda step, rows: batches.batch(step, rows=rows),
+      eval_batches=eval_batches,
+      token_key="inputs",
+      export=lambda params: {"params": params},
+      report=report,
+      batches_per_epoch=getattr(batches, "batches_per_epoch", None),
+      description=(f"{len(tokens.train):,} train / {len(tokens.val):,} validation tokens "
+                   f"({config.data.dataset}, tokenizer {tokenizer.name})"))

@@ -1,0 +1,179 @@
+"""The pure forward passes and losses of the finetuning tasks, shared by training and evaluation.
+
+A finetuned model's parameters are one pytree `{"backbone": GPT params, "head": head params}`
+plus, with LoRA, `"lora": adapters`, merged into the weights at the top of every forward
+pass (`effective_params`), so the gradient reaches the adapters and nothing else needs to
+know about them; DPO adds `"reference"`, a frozen copy of the starting backbone.
+
+- classification: GPT hidden states -> the last real token -> a class head.
+- instruction: GPT hidden states -> the LM head -> next-token cross-entropy weighted by
+  `weights_BxL` (0 on padding and, optionally, on the prompt).
+- preference (DPO): the policy's and the reference's log-probabilities of a chosen and a
+  rejected response -> -log sigmoid(beta * (policy margin - reference margin)).
+
+Every loss is `loss(params, batch, rng) -> (mean loss, aux means)`, as `train.train_step`
+takes it; every `*_sums(params, batch)` gives evaluation sums with their "count".
+
+Shapes are in the names: B batch, L sequence, D d_model, V vocabulary, C classes, P the pair
+(chosen, rejected).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxllm import heads
+from jaxllm import lora
+from jaxllm.model import GPT
+
+Params = dict[str, Any]
+
+
+def effective_params(params: Params, lora_scale: float = 0.0) -> Params:
+  """{"backbone", "head"} with any LoRA adapters merged into their kernels."""
+  if "lora" not in params:
+    return params
+  plain = {k: v for k, v in params.items() if k != "lora"}
+  return lora.merge(plain, params["lora"], lora_scale)
+
+
+def hidden_states(backbone: GPT, backbone_params: Params, tokens_BxL: jax.Array,
+                  rng: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
+  rngs = None if deterministic else {"dropout": rng}
+  hidden_BxLxD, _ = backbone.apply({"params": backbone_params}, tokens_BxL,
+                                   deterministic=deterministic, rngs=rngs, method=backbone.encode)
+  return hidden_BxLxD
+
+
+def classifier_logits(params: Params, batch: dict[str, jax.Array], rng: jax.Array | None = None,
+                      *, backbone: GPT, lora_scale: float = 0.0,
+                      deterministic: bool = True) -> jax.Array:
+  """Class logits BxC from the last real token of each row of {"tokens_BxL", "length_B"}."""
+  params = effective_params(params, lora_scale)
+  hidden_BxLxD = hidden_states(backbone, params["backbone"], batch["tokens_BxL"], rng,
+                               deterministic)
+  last_BxD = heads.last_token(hidden_BxLxD, batch["length_B"])
+  return heads.classifier_apply(params["head"], last_BxD)
+
+
+def classification_loss(params: Params, batch: dict[str, jax.Array], rng: jax.Array | None = None,
+                        *, backbone: GPT, lora_scale: float = 0.0, deterministic: bool = True
+                        ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Mean cross-entropy of the class head, and the batch's correct predictions."""
+  logits_BxC = classifier_logits(params, batch, rng, backbone=backbone, lora_scale=lora_scale,
+                                 deterministic=deterministic)
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits_BxC, batch["label_B"]).mean()
+  accuracy = jnp.mean(jnp.argmax(logits_BxC, axis=-1) == batch["label_B"])
+  return loss, {"accuracy": accuracy}
+
+
+def classification_sums(params: Params, batch: dict[str, jax.Array], *, backbone: GPT,
+                        lora_scale: float = 0.0) -> dict[str, jax.Array]:
+  """Summed loss and correct predictions over the rows whose weight_B is 1 (not padding)."""
+  logits_BxC = classifier_logits(params, batch, backbone=backbone, lora_scale=lora_scale)
+  losses_B = optax.softmax_cross_entropy_with_integer_labels(logits_BxC, batch["label_B"])
+  correct_B = jnp.argmax(logits_BxC, axis=-1) == batch["label_B"]
+  weight_B = batch["weight_B"]
+  return {"loss": jnp.sum(losses_B * weight_B), "accuracy": jnp.sum(correct_B * weight_B),
+          "count": jnp.sum(weight_B)}
+
+
+def token_losses(params: Params, batch: dict[str, jax.Array], rng: jax.Array | None = None,
+                 *, backbone: GPT, lora_scale: float = 0.0,
+                 deterministic: bool = True) -> jax.Array:
+  """Next-token cross-entropy at every position of {"inputs_BxL", "targets_BxL"}: BxL."""
+  params = effective_params(params, lora_scale)
+  hidden_BxLxD = hidden_states(backbone, params["backbone"], batch["inputs_BxL"], rng,
+                               deterministic)
+  logits_BxLxV = heads.lm_apply(heads.lm_params(params["backbone"]), hidden_BxLxD)
+  return optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, batch["targets_BxL"])
+
+
+def instruction_loss(params: Params, batch: dict[str, jax.Array], rng: jax.Array | None = None,
+                     *, backbone: GPT, lora_scale: float = 0.0, deterministic: bool = True
+                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Mean cross-entropy over the weighted (real, unmasked) targets of a batch.
+
+  Masked positions are multiplied by an exact 0 before the sum, so they contribute exactly
+  nothing to the loss or its gradient (as the book's ignore_index=-100 does).
+  """
+  losses_BxL = token_losses(params, batch, rng, backbone=backbone, lora_scale=lora_scale,
+                            deterministic=deterministic)
+  weights_BxL = batch["weights_BxL"]
+  return jnp.sum(losses_BxL * weights_BxL) / jnp.maximum(jnp.sum(weights_BxL), 1.0), {}
+
+
+def target_weight(batch: dict[str, jax.Array]) -> jax.Array:
+  """How many targets an instruction batch's loss averages over (`train.train_step`'s weight)."""
+  return jnp.sum(batch["weights_BxL"])
+
+
+def instruction_sums(params: Params, batch: dict[str, jax.Array], *, backbone: GPT,
+                     lora_scale: float = 0.0) -> dict[str, jax.Array]:
+  """Summed loss over the weighted targets, and their count."""
+  losses_BxL = token_losses(params, batch, backbone=backbone, lora_scale=lora_scale)
+  return {"loss": jnp.sum(losses_BxL * batch["weights_BxL"]),
+          "count": jnp.sum(batch["weights_BxL"])}
+
+
+# --- Preference tuning (DPO) ---------------------------------------------------------------
+
+
+def sequence_logprobs(backbone_params: Params, batch: dict[str, jax.Array], rng=None, *,
+                      backbone: GPT, average: bool = True,
+                      deterministic: bool = True) -> jax.Array:
+  """Log-probability of each response, BxP: its weighted targets' log-probs summed, or
+  averaged over them (`average`, the book's choice)."""
+  inputs_BxPxL = batch["inputs_BxPxL"]
+  flat = {"inputs_BxL": inputs_BxPxL.reshape(-1, inputs_BxPxL.shape[-1]),
+          "targets_BxL": batch["targets_BxPxL"].reshape(-1, inputs_BxPxL.shape[-1])}
+  losses_NxL = token_losses({"backbone": backbone_params}, flat, rng, backbone=backbone,
+                            deterministic=deterministic)
+  weights_BxPxL = batch["weights_BxPxL"]
+  logprob_BxP = -jnp.sum(losses_NxL.reshape(weights_BxPxL.shape) * weights_BxPxL, axis=-1)
+  if average:
+    logprob_BxP = logprob_BxP / jnp.maximum(jnp.sum(weights_BxPxL, axis=-1), 1.0)
+  return logprob_BxP
+
+
+def _dpo_terms(params, batch, rng, backbone, beta, average, lora_scale, deterministic):
+  """Per-pair DPO losses and the implicit rewards of the chosen and rejected responses."""
+  params = effective_params(params, lora_scale)
+  policy_BxP = sequence_logprobs(params["backbone"], batch, rng, backbone=backbone,
+                                 average=average, deterministic=deterministic)
+  reference_BxP = jax.lax.stop_gradient(sequence_logprobs(
+      params["reference"], batch, backbone=backbone, average=average))
+  rewards_BxP = policy_BxP - reference_BxP  # log pi/pi_ref: beta x the implicit reward
+  margin_B = rewards_BxP[:, 0] - rewards_BxP[:, 1]
+  return -jax.nn.log_sigmoid(beta * margin_B), rewards_BxP
+
+
+def dpo_loss(params: Params, batch: dict[str, jax.Array], rng: jax.Array | None = None, *,
+             backbone: GPT, beta: float, average: bool = True, lora_scale: float = 0.0,
+             deterministic: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Mean DPO loss of a batch of (chosen, rejected) pairs, with the reward figures the book
+  logs: chosen and rejected rewards, their margin, and how often chosen wins."""
+  losses_B, rewards_BxP = _dpo_terms(params, batch, rng, backbone, beta, average, lora_scale,
+                                     deterministic)
+  return losses_B.mean(), jax.tree.map(jnp.mean, _reward_figures(rewards_BxP))
+
+
+def _reward_figures(rewards_BxP: jax.Array) -> dict[str, jax.Array]:
+  return {"chosen_reward": rewards_BxP[:, 0], "rejected_reward": rewards_BxP[:, 1],
+          "reward_margin": rewards_BxP[:, 0] - rewards_BxP[:, 1],
+          "reward_accuracy": (rewards_BxP[:, 0] > rewards_BxP[:, 1]).astype(jnp.float32)}
+
+
+def dpo_sums(params: Params, batch: dict[str, jax.Array], *, backbone: GPT, beta: float,
+             average: bool = True, lora_scale: float = 0.0) -> dict[str, jax.Array]:
+  """Summed DPO loss and reward figures over the pairs whose weight_B is 1, and their count."""
+  losses_B, rewards_BxP = _dpo_terms(params, batch, None, backbone, beta, average, lora_scale,
+                                     True)
+  weight_B = batch["weight_B"]
+  sums = {name: jnp.sum(value_B * weight_B)
+          for name, value_B in {"loss": losses_B, **_reward_figures(rewards_BxP)}.items()}
+  return {**sums, "count": jnp.sum(weight_B)}

@@ -1,0 +1,371 @@
+"""`jaxllm train` and `jaxllm finetune`: one trainer for every task.
+
+A task (jaxllm/tasks/) is data and pure functions: its parameters, batches as a function of
+(seed, step), loss, evaluation sums and final report. Everything else is here, the same for
+pretraining, classification, instruction tuning and DPO: the mesh and shardings, the
+optimizer with its trainable mask, gradient accumulation, the jitted steps, the progress
+bar and metrics, evaluation every `train.eval_every` steps (and at each epoch's end),
+checkpoints every `checkpoint.every_steps` (a run directory holding checkpoints resumes from
+the latest; SIGTERM saves and stops), multi-host runs, and the saved run directory.
+
+`run` reads top to bottom: set up, restore or initialise, loop (step, log, evaluate, save),
+finish.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import pathlib
+import time
+from typing import Any, Iterable
+
+import jax
+import ml_collections
+import optax
+from tqdm.auto import tqdm
+
+from jaxllm import checkpoint as checkpoint_lib
+from jaxllm import evaluate as evaluate_lib
+from jaxllm import metrics as metrics_lib
+from jaxllm import multihost
+from jaxllm import run_io
+from jaxllm import sharding
+from jaxllm import tasks as tasks_lib
+from jaxllm import train as train_lib
+from jaxllm.errors import JaxllmError, Preempted
+from jaxllm.model import count_params
+
+
+@dataclasses.dataclass
+class Setup:
+  """What the set-up builds and every later stage reads."""
+
+  config: ml_collections.ConfigDict
+  workdir: pathlib.Path
+  task: tasks_lib.Task
+  mesh: jax.sharding.Mesh
+  rules: Any
+  optimizer: optax.GradientTransformation
+  shardings: train_lib.TrainState
+  manager: Any  # orbax CheckpointManager
+  total_steps: int
+  train_rows: slice  # this process's rows of each microbatch
+  eval_rows: slice  # and of each evaluation batch
+  main: bool  # process 0 prints and writes; every process computes
+
+
+def log(setup: Setup, message: str, bar=None) -> None:
+  if setup.main:
+    (bar.write if bar is not None else print)(message)
+
+
+def _check_train_config(train: ml_collections.ConfigDict) -> None:
+  if train.batch_size % train.grad_accum:
+    raise JaxllmError(f"train.batch_size={train.batch_size} is not divisible by "
+                      f"train.grad_accum={train.grad_accum}")
+  if train.schedule not in ("cosine", "constant"):
+    raise JaxllmError(f"train.schedule must be cosine or constant, got '{train.schedule}'")
+  if train.steps <= 0 and train.epochs <= 0:
+    raise JaxllmError("set train.steps (or train.epochs) to a positive number")
+
+
+def _total_steps(train: ml_collections.ConfigDict, task: tasks_lib.Task) -> int:
+  if train.epochs <= 0:
+    return int(train.steps)
+  if task.batches_per_epoch is None:
+    raise JaxllmError("train.epochs needs batches in epochs (data.sampling=sliding for "
+                      "pretraining); set train.steps instead")
+  return int(train.epochs) * task.batches_per_epoch
+
+
+def set_up(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Setup:
+  """The task, the mesh and shardings, the optimizer and the checkpoint manager."""
+  train = config.train
+  _check_train_config(train)
+  multihost.initialize()  # before anything touches a device
+  task = tasks_lib.build(config)
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.logical_rules(config.mesh.rules)
+  config.mesh.rules = rules  # config.json records the whole table
+  sharding.check_batch(train.batch_size, train.grad_accum, mesh, rules)
+  abstract_params = jax.eval_shape(task.init_params)
+  sharding.check_divisible(abstract_params, task.param_axes, mesh, rules)
+  with config.ignore_type():
+    train.steps = total_steps = _total_steps(train, task)
+  optimizer = train_lib.make_optimizer(train, total_steps, task.trainable)
+  shardings = sharding.state_shardings(abstract_params, task.param_axes, optimizer, mesh, rules)
+
+  main = multihost.is_main()
+  workdir.mkdir(parents=True, exist_ok=True)  # every process: Orbax saves are collective
+  if not config.checkpoint.resume and main:
+    checkpoint_lib.remove(workdir / "checkpoints")  # start over
+  multihost.sync("jaxllm: old checkpoints removed")  # before any process opens the folder
+  manager = checkpoint_lib.make_manager(workdir / "checkpoints", config.checkpoint)
+  if main:
+    run_io.save_run_files(workdir, config, task.tokenizer)
+    for stale in ("eval.json", evaluate_lib.RESPONSES_FILE):  # outputs of a finished run
+      (workdir / stale).unlink(missing_ok=True)
+  microbatch = train.batch_size // train.grad_accum
+  return Setup(
+      config=config, workdir=workdir, task=task, mesh=mesh, rules=rules, optimizer=optimizer,
+      shardings=shardings, manager=manager, total_steps=total_steps,
+      train_rows=multihost.process_rows(sharding.batch_sharding(mesh, rules, 1, ndim=2),
+                                        (train.grad_accum, microbatch), axis=1),
+      eval_rows=multihost.process_rows(sharding.batch_sharding(mesh, rules, 0, ndim=1),
+                                       (train.batch_size,), axis=0),
+      main=main)
+
+
+def initial_state(setup: Setup) -> tuple[train_lib.TrainState, int]:
+  """(state, first step): the latest checkpoint's, or fresh, with train.init_from's weights.
+
+  Parameters are created in their shards: FSDP parameters are never whole on one device.
+  """
+  task, train = setup.task, setup.config.train
+  params = jax.jit(task.init_params, out_shardings=setup.shardings.params)()
+  if train.init_from:  # another run's weights (`jaxllm train`, or GPT-2 via `jaxllm convert`)
+    for path in task.pretrained_into:
+      loaded = run_io.load_params(train.init_from,
+                                  checkpoint_lib.abstract_like(_subtree(params, path)))
+      params = _replace_subtree(params, path, loaded)
+  state = jax.jit(lambda p: train_lib.create_train_state(p, setup.optimizer, seed=train.seed + 1),
+                  out_shardings=setup.shardings)(params)
+  if setup.manager.latest_step() is None:
+    return state, 0
+  # The fresh state's shapes and shardings are the target: a checkpoint saved on another mesh
+  # is resharded onto this one.
+  state, step = checkpoint_lib.restore(setup.manager, checkpoint_lib.abstract_like(state))
+  log(setup, f"resuming from step {step} in {setup.manager.directory} "
+             f"(--config.checkpoint.resume=false starts over)")
+  return state, step
+
+
+def _subtree(tree: Any, path: tuple[str, ...]) -> Any:
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def _replace_subtree(tree: Any, path: tuple[str, ...], value: Any) -> Any:
+  if not path:
+    return value
+  return {**tree, path[0]: _replace_subtree(tree[path[0]], path[1:], value)}
+
+
+def describe(setup: Setup, state: train_lib.TrainState, peak_flops: float,
+             flops_per_token: float) -> None:
+  """The start-up lines: model, data, mesh and memory per device, batch, MFU's yardstick."""
+  cfg, train, mesh = setup.task.model.config, setup.config.train, setup.mesh
+  log(setup, f"model: {count_params(state.params):,} parameters ({cfg.n_layer} layers, "
+             f"{cfg.n_head} heads, d_model {cfg.d_model}, context {cfg.context_length}, vocab "
+             f"{cfg.vocab_size}, {cfg.dtype}); task {train.task}"
+             f"{', from ' + train.init_from if train.init_from else ''}")
+  log(setup, f"data: {setup.task.description}")
+  mib = {name: sharding.bytes_per_device(getattr(state, name), getattr(setup.shardings, name))
+         / 2**20 for name in ("params", "opt_state")}
+  log(setup, f"mesh: {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
+             f"device(s) in {jax.process_count()} process(es); per device: parameters "
+             f"{mib['params']:.2f} MiB, optimizer state {mib['opt_state']:.2f} MiB")
+  log(setup, f"batch: {train.batch_size} x {cfg.context_length} tokens ({train.grad_accum} "
+             f"microbatch(es)), {train.batch_size // sharding.data_parallel_size(mesh, setup.rules)}"
+             f" sequences per device; {setup.total_steps} steps")
+  log(setup, f"MFU: {flops_per_token / 1e6:.2f} MFLOP/token (6N + 12 L d T) against "
+             f"{peak_flops / 1e9:.0f} GFLOP/s per device "
+             f"({'given' if train.peak_flops else 'measured matmul'})")
+
+
+def _global_batch(setup: Setup, rows: dict, axis: int, full_rows: int) -> dict:
+  """Global arrays from this process's rows (along `axis`) of each batch entry."""
+  out = {}
+  for key, value in rows.items():
+    batch_sharding = sharding.batch_sharding(setup.mesh, setup.rules, axis, ndim=value.ndim)
+    shape = (*value.shape[:axis], full_rows, *value.shape[axis + 1:])
+    out[key] = multihost.global_array(value, batch_sharding, shape)
+  return out
+
+
+def evaluate(setup: Setup, eval_fn, params: Any) -> dict[str, float]:
+  """Each evaluated split's figures: the task's sums over its evaluation batches / count."""
+  figures = {}
+  for split in ("train", "val"):
+    sums: dict[str, float] = {}
+    batches: Iterable[dict] = setup.task.eval_batches(split)
+    for batch in batches:
+      local = {k: v[setup.eval_rows] for k, v in batch.items()}
+      result = eval_fn(params, _global_batch(setup, local, 0, setup.config.train.batch_size))
+      for name, value in result.items():
+        sums[name] = sums.get(name, 0.0) + float(value)
+    count = max(sums.pop("count", 0.0), 1e-9)
+    figures.update({f"{split}_{name}": value / count for name, value in sums.items()})
+  return figures
+
+
+class Meter:
+  """Throughput and MFU over the steps since the last log line."""
+
+  def __init__(self, setup: Setup, flops_per_token: float, peak_flops: float):
+    self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+    rows = setup.train_rows.stop - setup.train_rows.start
+    self.scale = (setup.config.train.batch_size // setup.config.train.grad_accum) / rows
+    self.reset()
+
+  def reset(self) -> None:
+    self.start, self.steps, self.tokens = time.perf_counter(), 0, 0.0
+
+  def add(self, local_tokens: int) -> None:
+    self.steps += 1
+    self.tokens += local_tokens * self.scale
+
+  def figures(self) -> dict[str, float]:
+    tokens_per_s = self.tokens / (time.perf_counter() - self.start)
+    return {"tokens_per_s": tokens_per_s, "mfu": tokens_per_s * self.flops_per_token
+            / (self.peak_flops * len(jax.devices()))}
+
+
+def _step_record(setup: Setup, done: int, metrics: dict, meter: Meter) -> dict[str, float]:
+  """The log line of a step: its loss and aux figures, learning rate, gradient norm, speed."""
+  loss = float(metrics["loss"])  # waits for the step: timing is honest
+  if not math.isfinite(loss):
+    raise JaxllmError(f"loss became {loss} at step {done} (lower train.learning_rate or "
+                      f"raise train.warmup_steps; files already in {setup.workdir} are kept)")
+  schedule = train_lib.learning_rate_schedule(setup.config.train, setup.total_steps)
+  return {"step": done, **{k: float(v) for k, v in metrics.items()},
+          "lr": float(schedule(done - 1)), **meter.figures()}
+
+
+@dataclasses.dataclass
+class Progress:
+  """The loop's running record: metrics written so far, the latest evaluation, timings."""
+
+  writer: metrics_lib.MetricsWriter
+  meter: "Meter"
+  last_eval: dict[str, float]
+  eval_seconds: float = 0.0
+
+
+def train_loop(setup: Setup, state, start_step: int, progress: bool) -> tuple[Any, dict]:
+  """Steps from `start_step` to the end: log, evaluate, save; returns (state, summary)."""
+  task, train, total = setup.task, setup.config.train, setup.total_steps
+  step_fn = sharding.jit_train_step(task_step(task, setup.optimizer), setup.shardings,
+                                    setup.mesh, setup.rules)
+  eval_fn = sharding.jit_eval_step(task.eval_fn, setup.shardings.params, setup.mesh, setup.rules)
+  n_params = count_params(sharding.model_axes(task.model)[0])
+  flops_per_token = train_lib.flops_per_token(task.model, n_params)
+  peak_flops = train.peak_flops or metrics_lib.measure_peak_flops(task.model.config.dtype)
+  describe(setup, state, peak_flops, flops_per_token)
+  run = Progress(_metrics_writer(setup, start_step), Meter(setup, flops_per_token, peak_flops),
+                 evaluate(setup, eval_fn, state.params))
+  if not start_step:
+    run.writer.write({"step": 0, **run.last_eval})
+  log(setup, f"step {start_step}: " + _figures_text(run.last_eval))
+  bar = tqdm(total=total, initial=start_step, desc=train.task, unit="step",
+             disable=not (progress and setup.main), dynamic_ncols=True)
+  train_start = time.perf_counter()
+  with jax.set_mesh(setup.mesh), checkpoint_lib.PreemptionWatch() as preemption:
+    try:
+      for step in range(start_step, total):
+        batch = task.train_batch(step, setup.train_rows)
+        run.meter.add(batch[task.token_key].size)
+        state, metrics = step_fn(state, _global_batch(
+            setup, batch, 1, train.batch_size // train.grad_accum))
+        done = step + 1
+        is_eval = (done % train.eval_every == 0 or done == total or (
+            train.epochs > 0 and done % task.batches_per_epoch == 0))
+        if done % train.log_every == 0 or is_eval:
+          _log_step(setup, run, done, metrics, (eval_fn, state.params) if is_eval else None, bar)
+        _save(setup, done, state, run.last_eval if is_eval else None, preemption)
+    finally:
+      bar.close()
+      run.writer.close()
+      setup.manager.close()  # waits for the last save
+  train_seconds = time.perf_counter() - train_start - run.eval_seconds
+  initial = next((r for r in run.writer.records if r["step"] == 0), {})
+  return state, {"steps": total, "train_seconds": train_seconds,
+                 "steps_per_s": (total - start_step) / max(train_seconds, 1e-9),
+                 "initial_val_loss": initial.get("val_loss"), "final": run.last_eval,
+                 "records": run.writer.records}
+
+
+def _log_step(setup: Setup, run: Progress, done: int, metrics: dict, evaluation, bar) -> None:
+  """A metrics.jsonl record for step `done` (its loss, speed, and evaluation if any)."""
+  record = _step_record(setup, done, metrics, run.meter)
+  if evaluation is not None:
+    eval_start = time.perf_counter()
+    run.last_eval = evaluate(setup, *evaluation)
+    run.eval_seconds += time.perf_counter() - eval_start
+    record.update(run.last_eval)
+    log(setup, f"step {done}: " + _figures_text(run.last_eval), bar)
+  run.writer.write(record)
+  bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}",
+                  mfu=f"{record['mfu']:.1%}")
+  bar.update(run.meter.steps)
+  run.meter.reset()
+
+
+def task_step(task: tasks_lib.Task, optimizer: optax.GradientTransformation):
+  """The task's train step: `train.train_step` with its loss, weights and trainable mask."""
+  def step(state, batch):
+    return train_lib.train_step(state, batch, loss_fn=task.loss_fn, optimizer=optimizer,
+                                weight_fn=task.weight_fn, trainable=task.trainable)
+  return step
+
+
+def _figures_text(figures: dict[str, float]) -> str:
+  return ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in figures.items())
+
+
+def _metrics_writer(setup: Setup, start_step: int) -> metrics_lib.MetricsWriter:
+  """metrics.jsonl, holding a resumed run's records up to its checkpoint."""
+  path = setup.workdir / "metrics.jsonl"
+  history = metrics_lib.read_records(path, start_step) if start_step else []
+  multihost.sync("jaxllm: metrics read")
+  if setup.main:
+    path.unlink(missing_ok=True)
+  writer = metrics_lib.MetricsWriter(path if setup.main else os.devnull)
+  for record in history:
+    writer.write(record)
+  return writer
+
+
+def _save(setup: Setup, done: int, state, last_eval: dict | None, preemption) -> None:
+  """A checkpoint when the policy says so, at the end, and on preemption (then stop)."""
+  stop = preemption.reached(setup.manager, done)  # SIGTERM: save now, exit, resume later
+  checkpoint_lib.save(setup.manager, done, state, setup.config, setup.task.tokenizer.to_json(),
+                      val_loss=last_eval["val_loss"] if last_eval else None,
+                      force=bool(stop) or done == setup.total_steps)
+  if stop:
+    setup.manager.wait_until_finished()
+    raise Preempted(done, setup.manager.directory, stop)
+
+
+def finish(setup: Setup, state, summary: dict, start_time: float) -> dict[str, Any]:
+  """The run directory's parameters (every process writes its shards), then, on process 0,
+  the loss curve, the task's report and eval.json."""
+  saved = setup.task.export(state.params)
+  for name, params in saved.items():
+    run_io.save_params(setup.workdir, params, name=name)
+  host = multihost.host_copy(saved)  # collective too: whole parameters for the report
+  records, final = summary.pop("records"), summary.pop("final")
+  if not setup.main:
+    return {**summary, **final}
+  config = setup.config
+  metrics_lib.plot_losses(records, setup.workdir / "loss.png", title=(
+      f"{config.train.task}: {count_params(host['params']) / 1e6:.2f}M parameters"))
+  figures = setup.task.report(setup.workdir, host, {**summary, **final})
+  figures = evaluate_lib.write_figures(
+      setup.workdir, {**figures, "wall_seconds": time.perf_counter() - start_time})
+  print(f"step {summary['steps']}: {_figures_text(final)}; {summary['steps_per_s']:.1f} "
+        f"steps/s, wall time {figures['wall_seconds']:.0f} s; outputs in {setup.workdir}")
+  return figures
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+        progress: bool = True) -> dict[str, Any]:
+  """Trains `config.train.task` as `config` says; returns the final figures (also printed)."""
+  start_time = time.perf_counter()
+  setup = set_up(config, pathlib.Path(workdir))
+  state, start_step = initial_state(setup)
+  state, summary = train_loop(setup, state, start_step, progress)
+  return finish(setup, state, summary, start_time)
