@@ -1,7 +1,9 @@
 # Sourced by scripts/quickstart.sh and .ci/run: `source scripts/setup.sh`.
-# Creates .venv with jaxllm and its test extras (test, hf), and, where an offline data mirror sits beside
-# the checkout (../shared, or $JAXLLM_SHARED), points tiktoken and TFDS at it so nothing is
-# downloaded. On a connected machine without the mirror, tiktoken and TFDS download as usual.
+# Creates .venv with jaxllm and the extras in $JAXLLM_EXTRAS (default "test,hf": what the tests
+# need; quickstart sets it empty, as the main job needs neither pytest nor PyTorch), and, where
+# an offline data mirror sits beside the checkout (../shared, or $JAXLLM_SHARED), points
+# tiktoken and TFDS at it so nothing is downloaded. On a connected machine without the mirror,
+# tiktoken and TFDS download as usual.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
@@ -9,7 +11,8 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e ".[test,hf]"
+extras="${JAXLLM_EXTRAS-test,hf}"
+.venv/bin/python -m pip install --quiet -e ".${extras:+[$extras]}"
 
 shared="${JAXLLM_SHARED:-$repo/../shared}"
 if [ -d "$shared/tiktoken_cache" ]; then
