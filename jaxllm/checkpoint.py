@@ -5,13 +5,16 @@
                                        function of (seed, step), so the position is the step
     DIR/checkpoints/<step>/config/     the resolved config (JSON)
     DIR/checkpoints/<step>/tokenizer/  the tokenizer (JSON)
+    DIR/checkpoints/<step>/fingerprint/ checksums of the state's arrays (`fingerprint`)
     DIR/checkpoints/<step>/metrics/    {"val_loss": ...}, with checkpoint.keep_best only
 
 Saves are asynchronous: `save` copies the arrays to host memory and returns while Orbax writes
 them; a step directory appears only once complete (Orbax renames a temporary folder into
 place), so a crash mid-save leaves a `*.orbax-checkpoint-tmp*` folder, which is skipped with a
 warning. Restores are strict: shapes, dtypes and tree structure must match the target, or a
-one-line JaxllmError names the first parameter that differs.
+one-line JaxllmError names the first parameter that differs. Bytes damaged on disk after a
+save are caught by the fingerprint saved with the state: a damaged step is set aside
+(renamed `damaged-<step>`) with a warning, and the one before it restored.
 """
 
 from __future__ import annotations
@@ -24,10 +27,12 @@ import threading
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from jaxllm import multihost
 from jaxllm.errors import JaxllmError
 from jaxllm.train import TrainState
 
@@ -64,7 +69,8 @@ def make_manager(directory: str | pathlib.Path,
       cleanup_tmp_directories=True)
   # Handlers named up front, so a fresh manager can read what an earlier process saved.
   handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
-              "config": ocp.JsonCheckpointHandler(), "tokenizer": ocp.JsonCheckpointHandler()}
+              "config": ocp.JsonCheckpointHandler(), "tokenizer": ocp.JsonCheckpointHandler(),
+              "fingerprint": ocp.JsonCheckpointHandler()}
   return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
 
@@ -84,6 +90,27 @@ def _storable_abstract(abstract: TrainState) -> TrainState:
                                                    sharding=abstract.rng.sharding))
 
 
+@jax.jit
+def _fingerprint(leaves: list[jax.Array]) -> jax.Array:
+  # Sums of each array's bits, plain and position-weighted, in uint32 arithmetic: exact in
+  # any order, so the same on any mesh, and changed by any overwritten bytes (but for
+  # chance, 1 in 2**64).
+  sums = []
+  for x in leaves:
+    bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}"))
+    bits = bits.reshape(-1).astype(jnp.uint32)
+    weights = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2654435761) + 1
+    sums.append(jnp.stack([jnp.sum(bits), jnp.sum(bits * weights)]))
+  return jnp.stack(sums) if sums else jnp.zeros((0, 2), jnp.uint32)
+
+
+def fingerprint(tree: Any) -> list[list[int]]:
+  """Two checksums per array of `tree` (sharded or not; a collective with several hosts)."""
+  leaves = [jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+            else x for x in jax.tree.leaves(tree)]
+  return jax.device_get(_fingerprint(leaves)).tolist()
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: TrainState,
          config: ml_collections.ConfigDict, tokenizer_json: dict,
          val_loss: float | None = None, force: bool = False) -> bool:
@@ -97,7 +124,8 @@ def save(manager: ocp.CheckpointManager, step: int, state: TrainState,
       state=ocp.args.StandardSave(_storable(state)),
       data=ocp.args.JsonSave({"step": int(step)}),
       config=ocp.args.JsonSave(config.to_dict()),
-      tokenizer=ocp.args.JsonSave(tokenizer_json))
+      tokenizer=ocp.args.JsonSave(tokenizer_json),
+      fingerprint=ocp.args.JsonSave({"state": fingerprint(state)}))
   metrics = {"val_loss": float(val_loss)} if val_loss is not None else None
   return manager.save(step, args=args, metrics=metrics, force=True)
 
@@ -153,11 +181,12 @@ def check_matches(stored: Any, target: Any, what: str, fix: str) -> None:
 
 def restore(manager: ocp.CheckpointManager, target: TrainState,
             step: int | None = None) -> tuple[TrainState, int]:
-  """(state, data step) from `step`, or from the latest step that is complete.
+  """(state, data step) from `step`, or from the latest step that is complete and intact.
 
   `target` (see `abstract_state`) fixes the shapes, dtypes and shardings restored onto. A step
   that cannot be read (a crash, a full disk) is skipped with a warning for the one before it;
-  a step that does not match `target` is a JaxllmError, never a partial restore.
+  one whose arrays do not match their fingerprint (damaged on disk) is also set aside; a step
+  that does not match `target` is a JaxllmError, never a partial restore.
   """
   steps = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
   if not steps:
@@ -165,27 +194,46 @@ def restore(manager: ocp.CheckpointManager, target: TrainState,
                       f"a run directory)")
   storable = _storable_abstract(target)
   for candidate in steps:
-    where = manager.directory / str(candidate)
-    try:
-      stored = manager.item_metadata(candidate)["state"]
-      if stored is None:
-        raise ValueError("no metadata for 'state'")
-    except Exception as e:  # Orbax raises many types for missing or truncated files
-      _warn(f"skipping checkpoint {where}: it is incomplete ({first_line(e)})")
-      continue
-    check_matches(stored.tree, storable, f"checkpoint {where}",
-                  "set the model config to the one in its config/ (or start over with "
-                  "--config.checkpoint.resume=false)")
-    try:
-      restored = manager.restore(candidate, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(storable), data=ocp.args.JsonRestore()))
-    except Exception as e:
-      _warn(f"skipping checkpoint {where}: it cannot be read ({first_line(e)})")
-      continue
-    state = restored["state"]
-    return state.replace(rng=jax.random.wrap_key_data(state.rng)), int(restored["data"]["step"])
+    restored = _restore_step(manager, candidate, storable)
+    if restored is not None:
+      state = restored["state"]
+      return (state.replace(rng=jax.random.wrap_key_data(state.rng)),
+              int(restored["data"]["step"]))
   raise JaxllmError(f"no complete checkpoint in {manager.directory} (every step is damaged; "
                     f"start over with --config.checkpoint.resume=false)")
+
+
+def _restore_step(manager: ocp.CheckpointManager, step: int, storable: Any) -> dict | None:
+  """One step's items, or None (with a warning) if it is incomplete or damaged."""
+  where = manager.directory / str(step)
+  try:
+    stored = manager.item_metadata(step)["state"]
+    if stored is None:
+      raise ValueError("no metadata for 'state'")
+  except Exception as e:  # Orbax raises many types for missing or truncated files
+    _warn(f"skipping checkpoint {where}: it is incomplete ({first_line(e)})")
+    return None
+  check_matches(stored.tree, storable, f"checkpoint {where}",
+                "set the model config to the one in its config/ (or start over with "
+                "--config.checkpoint.resume=false)")
+  items = {"state": ocp.args.StandardRestore(storable), "data": ocp.args.JsonRestore()}
+  if (where / "fingerprint").is_dir():
+    items["fingerprint"] = ocp.args.JsonRestore()
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+    damaged = ("fingerprint" in restored
+               and fingerprint(restored["state"]) != restored["fingerprint"]["state"])
+    reason = "its arrays do not match the fingerprint saved with them"
+  except Exception as e:
+    damaged, reason = True, f"it cannot be read: {first_line(e)}"
+  if not damaged:
+    return restored
+  _warn(f"skipping checkpoint {where}: {reason}; moved to damaged-{step}")
+  if jax.process_index() == 0:
+    where.rename(where.with_name(f"damaged-{step}"))  # later saves may reuse the step
+  multihost.sync(f"jaxllm: checkpoint {step} set aside")
+  manager.reload()
+  return None
 
 
 def first_line(error: Exception) -> str:

@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import ml_collections
+from absl import logging as absl_logging
 import orbax.checkpoint as ocp
 
 from jaxllm import checkpoint as checkpoint_lib
@@ -35,12 +36,21 @@ def save_run_files(workdir: pathlib.Path, config: ml_collections.ConfigDict,
   (workdir / "tokenizer.json").write_text(json.dumps(tokenizer.to_json()) + "\n")
 
 
+# Beside Orbax's files in a parameter folder: checksums of the arrays as saved, so bytes
+# damaged later are an error at load, not silently different weights.
+FINGERPRINT = "jaxllm_fingerprint.json"
+
+
 def save_params(workdir: pathlib.Path, params: Any, name: str = "params") -> pathlib.Path:
-  """Writes a params pytree to workdir/name (Orbax); finetuning stores its head beside."""
+  """Writes a params pytree to workdir/name (Orbax) with its fingerprint; finetuning stores
+  its head beside. Every process calls it (each writes its shards)."""
   path = (workdir / name).absolute()
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(path, params, force=True)
   checkpointer.wait_until_finished()
+  prints = checkpoint_lib.fingerprint(params)
+  if jax.process_index() == 0:
+    (path / FINGERPRINT).write_text(json.dumps(prints) + "\n")
   return path
 
 
@@ -78,13 +88,26 @@ def load_params(workdir: str | pathlib.Path, target: Any,
     raise JaxllmError(f"{path} not found (expected the run directory of `jaxllm train` or "
                       f"`jaxllm convert`)")
   checkpointer = ocp.StandardCheckpointer()
+  damaged = (f"parameters in {path} cannot be read: the folder is damaged or incomplete; "
+             f"write it again (the run, or `jaxllm convert`)")
   try:
-    stored = checkpointer.metadata(path).item_metadata
-  except Exception as e:  # truncated or missing metadata files
-    raise JaxllmError(f"parameters in {path} cannot be read ({checkpoint_lib.first_line(e)}); "
-                      f"the folder is incomplete") from e
-  checkpoint_lib.check_matches(stored.tree, target, f"parameters in {path}", fix)
-  return checkpointer.restore(path, target)
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax would log a warning line first
+    try:
+      tree = checkpointer.metadata(path).item_metadata.tree
+    finally:
+      absl_logging.set_verbosity(verbosity)
+  except Exception as e:  # truncated, missing or overwritten metadata files
+    raise JaxllmError(f"{damaged} ({checkpoint_lib.first_line(e)})") from None
+  checkpoint_lib.check_matches(tree, target, f"parameters in {path}", fix)
+  try:
+    params = checkpointer.restore(path, target)
+  except Exception as e:  # TensorStore's errors on damaged data files
+    raise JaxllmError(f"{damaged} ({checkpoint_lib.first_line(e)})") from None
+  if (path / FINGERPRINT).is_file():  # folders written before fingerprints have none
+    if checkpoint_lib.fingerprint(params) != json.loads((path / FINGERPRINT).read_text()):
+      raise JaxllmError(f"{damaged} (its arrays do not match {FINGERPRINT})")
+  return params
 
 
 def load_finetuned(workdir: str | pathlib.Path, overrides=()):

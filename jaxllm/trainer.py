@@ -137,6 +137,10 @@ def initial_state(setup: Setup) -> tuple[train_lib.TrainState, int]:
   # The fresh state's shapes and shardings are the target: a checkpoint saved on another mesh
   # is resharded onto this one.
   state, step = checkpoint_lib.restore(setup.manager, checkpoint_lib.abstract_like(state))
+  if step > setup.total_steps:
+    raise JaxllmError(f"the checkpoint in {setup.manager.directory} is at step {step}, past "
+                      f"this run's {setup.total_steps} steps; raise train.steps, or start over "
+                      f"with --config.checkpoint.resume=false")
   log(setup, f"resuming from step {step} in {setup.manager.directory} "
              f"(--config.checkpoint.resume=false starts over)")
   return state, step

@@ -14,11 +14,13 @@ import orbax.checkpoint as ocp
 import pytest
 
 from jaxllm import checkpoint as checkpoint_lib
+from jaxllm import cli
 from jaxllm import config as config_lib
 from jaxllm import run_io
 from jaxllm import train as train_lib
 from jaxllm.errors import JaxllmError
 from jaxllm.model import GPT, init_params
+from jaxllm.tokenizer import CharTokenizer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -141,6 +143,7 @@ MESH_SCRIPT = textwrap.dedent("""
     from jax.sharding import NamedSharding, PartitionSpec as P
     from jaxllm import checkpoint, config as config_lib, sharding, train as train_lib
     from jaxllm.model import GPT, init_params
+from jaxllm.tokenizer import CharTokenizer
 
     config = config_lib.default_config()
     config.model.preset = "gpt-micro"
@@ -304,3 +307,55 @@ def test_params_for_init_from_must_match(tmp_path):
   assert "'blocks_0.attn.out.bias' is (64,) float32 there but (32,) float32" in str(error.value)
   params = run_io.load_params(tmp_path, _target(create).params)
   assert np.array_equal(params["wte"]["embedding"], create().params["wte"]["embedding"])
+
+
+def _overwrite_middle(directory):
+  """Bytes overwritten inside the largest file: raw array data, read back without an error."""
+  largest = max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+  data = bytearray(largest.read_bytes())
+  data[len(data) // 2:len(data) // 2 + 256] = b"\xff" * 256
+  largest.write_bytes(bytes(data))
+
+
+def test_overwritten_checkpoint_bytes_fall_back_to_the_step_before(tmp_path, capsys):
+  create = _save_steps(tmp_path, [1, 2])
+  _overwrite_middle(tmp_path / "2" / "state")
+  manager = checkpoint_lib.make_manager(tmp_path, _checkpoint_config())
+  state, step = checkpoint_lib.restore(manager, _target(create))
+  assert (step, int(state.step)) == (1, 1)
+  assert np.array_equal(state.params["ln_f"]["scale"], np.full(64, 2.0, np.float32))
+  err = capsys.readouterr().err
+  assert (f"jaxllm: warning: skipping checkpoint {tmp_path / '2'}: its arrays do not match the "
+          f"fingerprint saved with them; moved to damaged-2") in err
+  # Set aside, so the resumed run saves step 2 again.
+  assert manager.all_steps() == [1] and (tmp_path / "damaged-2").is_dir()
+  assert checkpoint_lib.save(manager, 2, state, config_lib.default_config(), {}, force=True)
+  manager.wait_until_finished()
+  assert manager.all_steps() == [1, 2]
+
+
+@pytest.mark.parametrize("damage", ["middle of the data", "start of the data", "metadata"])
+def test_damaged_parameters_are_a_one_line_error(tmp_path, capsys, damage):
+  config, create = _tiny_state()
+  params = jax.device_get(create().params)
+  run_io.save_run_files(tmp_path, config, CharTokenizer.from_corpus("abcdefghij" * 4))
+  (tmp_path / "config.json").write_text(json.dumps({**config.to_dict(), "model": {
+      **config.to_dict()["model"], "vocab_size": 40}}))
+  run_io.save_params(tmp_path, params)
+  assert cli.main(["generate", "--workdir", str(tmp_path), "--prompt", "ab",
+                   "--max-new-tokens", "2"]) == 0
+  capsys.readouterr()
+  if damage == "middle of the data":  # read back silently: only the fingerprint tells
+    _overwrite_middle(tmp_path / "params")
+  else:
+    name = "_METADATA" if damage == "metadata" else max(
+        (p for p in (tmp_path / "params").rglob("*") if p.is_file()),
+        key=lambda p: p.stat().st_size).relative_to(tmp_path / "params")
+    path = tmp_path / "params" / name
+    path.write_bytes(b"\xff" * 64 + path.read_bytes()[64:])
+  assert cli.main(["generate", "--workdir", str(tmp_path), "--prompt", "ab",
+                   "--max-new-tokens", "2"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1, err
+  assert err[0].startswith(f"jaxllm: error: parameters in {tmp_path / 'params'} cannot be read: "
+                           f"the folder is damaged or incomplete")
