@@ -1,0 +1,189 @@
+"""The one trainer on finetuning tasks: every mesh, exact resume, gradient accumulation."""
+
+import functools
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import optax
+import pytest
+from safetensors.numpy import save_file
+
+from jaxllm import cli
+from jaxllm import run_io
+from jaxllm import config as config_lib
+from jaxllm import tasks
+from jaxllm import trainer
+from jaxllm import train as train_lib
+from test_checkpoint import RUNNER, _finish
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# The spam classifier CPU experiment, short: 8 steps of batch 8, every loss logged.
+SPAM = ["finetune", "--config", "experiments/spam_classifier_cpu.py", "--no-progress",
+        "--config.classifier.max_length=48", "--config.train.epochs=0",
+        "--config.train.steps=8", "--config.train.log_every=1", "--config.train.eval_every=4",
+        "--config.train.eval_batches=2", "--config.train.peak_flops=1e11",
+        "--config.train.warmup_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+  """A GPT-2 run directory from `jaxllm convert` (random weights in Hugging Face's layout:
+  2 layers, 4 heads, d_model 32, context 64, GPT-2's vocabulary)."""
+  folder = tmp_path_factory.mktemp("hf")
+  rng = np.random.default_rng(0)
+  shapes = {"wte.weight": (50257, 32), "wpe.weight": (64, 32), "ln_f.weight": (32,),
+            "ln_f.bias": (32,)}
+  for i in range(2):
+    shapes.update({f"h.{i}.ln_1.weight": (32,), f"h.{i}.ln_1.bias": (32,),
+                   f"h.{i}.attn.c_attn.weight": (32, 96), f"h.{i}.attn.c_attn.bias": (96,),
+                   f"h.{i}.attn.c_proj.weight": (32, 32), f"h.{i}.attn.c_proj.bias": (32,),
+                   f"h.{i}.ln_2.weight": (32,), f"h.{i}.ln_2.bias": (32,),
+                   f"h.{i}.mlp.c_fc.weight": (32, 128), f"h.{i}.mlp.c_fc.bias": (128,),
+                   f"h.{i}.mlp.c_proj.weight": (128, 32), f"h.{i}.mlp.c_proj.bias": (32,)})
+  save_file({name: (0.1 * rng.standard_normal(shape)).astype(np.float32)
+             for name, shape in shapes.items()}, folder / "model.safetensors")
+  (folder / "config.json").write_text(json.dumps({
+      "model_type": "gpt2", "vocab_size": 50257, "n_positions": 64, "n_embd": 32, "n_head": 4,
+      "n_layer": 2, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5}))
+  out = tmp_path_factory.mktemp("converted") / "gpt2"
+  assert cli.main(["convert", "--from", str(folder), "--out", str(out)]) == 0
+  return out
+
+
+def _finetune_on(mesh, workdir, converted, shared_data, *extra):
+  """The spam finetune from `converted` on a mesh of simulated CPU devices (a subprocess:
+  the device count is fixed when jax starts); its metrics, eval.json and stdout."""
+  devices = int(np.prod(mesh))
+  env = {**os.environ,
+         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+         "TFDS_DATA_DIR": str(workdir.parent / f"tfds-{workdir.name}")}
+  args = [*SPAM, "--workdir", str(workdir), f"--config.train.init_from={converted}",
+          f"--config.data.path={shared_data / 'SMSSpamCollection'}",
+          f"--config.mesh.data={mesh[0]}", f"--config.mesh.fsdp={mesh[1]}",
+          f"--config.mesh.tensor={mesh[2]}",
+          # GPT-2's 50,257 ids do not split over tensor=2: keep the vocabulary whole.
+          "--config.mesh.rules=[('vocab', None)]", *extra]
+  result = subprocess.run([sys.executable, "-m", "jaxllm.cli", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return records, json.loads((workdir / "eval.json").read_text()), result.stdout
+
+
+def _parameter_mib(stdout):
+  return float(re.search(r"per device: parameters ([\d.]+) MiB", stdout).group(1))
+
+
+def test_finetuning_gives_the_same_losses_on_every_mesh(tmp_path, converted, shared_data):
+  runs = {mesh: _finetune_on(mesh, tmp_path / "x".join(map(str, mesh)), converted, shared_data)
+          for mesh in [(1, 1, 1), (8, 1, 1), (1, 8, 1), (2, 2, 2)]}
+  reference, figures, stdout = runs[(1, 1, 1)]
+  losses = [r["loss"] for r in reference if "loss" in r]
+  assert len(losses) == 8 and len(set(losses)) == 8
+  for mesh, (records, mesh_figures, mesh_stdout) in runs.items():
+    np.testing.assert_allclose([r["loss"] for r in records if "loss" in r], losses, atol=1e-4,
+                               err_msg=str(mesh))
+    assert mesh_figures["test_accuracy"] == figures["test_accuracy"], mesh
+    assert mesh_figures["test"]["confusion"] == figures["test"]["confusion"], mesh
+  # FSDP splits the converted backbone (and the head) over the 8 devices.
+  assert _parameter_mib(runs[(1, 8, 1)][2]) < _parameter_mib(stdout) / 7
+
+
+def test_lora_adapters_split_like_their_kernels(tmp_path, converted, shared_data):
+  lora = ["--config.lora.rank=4", "--config.train.trainable=lora,head",
+          "--config.train.learning_rate=3e-3"]
+  one, _, _ = _finetune_on((1, 1, 1), tmp_path / "one", converted, shared_data, *lora)
+  split, _, stdout = _finetune_on((1, 2, 4), tmp_path / "split", converted, shared_data, *lora)
+  np.testing.assert_allclose([r["loss"] for r in split if "loss" in r],
+                             [r["loss"] for r in one if "loss" in r], atol=1e-4)
+  assert "(lora,head, LoRA rank 4)" in stdout
+
+
+def test_finetune_resumes_exactly_after_sigkill_and_sigterm(tmp_path, shared_data):
+  def start(workdir, kill_at=-1, how="none"):
+    args = [*SPAM, "--workdir", str(workdir), "--config.train.steps=12",
+            f"--config.data.path={shared_data / 'SMSSpamCollection'}",
+            "--config.model.n_layer=1", "--config.model.d_model=32",
+            "--config.model.context_length=48", "--config.train.eval_every=6",
+            "--config.checkpoint.every_steps=4"]
+    env = {**os.environ, "TFDS_DATA_DIR": str(tmp_path / "tfds")}
+    return subprocess.Popen([sys.executable, "-c", RUNNER, str(kill_at), how, *args], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+  def outputs(workdir):
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    keys = ("step", "loss", "grad_norm", "lr", "accuracy", "val_loss", "val_accuracy")
+    params = [np.load(p) for p in sorted((workdir / "params").rglob("*.npy"))]
+    saved = run_io.load_finetuned(workdir)[2]
+    return [{k: r[k] for k in keys if k in r} for r in records], jax.tree.leaves(saved), params
+
+  reference, killed, stopped = tmp_path / "reference", tmp_path / "killed", tmp_path / "stopped"
+  # Killed right after the save at step 8; stopped by SIGTERM during step 6, so it saves at
+  # the end of step 6 and exits 75.
+  for workdir, kill_at, how, status in [(reference, -1, "none", 0), (killed, 8, "SIGKILL", -9),
+                                        (stopped, 5, "SIGTERM", 75)]:
+    code, _, err = _finish(start(workdir, kill_at, how))
+    assert code == status, err[-2000:]
+    if how == "SIGTERM":
+      assert "jaxllm: preempted (SIGTERM) after step 6" in err
+  for workdir in (killed, stopped):
+    code, out, err = _finish(start(workdir))
+    assert code == 0, err[-2000:]
+    assert "resuming from step" in out
+  expected_records, expected_params, _ = outputs(reference)
+  assert [r["step"] for r in expected_records if "loss" in r] == list(range(1, 13))
+  for workdir in (killed, stopped):
+    records, params, _ = outputs(workdir)
+    assert records == expected_records  # every logged float, bit for bit
+    for a, b in zip(params, expected_params):
+      np.testing.assert_array_equal(a, b)
+    assert (json.loads((workdir / "eval.json").read_text())["test_accuracy"]
+            == json.loads((reference / "eval.json").read_text())["test_accuracy"])
+
+
+@pytest.mark.parametrize("task", ["instruct", "classify", "dpo"])
+def test_gradient_accumulation_gives_the_whole_batch_gradient(tmp_path, shared_data, task):
+  # Microbatches of one batch weigh by their items (tokens of uneven, loss-masked lengths for
+  # instruct and dpo): two of them give the gradient of the whole batch.
+  config = config_lib.default_config()
+  config.train.task, config.train.seed, config.train.batch_size = task, 3, 8
+  config.model.n_layer, config.model.n_head, config.model.d_model = 1, 2, 32
+  config.model.context_length = 128
+  config.classifier.update(text_column="1", label_column="0", labels="ham,spam", max_length=64)
+  file = {"classify": "SMSSpamCollection", "instruct": "instruction-data.json",
+          "dpo": "instruction-data-with-preference.json"}[task]
+  if task == "dpo":  # a run to start from: the same tiny model, untrained
+    run = tmp_path / "start"
+    run.mkdir()
+    start = tasks.build(config_lib.from_dict({**config.to_dict(), "train": {
+        **config.to_dict()["train"], "task": "instruct"}, "data": {
+        **config.to_dict()["data"], "path": str(shared_data / "instruction-data.json")}}))
+    run_io.save_run_files(run, config, start.tokenizer)
+    run_io.save_params(run, jax.jit(start.init_params)()["backbone"])
+    config.train.init_from = str(run)
+  config.data.path = str(shared_data / file)
+  gradients = []
+  for accum in (1, 2):
+    config.train.grad_accum = accum
+    task_ = tasks.build(config_lib.from_dict(config.to_dict()))
+    params = jax.jit(task_.init_params)()
+    if task == "dpo":  # a policy away from the reference: a gradient that is not zero
+      params["backbone"] = jax.tree.map(lambda x: x * 1.1, params["backbone"])
+    sgd = optax.sgd(1.0)  # the parameter change is the gradient
+    step = jax.jit(trainer.task_step(task_, sgd))
+    state = train_lib.create_train_state(params, sgd, seed=0)
+    new_state, metrics = step(state, task_.train_batch(0, None))
+    gradients.append((jax.tree.map(lambda a, b: a - b, state.params, new_state.params),
+                      float(metrics["loss"])))
+  (whole, loss_whole), (split, loss_split) = gradients
+  assert loss_split == pytest.approx(loss_whole, rel=1e-6)
+  largest = max(float(np.abs(g).max()) for g in jax.tree.leaves(whole))
+  assert largest > 1e-4
+  for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(split)):
+    np.testing.assert_allclose(a, b, atol=1e-6)
