@@ -183,8 +183,16 @@ def _generate_cached(model: GPT, params: Any, tokens_BxP: jax.Array, lengths_B: 
   step, _, done_B, out_BxN, _ = jax.lax.while_loop(keep_going(cached_steps), decode_step, state)
   if cached_steps == max_new_tokens:
     return out_BxN
+  return _decode_past_context(model, params, tokens_BxP, lengths_B, (step, done_B, out_BxN),
+                              emit, keep_going(max_new_tokens))
 
-  # Past the context: every row's tokens so far in one buffer, windows re-run each step.
+
+def _decode_past_context(model, params, tokens_BxP, lengths_B, state, emit, keep_going):
+  """The steps after the cached ones: each row's tokens so far in one buffer, the window of
+  the last context_length re-run for every new token."""
+  step, done_B, out_BxN = state
+  rows_B = jnp.arange(tokens_BxP.shape[0])
+  max_new_tokens = out_BxN.shape[1]
   tokens_BxT = jnp.concatenate([tokens_BxP, jnp.zeros_like(out_BxN)], axis=1)
   tokens_BxT = tokens_BxT.at[rows_B[:, None], lengths_B[:, None] + jnp.arange(max_new_tokens)
                              ].set(jnp.maximum(out_BxN, 0), mode="drop")
@@ -195,8 +203,8 @@ def _generate_cached(model: GPT, params: Any, tokens_BxP: jax.Array, lengths_B: 
     token_B, done_B, out_BxN = emit(step, logits_BxV, done_B, out_BxN)
     return step + 1, tokens_BxT.at[rows_B, lengths_B + step].set(token_B), done_B, out_BxN
 
-  state = (step, tokens_BxT, done_B, out_BxN)
-  _, _, _, out_BxN = jax.lax.while_loop(keep_going(max_new_tokens), window_step, state)
+  _, _, _, out_BxN = jax.lax.while_loop(keep_going, window_step,
+                                        (step, tokens_BxT, done_B, out_BxN))
   return out_BxN
 
 

@@ -172,9 +172,9 @@ def describe(setup: Setup, state: train_lib.TrainState, peak_flops: float,
   log(setup, f"mesh: {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
              f"device(s) in {jax.process_count()} process(es); per device: parameters "
              f"{mib['params']:.2f} MiB, optimizer state {mib['opt_state']:.2f} MiB")
+  per_device = train.batch_size // sharding.data_parallel_size(mesh, setup.rules)
   log(setup, f"batch: {train.batch_size} x {cfg.context_length} tokens ({train.grad_accum} "
-             f"microbatch(es)), {train.batch_size // sharding.data_parallel_size(mesh, setup.rules)}"
-             f" sequences per device; {setup.total_steps} steps")
+             f"microbatch(es)), {per_device} sequences per device; {setup.total_steps} steps")
   log(setup, f"MFU: {flops_per_token / 1e6:.2f} MFLOP/token (6N + 12 L d T) against "
              f"{peak_flops / 1e9:.0f} GFLOP/s per device "
              f"({'given' if train.peak_flops else 'measured matmul'})")

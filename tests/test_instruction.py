@@ -117,7 +117,8 @@ def test_bucketed_batches_waste_little_padding(shared_data):
     return sum(len(b) * max(b) - sum(b) for b in lengths), np.concatenate(rows)
 
   plain_waste, plain_rows = padding(instruction.Batches(data.lengths, 8, seed=123))
-  sorted_waste, sorted_rows = padding(instruction.Batches(data.lengths, 8, seed=123, bucket_batches=20))
+  sorted_waste, sorted_rows = padding(instruction.Batches(data.lengths, 8, seed=123,
+                                                          bucket_batches=20))
   assert len(sorted_rows) == len(set(sorted_rows.tolist())) == 116 * 8  # drop_last, no repeats
   assert sorted(sorted_rows.tolist()) == sorted(plain_rows.tolist())  # the same examples
   assert sorted_waste < plain_waste / 4

@@ -161,7 +161,8 @@ def test_state_shardings_match_the_state_tree():
   # What checkpoint restores build their targets from: one sharding per state leaf.
   optimizer = train_lib.make_optimizer(config_lib.default_config().train, 10)
   mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1}))
-  shardings = sharding.state_shardings(*sharding.model_axes(GPT(TINY)), optimizer, mesh, sharding.logical_rules())
+  shardings = sharding.state_shardings(*sharding.model_axes(GPT(TINY)), optimizer, mesh,
+                                       sharding.logical_rules())
   state = jax.eval_shape(lambda: train_lib.create_train_state(
       init_params(GPT(TINY), jax.random.key(0)), optimizer, 0))
   assert jax.tree.structure(shardings) == jax.tree.structure(jax.tree.map(lambda _: 0, state))

@@ -13,7 +13,6 @@ import functools
 import ml_collections
 import numpy as np
 
-from jaxllm import evaluate
 from jaxllm import heads
 from jaxllm.data import classification
 from jaxllm.tasks import common, losses
@@ -50,11 +49,6 @@ def make_task(config: ml_collections.ConfigDict) -> common.Task:
         return
       yield common.pad_rows(batch, train.batch_size)
 
-  def report(workdir, saved, summary):
-    return evaluate.evaluate_finetuned(
-        config, model, {"backbone": saved["params"], "head": saved["head"]}, tokenizer, workdir,
-        extra=summary)
-
   sizes = ", ".join(f"{k} {len(v['label_B'])}" for k, v in data.splits.items())
   return common.Task(
       model=model, tokenizer=tokenizer, init_params=params.init, param_axes=params.axes,
@@ -65,7 +59,8 @@ def make_task(config: ml_collections.ConfigDict) -> common.Task:
                                 lora_scale=params.lora_scale),
       train_batch=train_batch, eval_batches=eval_batches, token_key="tokens_BxL",
       export=functools.partial(common.export_finetuned, lora_scale=params.lora_scale),
-      report=report, trainable=params.trainable, pretrained_into=(("backbone",),),
+      report=common.finetuned_report(config, model, tokenizer), trainable=params.trainable,
+      pretrained_into=(("backbone",),),
       batches_per_epoch=batches_per_epoch,
       description=(f"{sizes} examples, classes {data.labels}, padded to {data.max_length} "
                    f"tokens (pad id {data.pad_id}); {params.description}"))

@@ -218,6 +218,18 @@ def export_finetuned(params: Params, lora_scale: float) -> dict[str, Params]:
   return out
 
 
+def finetuned_report(config: ml_collections.ConfigDict, model: GPT,
+                     tokenizer: tokenizer_lib.Tokenizer) -> Callable:
+  """A finetuning task's final report: `evaluate.evaluate_finetuned` on the saved model, as
+  `jaxllm eval` runs it later, with training's figures."""
+  def report(workdir: pathlib.Path, saved: dict[str, Params], summary: dict) -> dict:
+    from jaxllm import evaluate  # evaluate imports the losses of this package
+
+    params = {"backbone": saved["params"], "head": saved.get("head", {})}
+    return evaluate.evaluate_finetuned(config, model, params, tokenizer, workdir, extra=summary)
+  return report
+
+
 def check_lm_options(config: ml_collections.ConfigDict) -> None:
   if config.lora.rank > 0 or config.train.trainable != "all":
     raise JaxllmError("train.task=lm trains every parameter: set lora.rank=0 and "

@@ -15,7 +15,6 @@ import functools
 import ml_collections
 import numpy as np
 
-from jaxllm import evaluate
 from jaxllm.data import instruction
 from jaxllm.errors import JaxllmError
 from jaxllm.tasks import common, losses
@@ -77,10 +76,6 @@ def make_task(config: ml_collections.ConfigDict) -> common.Task:
       yield common.pad_rows(pair_batch(pairs[split], order[i:i + train.batch_size], **shape),
                             train.batch_size)
 
-  def report(workdir, saved, summary):
-    return evaluate.evaluate_finetuned(config, model, {"backbone": saved["params"], "head": {}},
-                                       tokenizer, workdir, extra=summary)
-
   return common.Task(
       model=model, tokenizer=tokenizer, init_params=params.init, param_axes=params.axes,
       loss_fn=functools.partial(losses.dpo_loss, **dpo,
@@ -88,7 +83,7 @@ def make_task(config: ml_collections.ConfigDict) -> common.Task:
       eval_fn=functools.partial(losses.dpo_sums, **dpo),
       train_batch=train_batch, eval_batches=eval_batches, token_key="inputs_BxPxL",
       export=functools.partial(common.export_finetuned, lora_scale=params.lora_scale),
-      report=report, trainable=params.trainable,
+      report=common.finetuned_report(config, model, tokenizer), trainable=params.trainable,
       pretrained_into=(("backbone",), ("reference",)),
       batches_per_epoch=sampler.batches_per_epoch,
       description=(f"{', '.join(f'{k} {len(v)}' for k, v in records.items())} preference "

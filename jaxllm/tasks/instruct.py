@@ -13,7 +13,6 @@ import functools
 
 import ml_collections
 
-from jaxllm import evaluate
 from jaxllm.data import instruction
 from jaxllm.tasks import common, losses
 
@@ -40,10 +39,6 @@ def make_task(config: ml_collections.ConfigDict) -> common.Task:
       yield common.pad_rows(instruction.make_batch(encoded[split], rows, **shape),
                             train.batch_size)
 
-  def report(workdir, saved, summary):
-    return evaluate.evaluate_finetuned(config, model, {"backbone": saved["params"], "head": {}},
-                                       tokenizer, workdir, extra=summary)
-
   return common.Task(
       model=model, tokenizer=tokenizer, init_params=params.init, param_axes=params.axes,
       loss_fn=functools.partial(losses.instruction_loss, backbone=model,
@@ -53,7 +48,8 @@ def make_task(config: ml_collections.ConfigDict) -> common.Task:
                                 lora_scale=params.lora_scale),
       train_batch=train_batch, eval_batches=eval_batches, token_key="inputs_BxL",
       export=functools.partial(common.export_finetuned, lora_scale=params.lora_scale),
-      report=report, weight_fn=losses.target_weight, trainable=params.trainable,
+      report=common.finetuned_report(config, model, tokenizer), weight_fn=losses.target_weight,
+      trainable=params.trainable,
       pretrained_into=(("backbone",),), batches_per_epoch=sampler.batches_per_epoch,
       description=(f"{', '.join(f'{k} {len(v)}' for k, v in records.items())} records "
                    f"({config.instruct.template} template, prompt masked: "
