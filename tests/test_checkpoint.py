@@ -143,7 +143,6 @@ MESH_SCRIPT = textwrap.dedent("""
     from jax.sharding import NamedSharding, PartitionSpec as P
     from jaxllm import checkpoint, config as config_lib, sharding, train as train_lib
     from jaxllm.model import GPT, init_params
-from jaxllm.tokenizer import CharTokenizer
 
     config = config_lib.default_config()
     config.model.preset = "gpt-micro"
@@ -317,16 +316,25 @@ def _overwrite_middle(directory):
   largest.write_bytes(bytes(data))
 
 
-def test_overwritten_checkpoint_bytes_fall_back_to_the_step_before(tmp_path, capsys):
+@pytest.mark.parametrize("damage", ["overwritten bytes", "other arrays than saved"])
+def test_damaged_checkpoint_is_set_aside_for_the_step_before(tmp_path, capsys, damage):
   create = _save_steps(tmp_path, [1, 2])
-  _overwrite_middle(tmp_path / "2" / "state")
+  if damage == "overwritten bytes":  # TensorStore may or may not notice
+    _overwrite_middle(tmp_path / "2" / "state")
+    reason = ""
+  else:  # arrays read back without an error that are not the ones saved
+    stored = tmp_path / "2" / "fingerprint" / "metadata"
+    prints = json.loads(stored.read_text())
+    prints["state"][0][0] += 1
+    stored.write_text(json.dumps(prints))
+    reason = "its arrays do not match the fingerprint saved with them; "
   manager = checkpoint_lib.make_manager(tmp_path, _checkpoint_config())
   state, step = checkpoint_lib.restore(manager, _target(create))
   assert (step, int(state.step)) == (1, 1)
   assert np.array_equal(state.params["ln_f"]["scale"], np.full(64, 2.0, np.float32))
   err = capsys.readouterr().err
-  assert (f"jaxllm: warning: skipping checkpoint {tmp_path / '2'}: its arrays do not match the "
-          f"fingerprint saved with them; moved to damaged-2") in err
+  assert f"jaxllm: warning: skipping checkpoint {tmp_path / '2'}: {reason}" in err
+  assert "moved to damaged-2" in err
   # Set aside, so the resumed run saves step 2 again.
   assert manager.all_steps() == [1] and (tmp_path / "damaged-2").is_dir()
   assert checkpoint_lib.save(manager, 2, state, config_lib.default_config(), {}, force=True)
