@@ -10,45 +10,29 @@ responses file in the book's format), in a few minutes on 2 CPU cores.
         --config.data.path=/path/to/instruction-data.json
 """
 
-from jaxllm.config import default_config
+import pathlib
+
+from jaxllm.config import load_config
 
 # jaxllm, 2-core CPU: see README "Finetuning" for the measured figures.
 EXPECTED = {"val_loss": ("<=", 4.0)}
 
 
 def get_config():
-  c = default_config()
-  c.train.task = "instruct"
+  c = load_config(pathlib.Path(__file__).with_name("instruct_alpaca.py"))
   c.train.init_from = ""  # from scratch
-  c.train.trainable = "all"
   c.model.n_layer = 2
   c.model.n_head = 2
   c.model.d_model = 64
   c.model.context_length = 128
-  c.model.dropout = 0.0
-  c.data.tokenizer = "gpt2"
-
-  c.data.path = ""  # instruction-data.json: give it with --config.data.path=...
-  c.instruct.template = "alpaca"
-  c.instruct.train_fraction = 0.85
-  c.instruct.test_fraction = 0.1
-  c.instruct.shuffle = False
-  c.instruct.mask_prompt = False
+  c.instruct.max_length = 0  # the context length
   c.instruct.pad_multiple = 32  # texts are 41-92 tokens: three shapes to compile
-  c.instruct.bucket_batches = 20
   c.instruct.max_new_tokens = 32
   c.instruct.generate_batch_size = 128  # all 110 test prompts in one batch: one compile
+  c.judge.url = ""
 
-  c.train.epochs = 2
-  c.train.batch_size = 8
   c.train.learning_rate = 1e-3
-  c.train.schedule = "constant"
-  c.train.warmup_steps = 0
-  c.train.weight_decay = 0.1
-  c.train.beta2 = 0.999
   c.train.grad_clip = 1.0
   c.train.eval_every = 50
-  c.train.eval_batches = 5
   c.train.log_every = 10
-  c.train.seed = 123
   return c
