@@ -15,6 +15,7 @@ finish.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import pathlib
@@ -184,10 +185,15 @@ def _global_batch(setup: Setup, rows: dict, axis: int, full_rows: int) -> dict:
   """Global arrays from this process's rows (along `axis`) of each batch entry."""
   out = {}
   for key, value in rows.items():
-    batch_sharding = sharding.batch_sharding(setup.mesh, setup.rules, axis, ndim=value.ndim)
     shape = (*value.shape[:axis], full_rows, *value.shape[axis + 1:])
-    out[key] = multihost.global_array(value, batch_sharding, shape)
+    out[key] = multihost.global_array(value, _batch_sharding(setup.mesh, setup.rules, axis,
+                                                             value.ndim), shape)
   return out
+
+
+@functools.lru_cache(maxsize=64)  # once per kind of batch array, not once per step
+def _batch_sharding(mesh, rules, axis: int, ndim: int):
+  return sharding.batch_sharding(mesh, rules, axis, ndim=ndim)
 
 
 def evaluate(setup: Setup, eval_fn, params: Any) -> dict[str, float]:
