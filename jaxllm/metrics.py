@@ -1,8 +1,10 @@
-"""Run outputs: metrics as JSON lines, the loss-curve PNG, and the FLOP/s peak behind MFU."""
+"""Run outputs: metrics as JSON lines and TensorBoard events, the loss-curve PNG, and the
+FLOP/s peak behind MFU."""
 
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import time
 from typing import Any
@@ -12,21 +14,46 @@ import jax.numpy as jnp
 
 
 class MetricsWriter:
-  """Appends one JSON object per logged step to metrics.jsonl and keeps them for the plot."""
+  """Appends one JSON object per logged step to metrics.jsonl, keeps them for the plot, and,
+  given `tensorboard_dir`, writes their numbers as TensorBoard scalars there.
 
-  def __init__(self, path: pathlib.Path):
+  Scalars are grouped as TensorBoard shows them: evaluation figures (`train_loss`,
+  `val_accuracy`, ...) under "eval/", the rest (loss, lr, grad_norm, tokens_per_s, mfu, ...)
+  under "train/". `purge_step` (a resumed run's first step) hides what an earlier, killed
+  process logged from that step on.
+  """
+
+  def __init__(self, path: pathlib.Path, tensorboard_dir: pathlib.Path | None = None,
+               purge_step: int | None = None):
     self.path = pathlib.Path(path)
     self.records: list[dict[str, Any]] = []
     self._file = open(self.path, "a")
+    self._events = None
+    if tensorboard_dir is not None:
+      from tensorboardX import SummaryWriter
 
-  def write(self, record: dict[str, Any]) -> None:
+      # Event files are named by the second they start in: a resumed run restarted within
+      # the same second would overwrite its predecessor's without a suffix of its own.
+      self._events = SummaryWriter(str(tensorboard_dir), purge_step=purge_step,
+                                   filename_suffix=f".{purge_step or 0}.{os.getpid()}")
+
+  def write(self, record: dict[str, Any], events: bool = True) -> None:
+    """Adds a record; `events=False` keeps it out of TensorBoard (history already there)."""
     record = {k: (float(v) if hasattr(v, "dtype") else v) for k, v in record.items()}
     self.records.append(record)
     self._file.write(json.dumps(record) + "\n")
     self._file.flush()
+    if self._events is not None and events:
+      for name, value in record.items():
+        if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+          group = "eval" if name.startswith(("train_", "val_", "test_")) else "train"
+          self._events.add_scalar(f"{group}/{name}", value, record["step"])
+      self._events.flush()
 
   def close(self) -> None:
     self._file.close()
+    if self._events is not None:
+      self._events.close()
 
 
 def read_records(path: pathlib.Path, until_step: int) -> list[dict[str, Any]]:

@@ -19,6 +19,7 @@ import functools
 import math
 import os
 import pathlib
+import shutil
 import time
 from typing import Any, Iterable
 
@@ -270,6 +271,7 @@ def train_loop(setup: Setup, state, start_step: int, progress: bool) -> tuple[An
   if not start_step:
     run.writer.write({"step": 0, **run.last_eval})
   log(setup, f"step {start_step}: " + _figures_text(run.last_eval))
+  log(setup, f"TensorBoard: tensorboard --logdir {setup.workdir / 'tensorboard'}")
   bar = tqdm(total=total, initial=start_step, desc=train.task, unit="step",
              disable=not (progress and setup.main), dynamic_ncols=True)
   train_start = time.perf_counter()
@@ -331,11 +333,15 @@ def _metrics_writer(setup: Setup, start_step: int) -> metrics_lib.MetricsWriter:
   path = setup.workdir / "metrics.jsonl"
   history = metrics_lib.read_records(path, start_step) if start_step else []
   multihost.sync("jaxllm: metrics read")
-  if setup.main:
-    path.unlink(missing_ok=True)
-  writer = metrics_lib.MetricsWriter(path if setup.main else os.devnull)
+  if not setup.main:
+    return metrics_lib.MetricsWriter(os.devnull)
+  path.unlink(missing_ok=True)
+  if not start_step:  # a fresh run: no events of an earlier one
+    shutil.rmtree(setup.workdir / "tensorboard", ignore_errors=True)
+  writer = metrics_lib.MetricsWriter(path, setup.workdir / "tensorboard",
+                                     purge_step=start_step + 1 if start_step else None)
   for record in history:
-    writer.write(record)
+    writer.write(record, events=False)  # already in the event files
   return writer
 
 

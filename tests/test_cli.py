@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import numpy as np
+from test_metrics import read_events
 
 from jaxllm import cli
 
@@ -47,6 +49,10 @@ def test_train_then_generate(tmp_path, shared_data, capsys):
   config = json.loads((workdir / "config.json").read_text())
   assert config["model"]["n_layer"] == 2 and config["model"]["vocab_size"] > 26
   assert (workdir / "loss.png").stat().st_size > 10_000
+  scalars = read_events(workdir / "tensorboard")  # the same figures for TensorBoard
+  assert sorted(scalars["eval/val_loss"]) == [0, 15, 30]
+  np.testing.assert_allclose([scalars["train/loss"][r["step"]] for r in records if "loss" in r],
+                             [r["loss"] for r in records if "loss" in r], rtol=1e-6)
 
   assert cli.main(["generate", "--workdir", str(workdir), "--prompt", "The",
                    "--max-new-tokens", "12", "--temperature", "0"]) == 0

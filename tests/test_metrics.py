@@ -1,0 +1,61 @@
+"""Run metrics: metrics.jsonl and the TensorBoard event files beside it, read back by
+TensorBoard's own reader (TensorFlow's summary_iterator)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from jaxllm import metrics
+
+
+def read_events(directory):
+  """{tag: {step: value}} of every event file in `directory`, honouring purges as
+  TensorBoard does (a SessionLog START at step s drops earlier files' events from s on)."""
+  import tensorflow as tf
+
+  scalars: dict = {}
+  for path in sorted(directory.iterdir()):
+    for event in tf.compat.v1.train.summary_iterator(str(path)):
+      if event.HasField("session_log") and event.session_log.status == event.session_log.START:
+        for steps in scalars.values():
+          for step in [s for s in steps if s >= event.step]:
+            del steps[step]
+      for value in event.summary.value:
+        scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+  return scalars
+
+
+def test_scalars_read_back_by_tensorboard(tmp_path):
+  writer = metrics.MetricsWriter(tmp_path / "metrics.jsonl", tmp_path / "tb")
+  writer.write({"step": 0, "train_loss": 4.2, "val_loss": 4.25})
+  for step in (10, 20):
+    writer.write({"step": step, "loss": 3.0 / step, "lr": 1e-3, "grad_norm": 0.5,
+                  "tokens_per_s": 1234.5, "mfu": 0.01, "accuracy": 0.75, "flag": True})
+  writer.write({"step": 20, "val_loss": 2.5, "val_accuracy": 0.8, "name": "x"})
+  writer.close()
+  scalars = read_events(tmp_path / "tb")
+  assert scalars["train/loss"] == {10: pytest.approx(0.3), 20: pytest.approx(0.15)}
+  assert scalars["eval/val_loss"] == {0: pytest.approx(4.25), 20: pytest.approx(2.5)}
+  assert set(scalars) == {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s",
+                          "train/mfu", "train/accuracy", "eval/train_loss", "eval/val_loss",
+                          "eval/val_accuracy"}  # numbers only: no bools, no strings
+  lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in lines] == [0, 10, 20, 20]
+
+
+def test_a_resumed_run_purges_what_the_killed_one_logged_past_its_checkpoint(tmp_path):
+  first = metrics.MetricsWriter(tmp_path / "a.jsonl", tmp_path / "tb")
+  for step in range(1, 7):  # killed after step 6; its checkpoint is at step 4
+    first.write({"step": step, "loss": float(step)})
+  first.close()
+  resumed = metrics.MetricsWriter(tmp_path / "b.jsonl", tmp_path / "tb", purge_step=5)
+  for step in range(1, 5):
+    resumed.write({"step": step, "loss": float(step)}, events=False)  # history
+  for step in range(5, 9):
+    resumed.write({"step": step, "loss": 10.0 * step})
+  resumed.close()
+  losses = read_events(tmp_path / "tb")["train/loss"]
+  assert sorted(losses) == list(range(1, 9))
+  np.testing.assert_allclose([losses[s] for s in range(1, 9)],
+                             [1, 2, 3, 4, 50, 60, 70, 80])
