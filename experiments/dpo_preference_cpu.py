@@ -16,7 +16,8 @@ import pathlib
 from jaxllm.config import load_config
 
 # jaxllm, 2-core CPU: see README "Finetuning" for the measured figures.
-EXPECTED = {"val_reward_margin": (">", 0.0), "val_reward_accuracy": (">", 0.5)}
+EXPECTED = {"val_reward_margin": (">", 0.0, "jaxllm, 2-core CPU: 0.169"),
+            "val_reward_accuracy": (">", 0.5, "jaxllm, 2-core CPU: 0.618")}
 
 
 def get_config():

@@ -17,7 +17,8 @@ from jaxllm.config import default_config
 
 # The book (ch. 7, GPT-2 medium): validation loss 0.659 after 2 epochs; llama3 (8B) judge
 # score 50.32 on the 110 test responses.
-EXPECTED = {"val_loss": ("<=", 0.75), "judge_score": (">=", 45.0)}
+EXPECTED = {"val_loss": ("<=", 0.75, "the book, ch. 7: 0.659 after 2 epochs"),
+            "judge_score": (">=", 45.0, "the book, ch. 7: llama3 judge 50.32")}
 
 
 def get_config():

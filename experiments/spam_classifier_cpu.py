@@ -14,7 +14,7 @@ import pathlib
 from jaxllm.config import load_config
 
 # jaxllm, 2-core CPU: see README "Finetuning" for the measured figures.
-EXPECTED = {"test_accuracy": (">=", 0.95)}
+EXPECTED = {"test_accuracy": (">=", 0.95, "jaxllm, 2-core CPU: 0.980 (seeds 1, 2: 0.973, 0.980)")}
 
 
 def get_config():

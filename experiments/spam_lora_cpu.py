@@ -15,7 +15,7 @@ import pathlib
 from jaxllm.config import load_config
 
 # jaxllm, 2-core CPU: see README "Finetuning" for the measured figures.
-EXPECTED = {"test_accuracy": (">=", 0.85)}
+EXPECTED = {"test_accuracy": (">=", 0.85, "jaxllm, 2-core CPU: 0.877")}
 
 
 def get_config():

@@ -6,6 +6,7 @@
       (the same trainer as `train`: train.task says what it trains)
     jaxllm eval --workdir DIR [--text FILE] [--config.KEY=VALUE ...]
     jaxllm convert --from gpt2-medium|FOLDER --out DIR [--to jaxllm|hf]
+    jaxllm reproduce experiments/<name>.py [--workdir DIR] [--rerun] [--config.KEY=VALUE ...]
 
 Problems a user can fix (a missing file, an unknown config key, ...) print one line,
 `jaxllm: error: ...`, and exit with status 2. A training run stopped by SIGTERM saves a
@@ -96,6 +97,16 @@ def _parser() -> argparse.ArgumentParser:
   convert.add_argument("--out", required=True, help="the folder to write")
   convert.add_argument("--to", choices=("jaxllm", "hf"), default="jaxllm")
   convert.add_argument("--cache-dir", help="where names are downloaded (default ~/.cache/jaxllm)")
+
+  reproduce = commands.add_parser(
+      "reproduce", help="check a run against the figures its experiment expects",
+      description="Trains the experiment (or reads its finished run in --workdir) and prints "
+                  "its EXPECTED figures against the obtained ones, pass or fail, into "
+                  "DIR/reproduce.md. Exits 1 if any fails.")
+  reproduce.add_argument("experiment", help="experiments/<name>.py")
+  reproduce.add_argument("--workdir", help="run directory (default: runs/<experiment name>)")
+  reproduce.add_argument("--rerun", action="store_true", help="train even if a run is there")
+  reproduce.add_argument("--no-progress", action="store_true", help="no progress bars")
   return parser
 
 
@@ -168,8 +179,9 @@ def main(argv: list[str] | None = None) -> int:
   rest, overrides = _split_config_overrides(argv)
   parser = _parser()
   args = parser.parse_args(rest)
-  if overrides and args.command not in ("train", "finetune", "eval"):
-    parser.error(f"--config.{overrides[0]} only applies to `jaxllm train`, `finetune` and `eval`")
+  if overrides and args.command not in ("train", "finetune", "eval", "reproduce"):
+    parser.error(f"--config.{overrides[0]} only applies to `jaxllm train`, `finetune`, `eval` "
+                 f"and `reproduce`")
 
   from jaxllm.errors import JaxllmError, Preempted
 
@@ -180,6 +192,12 @@ def main(argv: list[str] | None = None) -> int:
       _eval(args, overrides)
     elif args.command == "convert":
       _convert(args)
+    elif args.command == "reproduce":
+      from jaxllm import reproduce
+
+      rows = reproduce.reproduce(args.experiment, args.workdir, overrides, rerun=args.rerun,
+                                 progress=not args.no_progress)
+      return 0 if all(row.passed for row in rows) else 1
     else:
       _generate(args)
   except JaxllmError as e:

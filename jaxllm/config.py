@@ -175,8 +175,8 @@ RENAMED = {
 }
 
 
-def load_config(path: str | pathlib.Path) -> ml_collections.ConfigDict:
-  """Runs an experiment file's `get_config()`."""
+def load_experiment(path: str | pathlib.Path) -> tuple[Any, ml_collections.ConfigDict]:
+  """An experiment file's module (its EXPECTED figures, ...) and its `get_config()`."""
   path = pathlib.Path(path)
   if not path.is_file():
     raise JaxllmError(f"config file not found: {path} (pass --config experiments/<name>.py)")
@@ -191,7 +191,12 @@ def load_config(path: str | pathlib.Path) -> ml_collections.ConfigDict:
     moved = ", ".join(f"{old} -> {new}" for old, new in RENAMED.items())
     raise JaxllmError(f"config file {path}: {e} (keys that moved: {moved})") from None
   check_keys(config)
-  return config
+  return module, config
+
+
+def load_config(path: str | pathlib.Path) -> ml_collections.ConfigDict:
+  """Runs an experiment file's `get_config()`."""
+  return load_experiment(path)[1]
 
 
 def check_keys(config: ml_collections.ConfigDict) -> None:

@@ -294,7 +294,12 @@ def train_loop(setup: Setup, state, start_step: int, progress: bool) -> tuple[An
       setup.manager.close()  # waits for the last save
   train_seconds = time.perf_counter() - train_start - run.eval_seconds
   initial = next((r for r in run.writer.records if r["step"] == 0), {})
+  trainable = (state.params if task.trainable is None else
+               [p for p, t in zip(jax.tree.leaves(state.params), jax.tree.leaves(task.trainable))
+                if t])
   return state, {"steps": total, "train_seconds": train_seconds,
+                 "total_params": count_params(state.params),
+                 "trainable_params": count_params(trainable),
                  "steps_per_s": (total - start_step) / max(train_seconds, 1e-9),
                  "initial_val_loss": initial.get("val_loss"), "final": run.last_eval,
                  "records": run.writer.records}

@@ -1,0 +1,100 @@
+"""`jaxllm reproduce`: the figures an experiment expects against those a run of it obtained.
+
+An experiment file's `EXPECTED` maps a figure of the run's eval.json to a check and, last,
+where the expected figure comes from:
+
+    EXPECTED = {"val_loss": ("<=", 1.88, "nanoGPT README: 1.8857 at step 2,000"),
+                "initial_val_loss": ("between", 10.7, 11.1, "the book, ch. 5: 10.99")}
+
+Checks: "<=", "<", ">=", ">", "==" against one value, "between" two (inclusive). `reproduce`
+trains the experiment (or reads its finished run), prints a table of expected against
+obtained with pass / fail per row, and writes it as reproduce.md in the run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import operator
+import pathlib
+from typing import Any, Sequence
+
+from jaxllm import config as config_lib
+from jaxllm.errors import JaxllmError
+
+CHECKS = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, ">": operator.gt,
+          "==": operator.eq, "between": lambda x, low, high: low <= x <= high}
+
+
+@dataclasses.dataclass
+class Row:
+  figure: str
+  check: str  # e.g. "<= 1.88"
+  obtained: float | None
+  passed: bool
+  source: str
+
+
+def expectations(expected: dict, where: str) -> list[tuple[str, str, tuple, str]]:
+  """(figure, check, bounds, source) of each EXPECTED entry; a malformed one is an error."""
+  rows = []
+  for figure, spec in expected.items():
+    spec = tuple(spec)
+    source = spec[-1] if spec and isinstance(spec[-1], str) and len(spec) > 2 else ""
+    check, bounds = spec[0], spec[1:len(spec) - (1 if source else 0)]
+    if check not in CHECKS or len(bounds) != (2 if check == "between" else 1):
+      raise JaxllmError(f"{where}: EXPECTED['{figure}'] = {spec!r} is not (check, value[, "
+                        f"value], source) with check one of {', '.join(CHECKS)}")
+    rows.append((figure, check, bounds, source))
+  return rows
+
+
+def compare(expected: dict, figures: dict[str, Any], where: str = "EXPECTED") -> list[Row]:
+  """One row per expected figure: its check, the run's figure, pass or fail (a figure the
+  run lacks fails)."""
+  rows = []
+  for figure, check, bounds, source in expectations(expected, where):
+    obtained = figures.get(figure)
+    text = f"{check} {' and '.join(f'{b:g}' for b in bounds)}"
+    passed = isinstance(obtained, (int, float)) and bool(CHECKS[check](obtained, *bounds))
+    rows.append(Row(figure, text, obtained if isinstance(obtained, (int, float)) else None,
+                    passed, source))
+  return rows
+
+
+def markdown(title: str, rows: Sequence[Row]) -> str:
+  lines = [f"## {title}", "", "| figure | expected | obtained | result | source |",
+           "|---|---|---|---|---|"]
+  for row in rows:
+    obtained = "missing" if row.obtained is None else f"{row.obtained:.6g}"
+    lines.append(f"| `{row.figure}` | {row.check} | {obtained} | "
+                 f"{'pass' if row.passed else '**FAIL**'} | {row.source} |")
+  passed = sum(row.passed for row in rows)
+  return "\n".join(lines + ["", f"{passed} of {len(rows)} pass."]) + "\n"
+
+
+def reproduce(experiment: str | pathlib.Path, workdir: str | pathlib.Path | None = None,
+              overrides: Sequence[str] = (), rerun: bool = False,
+              progress: bool = True) -> list[Row]:
+  """Runs `experiment` into `workdir` (default runs/<name>) unless a finished run is there
+  (or `rerun`), compares its eval.json with EXPECTED, prints and writes reproduce.md."""
+  experiment = pathlib.Path(experiment)
+  module, config = config_lib.load_experiment(experiment)
+  expected = getattr(module, "EXPECTED", None)
+  if not expected:
+    raise JaxllmError(f"{experiment} has no EXPECTED figures to check")
+  expectations(expected, str(experiment))  # a malformed entry fails before training
+  config_lib.apply_overrides(config, overrides)
+  workdir = pathlib.Path(workdir or pathlib.Path("runs") / experiment.stem)
+  figures_path = workdir / "eval.json"
+  if rerun or not figures_path.is_file():
+    from jaxllm import trainer
+
+    trainer.run(config, workdir, progress=progress)
+  else:
+    print(f"reading the finished run in {workdir} (--rerun trains again)")
+  rows = compare(expected, json.loads(figures_path.read_text()), str(experiment))
+  report = markdown(f"{experiment.name}: {workdir}", rows)
+  (workdir / "reproduce.md").write_text(report)
+  print(report + f"written to {workdir / 'reproduce.md'}")
+  return rows

@@ -1,0 +1,62 @@
+"""`jaxllm reproduce`: expected against obtained figures, from a finished run or a new one."""
+
+import json
+import pathlib
+
+import pytest
+
+from jaxllm import cli
+from jaxllm import reproduce
+from jaxllm.errors import JaxllmError
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+EXPECTED = {"val_loss": ("<=", 1.88, "nanoGPT README"), "steps": ("==", 30),
+            "initial_val_loss": ("between", 4.0, 4.3, "ln 65 = 4.17"),
+            "test_accuracy": (">=", 0.9)}
+
+
+def test_rows_say_pass_fail_and_missing():
+  rows = reproduce.compare(EXPECTED, {"val_loss": 1.9058, "steps": 30,
+                                      "initial_val_loss": 4.1992})
+  assert [(r.figure, r.check, r.obtained, r.passed, r.source) for r in rows] == [
+      ("val_loss", "<= 1.88", 1.9058, False, "nanoGPT README"),
+      ("steps", "== 30", 30, True, ""),
+      ("initial_val_loss", "between 4 and 4.3", 4.1992, True, "ln 65 = 4.17"),
+      ("test_accuracy", ">= 0.9", None, False, "")]
+  text = reproduce.markdown("t", rows)
+  assert "| `val_loss` | <= 1.88 | 1.9058 | **FAIL** | nanoGPT README |" in text
+  assert "| `test_accuracy` | >= 0.9 | missing | **FAIL** |  |" in text
+  assert text.endswith("2 of 4 pass.\n")
+  with pytest.raises(JaxllmError, match=r"EXPECTED\['x'\].*check one of"):
+    reproduce.compare({"x": ("~", 1.0)}, {})
+
+
+def test_reproduce_trains_then_reads_the_finished_run(tmp_path, shared_data, capsys):
+  experiment = tmp_path / "tiny.py"
+  experiment.write_text(
+      "from jaxllm.config import load_config\n"
+      "EXPECTED = {'initial_val_loss': ('between', 3.5, 4.5, 'ln(vocab) untrained'),\n"
+      "            'val_loss': ('<', 4.0, 'below ln(vocab) after 30 steps'),\n"
+      "            'steps': ('==', 30)}\n"
+      "def get_config():\n"
+      f"  c = load_config({str(REPO / 'experiments' / 'shakespeare_char.py')!r})\n"
+      "  c.model.preset = 'gpt-micro'\n  c.data.dataset = 'text'\n  c.data.tokenizer = 'char'\n"
+      "  c.data.train_split = 'train'\n  c.data.val_split = ''\n"
+      f"  c.data.path = {str(shared_data / 'the-verdict.txt')!r}\n"
+      "  c.train.steps = 30\n  c.train.eval_every = 15\n  c.train.batch_size = 4\n"
+      "  c.train.eval_batches = 2\n  c.train.peak_flops = 1e11\n  c.train.sample_tokens = 5\n"
+      "  return c\n")
+  workdir = tmp_path / "run"
+  args = ["reproduce", str(experiment), "--workdir", str(workdir), "--no-progress"]
+  assert cli.main(args) == 0
+  out = capsys.readouterr().out
+  assert "| `steps` | == 30 | 30 | pass |  |" in out and "3 of 3 pass." in out
+  assert (workdir / "reproduce.md").read_text().startswith("## tiny.py: ")
+  # Again: read back, not retrained; a stricter bound fails with status 1.
+  figures = json.loads((workdir / "eval.json").read_text())
+  assert cli.main([*args, "--config.train.steps=31"]) == 0  # the finished run is read
+  assert "reading the finished run" in capsys.readouterr().out
+  experiment.write_text(experiment.read_text().replace("('<', 4.0,", "('<', 0.1,"))
+  assert cli.main(args) == 1
+  assert f"| `val_loss` | < 0.1 | {figures['val_loss']:.6g} | **FAIL** |" in (
+      capsys.readouterr().out)
