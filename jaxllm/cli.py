@@ -7,6 +7,7 @@
     jaxllm eval --workdir DIR [--text FILE] [--config.KEY=VALUE ...]
     jaxllm convert --from gpt2-medium|FOLDER --out DIR [--to jaxllm|hf]
     jaxllm reproduce experiments/<name>.py [--workdir DIR] [--rerun] [--config.KEY=VALUE ...]
+    jaxllm sweep --config experiments/<name>.py [--param KEY=V1,V2 ...] [--trials N] ...
 
 Problems a user can fix (a missing file, an unknown config key, ...) print one line,
 `jaxllm: error: ...`, and exit with status 2. A training run stopped by SIGTERM saves a
@@ -107,6 +108,28 @@ def _parser() -> argparse.ArgumentParser:
   reproduce.add_argument("--workdir", help="run directory (default: runs/<experiment name>)")
   reproduce.add_argument("--rerun", action="store_true", help="train even if a run is there")
   reproduce.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+  sweep = commands.add_parser(
+      "sweep", help="a hyperparameter sweep on an Optuna study",
+      description="Trials of an experiment over the parameters of its SWEEP dict and of "
+                  "--param, on an Optuna study (SQLite in the sweep directory unless --storage "
+                  "says otherwise). Run the same command again to finish a killed sweep, or "
+                  "on several machines to share the trials.")
+  sweep.add_argument("--config", required=True, help="experiments/<name>.py")
+  sweep.add_argument("--sweep-dir", help="default: runs/<experiment name>-sweep")
+  sweep.add_argument("--param", action="append", default=[], metavar="KEY=SPEC",
+                     help="train.learning_rate=1e-3,3e-3 (values) or "
+                          "train.learning_rate=loguniform:1e-4:1e-2 (uniform, int too)")
+  sweep.add_argument("--trials", type=int, help="how many trials (default: the grid's size)")
+  sweep.add_argument("--sampler", choices=("grid", "random", "tpe"))
+  sweep.add_argument("--pruner", choices=("none", "median", "halving"))
+  sweep.add_argument("--metric", help="an eval.json figure (default val_loss)")
+  sweep.add_argument("--direction", choices=("minimize", "maximize"))
+  sweep.add_argument("--seed", type=int, help="the sampler's seed")
+  sweep.add_argument("--storage", default="", help="an Optuna storage URL, or journal:PATH")
+  sweep.add_argument("--grace-seconds", type=int,
+                     help="a running trial silent this long is retried (default 30)")
+  sweep.add_argument("--progress", action="store_true", help="progress bars for each trial")
   return parser
 
 
@@ -156,6 +179,24 @@ def _convert(args) -> None:
         f"{hparams['d_model']}, context {hparams['context_length']}, vocab {hparams['vocab_size']}")
 
 
+def _sweep(args, overrides: list[str]) -> None:
+  from jaxllm import config as config_lib
+  from jaxllm import sweep
+
+  module, _ = config_lib.load_experiment(args.config)
+  spec = sweep.sweep_spec(module, args.param, trials=args.trials, sampler=args.sampler,
+                          pruner=args.pruner, metric=args.metric, direction=args.direction,
+                          seed=args.seed, grace_seconds=args.grace_seconds)
+  sweep_dir = pathlib.Path(args.sweep_dir or f"runs/{pathlib.Path(args.config).stem}-sweep")
+  print(f"sweep: {spec['trials']} trials of {', '.join(spec['params'])} ({spec['sampler']}"
+        f" sampler, pruner {spec['pruner']}) in {sweep_dir}; TensorBoard: tensorboard "
+        f"--logdir {sweep_dir}")
+  study = sweep.run(args.config, spec, sweep_dir, overrides, args.storage,
+                    progress=args.progress)
+  print((sweep_dir / "results.md").read_text() if (sweep_dir / "results.md").is_file() else "")
+  print(f"{len(sweep.results(study, spec))} trials; results in {sweep_dir}")
+
+
 def _generate(args) -> None:
   from jaxllm import generate as generate_lib
   from jaxllm import run_io
@@ -179,9 +220,9 @@ def main(argv: list[str] | None = None) -> int:
   rest, overrides = _split_config_overrides(argv)
   parser = _parser()
   args = parser.parse_args(rest)
-  if overrides and args.command not in ("train", "finetune", "eval", "reproduce"):
-    parser.error(f"--config.{overrides[0]} only applies to `jaxllm train`, `finetune`, `eval` "
-                 f"and `reproduce`")
+  if overrides and args.command not in ("train", "finetune", "eval", "reproduce", "sweep"):
+    parser.error(f"--config.{overrides[0]} only applies to `jaxllm train`, `finetune`, `eval`, "
+                 f"`reproduce` and `sweep`")
 
   from jaxllm.errors import JaxllmError, Preempted
 
@@ -192,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
       _eval(args, overrides)
     elif args.command == "convert":
       _convert(args)
+    elif args.command == "sweep":
+      _sweep(args, overrides)
     elif args.command == "reproduce":
       from jaxllm import reproduce
 

@@ -256,8 +256,13 @@ class Progress:
   eval_seconds: float = 0.0
 
 
-def train_loop(setup: Setup, state, start_step: int, progress: bool) -> tuple[Any, dict]:
-  """Steps from `start_step` to the end: log, evaluate, save; returns (state, summary)."""
+def train_loop(setup: Setup, state, start_step: int, progress: bool,
+               on_evaluation=None) -> tuple[Any, dict]:
+  """Steps from `start_step` to the end: log, evaluate, save; returns (state, summary).
+
+  `on_evaluation(step, figures)` sees every evaluation during training (a sweep's pruner);
+  an exception it raises stops the run, with what was saved kept.
+  """
   task, train, total = setup.task, setup.config.train, setup.total_steps
   step_fn = sharding.jit_train_step(task_step(task, setup.optimizer), setup.shardings,
                                     setup.mesh, setup.rules)
@@ -287,6 +292,8 @@ def train_loop(setup: Setup, state, start_step: int, progress: bool) -> tuple[An
             train.epochs > 0 and done % task.batches_per_epoch == 0))
         if done % train.log_every == 0 or is_eval:
           _log_step(setup, run, done, metrics, (eval_fn, state.params) if is_eval else None, bar)
+        if is_eval and on_evaluation is not None:
+          on_evaluation(done, run.last_eval)
         _save(setup, done, state, run.last_eval if is_eval else None, preemption)
     finally:
       bar.close()
@@ -383,10 +390,13 @@ def finish(setup: Setup, state, summary: dict, start_time: float) -> dict[str, A
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
-        progress: bool = True) -> dict[str, Any]:
-  """Trains `config.train.task` as `config` says; returns the final figures (also printed)."""
+        progress: bool = True, on_evaluation=None) -> dict[str, Any]:
+  """Trains `config.train.task` as `config` says; returns the final figures (also printed).
+
+  `on_evaluation(step, figures)` is called after each evaluation during training.
+  """
   start_time = time.perf_counter()
   setup = set_up(config, pathlib.Path(workdir))
   state, start_step = initial_state(setup)
-  state, summary = train_loop(setup, state, start_step, progress)
+  state, summary = train_loop(setup, state, start_step, progress, on_evaluation)
   return finish(setup, state, summary, start_time)

@@ -1,0 +1,338 @@
+"""`jaxllm sweep`: hyperparameter sweeps on an Optuna study, each trial an ordinary run.
+
+A sweep is data: an experiment file's `SWEEP` dict, or the command line.
+
+    SWEEP = {
+        "params": {"train.learning_rate": [1e-3, 3e-3],                      # values: a grid
+                   "model.n_layer": {"type": "int", "low": 1, "high": 4},    # or a distribution
+                   "train.weight_decay": {"type": "loguniform", "low": 1e-3, "high": 0.3}},
+        "metric": "val_loss", "direction": "minimize",
+        "sampler": "grid",   # grid (every combination of listed values), random, tpe
+        "trials": 6,         # default: the grid's size
+        "pruner": "none",    # none, median or halving, on the evaluations during training
+        "seed": 0,
+        "grace_seconds": 30,  # a running trial silent this long is failed and retried
+    }
+
+The study lives in a real database: SQLite in the sweep directory by default, or any Optuna
+storage URL (PostgreSQL, MySQL; `journal:PATH` for Optuna's journal file on a shared disk),
+so several processes or machines can work on one sweep, each pulling the next trial. Trial
+k trains in `<sweep dir>/trial_<k>`. A sweep killed and run again finishes only what is
+missing: finished trials are never redone; a trial whose worker died is noticed by its
+missing heartbeat (RDB storage), retried with the same parameters, and resumes from its own
+checkpoints. No more trials complete than asked for, however many workers race for the last
+ones. After every trial: results.csv and results.md (the best trial marked), the metric
+against each parameter and every trial's validation curve as PNGs.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import json
+import math
+import pathlib
+import time
+import warnings
+from typing import Any, Sequence
+
+from jaxllm import config as config_lib
+from jaxllm.errors import JaxllmError
+
+SAMPLERS = ("grid", "random", "tpe")
+PRUNERS = ("none", "median", "halving")
+DISTRIBUTIONS = ("uniform", "loguniform", "int", "categorical")
+
+
+class _Surplus(Exception):
+  """A trial asked for when the sweep already had all it needs (workers raced for it)."""
+
+
+def parse_param(text: str) -> tuple[str, Any]:
+  """`key=v1,v2,...` (values) or `key=loguniform:1e-4:1e-2` (uniform, int, likewise)."""
+  if "=" not in text:
+    raise JaxllmError(f"--param '{text}' needs the form section.key=values or "
+                      f"section.key=loguniform:low:high")
+  key, spec = text.split("=", 1)
+  kind, _, rest = spec.partition(":")
+  if kind in ("uniform", "loguniform", "int") and rest.count(":") == 1:
+    low, high = (ast.literal_eval(v) for v in rest.split(":"))
+    return key, {"type": kind, "low": low, "high": high}
+  return key, [_literal(v) for v in spec.split(",")]
+
+
+def _literal(text: str) -> Any:
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def sweep_spec(module: Any, params: Sequence[str] = (), **options) -> dict:
+  """The experiment's SWEEP, with --param entries and options (not None) on top."""
+  spec = dict(getattr(module, "SWEEP", {}) or {})
+  spec["params"] = {**spec.get("params", {}), **dict(parse_param(p) for p in params)}
+  spec.update({k: v for k, v in options.items() if v is not None})
+  spec.setdefault("metric", "val_loss")
+  spec.setdefault("direction", "minimize")
+  spec.setdefault("sampler", "grid" if all(isinstance(v, list)
+                                           for v in spec["params"].values()) else "tpe")
+  spec.setdefault("pruner", "none")
+  spec.setdefault("seed", 0)
+  spec.setdefault("grace_seconds", 30)
+  _check_spec(spec)
+  if "trials" not in spec:
+    if spec["sampler"] != "grid":
+      raise JaxllmError("a random or tpe sweep needs a number of trials (--trials N)")
+    spec["trials"] = math.prod(len(v) for v in spec["params"].values())
+  return spec
+
+
+def _check_spec(spec: dict) -> None:
+  if not spec["params"]:
+    raise JaxllmError("the sweep has no parameters (SWEEP['params'] or --param key=values)")
+  known = config_lib.default_config()
+  for key, values in spec["params"].items():
+    section, _, name = key.partition(".")
+    if section not in known or name not in known[section]:
+      raise JaxllmError(f"sweep parameter '{key}' is not a config key (section.key, e.g. "
+                        f"train.learning_rate)")
+    if isinstance(values, dict) and values.get("type") not in DISTRIBUTIONS:
+      raise JaxllmError(f"sweep parameter '{key}': type must be one of "
+                        f"{', '.join(DISTRIBUTIONS)}, got {values.get('type')!r}")
+    if spec["sampler"] == "grid" and not isinstance(values, list):
+      raise JaxllmError(f"a grid sweep needs a list of values for '{key}', not a distribution")
+  for name, allowed in (("sampler", SAMPLERS), ("pruner", PRUNERS),
+                        ("direction", ("minimize", "maximize"))):
+    if spec[name] not in allowed:
+      raise JaxllmError(f"sweep {name} must be one of {', '.join(allowed)}, got "
+                        f"'{spec[name]}'")
+
+
+def _suggest(trial, key: str, values: Any) -> Any:
+  if isinstance(values, list):
+    return trial.suggest_categorical(key, values)
+  if values["type"] == "categorical":
+    return trial.suggest_categorical(key, values["choices"])
+  if values["type"] == "int":
+    return trial.suggest_int(key, int(values["low"]), int(values["high"]))
+  return trial.suggest_float(key, float(values["low"]), float(values["high"]),
+                             log=values["type"] == "loguniform")
+
+
+def _storage(url: str, sweep_dir: pathlib.Path, grace_seconds: int):
+  """The study's database. RDB storage (SQLite, PostgreSQL, MySQL) has heartbeats: a trial
+  whose worker is silent for `grace_seconds` is failed and retried with its parameters."""
+  import optuna
+
+  if not url:
+    url = f"sqlite:///{(sweep_dir / 'study.db').absolute()}"
+  if url.startswith("journal:"):
+    backend = optuna.storages.journal.JournalFileBackend(url[len("journal:"):])
+    return optuna.storages.JournalStorage(backend)
+  grace_seconds = max(int(grace_seconds), 2)
+  return optuna.storages.RDBStorage(
+      url, heartbeat_interval=max(grace_seconds // 3, 1), grace_period=grace_seconds,
+      heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=3))
+
+
+def make_study(spec: dict, name: str, sweep_dir: pathlib.Path, storage: str = ""):
+  """The Optuna study of a sweep: created, or loaded when it exists (a rerun, a worker)."""
+  import optuna
+
+  seed = int(spec["seed"])
+  if spec["sampler"] == "grid":
+    sampler = optuna.samplers.GridSampler(spec["params"], seed=seed)
+  elif spec["sampler"] == "random":
+    sampler = optuna.samplers.RandomSampler(seed=seed)
+  else:
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(4, spec["trials"]))
+  pruner = {"none": optuna.pruners.NopPruner(),
+            "median": optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
+            "halving": optuna.pruners.SuccessiveHalvingPruner()}[spec["pruner"]]
+  sweep_dir.mkdir(parents=True, exist_ok=True)
+  optuna.logging.set_verbosity(optuna.logging.WARNING)
+  return optuna.create_study(study_name=name,
+                             storage=_storage(storage, sweep_dir, spec["grace_seconds"]),
+                             sampler=sampler, pruner=pruner, direction=spec["direction"],
+                             load_if_exists=True)
+
+
+def _counted(study) -> list:
+  """Trials that count towards the asked number: all but failed (and surplus) ones."""
+  import optuna
+
+  states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
+            optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
+  return study.get_trials(deepcopy=False, states=states)
+
+
+def _objective(config_path: pathlib.Path, overrides: Sequence[str], spec: dict,
+               sweep_dir: pathlib.Path, progress: bool):
+  import optuna
+  from jaxllm import trainer
+
+  def objective(trial):
+    # Trial numbers are handed out atomically: exactly `trials` of them rank below the limit.
+    rank = sum(1 for t in _counted(trial.study) if t.number < trial.number)
+    if rank >= spec["trials"]:
+      trial.study.stop()
+      raise _Surplus()
+    values = {key: _suggest(trial, key, v) for key, v in spec["params"].items()}
+    config = config_lib.load_config(config_path)
+    config_lib.apply_overrides(config, overrides)
+    for key, value in values.items():
+      section, name = key.split(".", 1)
+      with config[section].ignore_type():
+        config[section][name] = value
+    frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+    # A retry of a trial whose worker died trains on in that trial's directory.
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+      origin = optuna.storages.RetryFailedTrialCallback.retried_trial_number(frozen)
+    workdir = sweep_dir / f"trial_{trial.number if origin is None else origin:03d}"
+    trial.set_user_attr("workdir", str(workdir))
+    print(f"trial {trial.number}: {values} -> {workdir}")
+
+    def on_evaluation(step: int, figures: dict) -> None:
+      if spec["pruner"] != "none" and spec["metric"] in figures:
+        trial.report(figures[spec["metric"]], step)
+        if trial.should_prune():
+          raise optuna.TrialPruned(f"pruned at step {step}")
+
+    start = time.perf_counter()
+    figures = trainer.run(config, workdir, progress=progress, on_evaluation=on_evaluation)
+    trial.set_user_attr("seconds", time.perf_counter() - start)
+    if spec["metric"] not in figures:
+      raise JaxllmError(f"sweep metric '{spec['metric']}' is not a figure of the run "
+                        f"(it has: {', '.join(k for k in figures if not k.endswith('s'))})")
+    return float(figures[spec["metric"]])
+  return objective
+
+
+def run(config_path: str | pathlib.Path, spec: dict, sweep_dir: str | pathlib.Path,
+        overrides: Sequence[str] = (), storage: str = "", progress: bool = False):
+  """Works on the sweep until it has `spec["trials"]` finished trials; returns the study."""
+  import optuna
+
+  config_path, sweep_dir = pathlib.Path(config_path), pathlib.Path(sweep_dir)
+  study = make_study(spec, f"jaxllm-{config_path.stem}", sweep_dir, storage)
+  (sweep_dir / "sweep.json").write_text(json.dumps(spec, indent=2) + "\n")
+
+  def after_trial(study, trial):
+    write_results(study, spec, sweep_dir)
+    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
+                                                    optuna.trial.TrialState.PRUNED))
+    if len(done) >= spec["trials"]:
+      study.stop()
+
+  if len(_finished(study)) < spec["trials"]:
+    study.optimize(_objective(config_path, overrides, spec, sweep_dir, progress),
+                   callbacks=[after_trial], catch=(_Surplus,))
+  write_results(study, spec, sweep_dir)
+  return study
+
+
+def _finished(study) -> list:
+  import optuna
+
+  return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
+                                                  optuna.trial.TrialState.PRUNED))
+
+
+# --- Results --------------------------------------------------------------------------------
+
+
+def results(study, spec: dict) -> list[dict[str, Any]]:
+  """One row per counted trial: number, state, parameters, metric, seconds, best, workdir."""
+  import optuna
+
+  complete = [t for t in study.get_trials(deepcopy=False)
+              if t.state == optuna.trial.TrialState.COMPLETE]
+  pick = min if spec["direction"] == "minimize" else max
+  best = pick(complete, key=lambda t: t.value).number if complete else None
+  rows = []
+  for t in _counted(study):
+    last = max(t.intermediate_values) if t.intermediate_values else None
+    value = t.value if t.state == optuna.trial.TrialState.COMPLETE else (
+        t.intermediate_values[last] if last is not None else None)
+    rows.append({"trial": t.number, "state": t.state.name.lower(), **t.params,
+                 spec["metric"]: value, "seconds": t.user_attrs.get("seconds"),
+                 "best": t.number == best, "workdir": t.user_attrs.get("workdir", "")})
+  return rows
+
+
+def write_results(study, spec: dict, sweep_dir: pathlib.Path) -> None:
+  rows = results(study, spec)
+  if not rows:
+    return
+  columns = list(dict.fromkeys(k for row in rows for k in row))
+  with open(sweep_dir / "results.csv", "w", newline="") as f:
+    writer = csv.DictWriter(f, columns)
+    writer.writeheader()
+    writer.writerows(rows)
+  lines = [f"## Sweep {study.study_name}: {spec['metric']} ({spec['direction']}), "
+           f"{spec['sampler']} sampler, pruner {spec['pruner']}", "",
+           "| " + " | ".join(c for c in columns if c != "best") + " |",
+           "|" + "---|" * (len(columns) - 1)]
+  for row in rows:
+    cells = [_cell(row.get(c)) for c in columns if c != "best"]
+    if row["best"]:
+      cells[0] = f"**{cells[0]} (best)**"
+    lines.append("| " + " | ".join(cells) + " |")
+  (sweep_dir / "results.md").write_text("\n".join(lines) + "\n")
+  _plots(rows, spec, sweep_dir)
+
+
+def _cell(value: Any) -> str:
+  if value is None:
+    return ""
+  return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def _plots(rows: list[dict], spec: dict, sweep_dir: pathlib.Path) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  metric = spec["metric"]
+  for key in spec["params"]:
+    points = [(row.get(key), row[metric], row["state"]) for row in rows
+              if row.get(key) is not None and row[metric] is not None]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for state, marker in (("complete", "o"), ("pruned", "x")):
+      chosen = [(x, y) for x, y, s in points if s == state]
+      if chosen:
+        ax.scatter(*zip(*chosen), marker=marker, label=state)
+    if isinstance(spec["params"][key], dict) and spec["params"][key]["type"] == "loguniform":
+      ax.set_xscale("log")
+    ax.set_xlabel(key)
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(sweep_dir / f"{metric}_vs_{key}.png", dpi=100)
+    plt.close(fig)
+  _curves(rows, sweep_dir, plt)
+
+
+def _curves(rows: list[dict], sweep_dir: pathlib.Path, plt) -> None:
+  """Every trial's validation loss against steps, from its metrics.jsonl."""
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for row in rows:
+    path = pathlib.Path(row["workdir"]) / "metrics.jsonl" if row["workdir"] else None
+    if path is None or not path.is_file():
+      continue
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    points = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    if points:
+      ax.plot(*zip(*points), "o-" if row["best"] else "-", markersize=3,
+              label=f"trial {row['trial']}" + (" (best)" if row["best"] else ""))
+  ax.set_xlabel("step")
+  ax.set_ylabel("validation loss")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(sweep_dir / "curves.png", dpi=100)
+  plt.close(fig)

@@ -1,0 +1,137 @@
+"""`jaxllm sweep`: grid, random and TPE sweeps on an Optuna study; resume after SIGKILL, two
+workers on one study, pruning, the results table."""
+
+import csv
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+
+from jaxllm import sweep
+from jaxllm.errors import JaxllmError
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# The Shakespeare char task at the smallest size: 20 steps of a 1-3 layer model on The Verdict.
+EXPERIMENT = """
+from jaxllm.config import load_config
+def get_config():
+  c = load_config({shakespeare!r})
+  c.model.preset = "gpt-micro"
+  c.data.dataset, c.data.tokenizer, c.data.path = "text", "char", {corpus!r}
+  c.data.train_split, c.data.val_split = "train", ""
+  c.train.steps, c.train.eval_every, c.train.batch_size, c.train.eval_batches = 20, 5, 4, 2
+  c.train.peak_flops, c.train.sample_tokens, c.train.warmup_steps = 1e11, 4, 2
+  c.checkpoint.every_steps = 5
+  return c
+"""
+
+
+@pytest.fixture
+def experiment(tmp_path, shared_data):
+  path = tmp_path / "tiny.py"
+  path.write_text(EXPERIMENT.format(shakespeare=str(REPO / "experiments/shakespeare_char.py"),
+                                    corpus=str(shared_data / "the-verdict.txt")))
+  return path
+
+
+def _sweep(experiment, sweep_dir, *args):
+  env = {**os.environ, "TFDS_DATA_DIR": str(sweep_dir.parent / "tfds")}
+  return subprocess.Popen(
+      [sys.executable, "-m", "jaxllm.cli", "sweep", "--config", str(experiment),
+       "--sweep-dir", str(sweep_dir), *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True)
+
+
+def _rows(sweep_dir):
+  with open(sweep_dir / "results.csv") as f:
+    return list(csv.DictReader(f))
+
+
+def _study(sweep_dir, name="jaxllm-tiny"):
+  return optuna.load_study(study_name=name, storage=f"sqlite:///{sweep_dir / 'study.db'}")
+
+
+def test_specs_from_the_command_line():
+  assert sweep.parse_param("train.learning_rate=1e-3,3e-3") == (
+      "train.learning_rate", [1e-3, 3e-3])
+  assert sweep.parse_param("model.n_layer=int:1:4") == (
+      "model.n_layer", {"type": "int", "low": 1, "high": 4})
+  spec = sweep.sweep_spec(None, ["train.learning_rate=1e-3,3e-3", "model.n_layer=1,2,3"])
+  assert (spec["sampler"], spec["trials"], spec["metric"]) == ("grid", 6, "val_loss")
+  with pytest.raises(JaxllmError, match="needs a number of trials"):
+    sweep.sweep_spec(None, ["train.learning_rate=loguniform:1e-4:1e-2"])
+  with pytest.raises(JaxllmError, match="'train.lr' is not a config key"):
+    sweep.sweep_spec(None, ["train.lr=1,2"])
+  with pytest.raises(JaxllmError, match="grid sweep needs a list"):
+    sweep.sweep_spec(None, ["train.learning_rate=uniform:0:1"], sampler="grid", trials=3)
+
+
+def test_grid_killed_midway_finishes_only_what_is_missing(tmp_path, experiment):
+  sweep_dir = tmp_path / "grid"
+  grid = ["--param", "train.learning_rate=1e-3,1e-2", "--param", "model.n_layer=1,2,3",
+          "--grace-seconds", "2"]
+  first = _sweep(experiment, sweep_dir, *grid)
+  # SIGKILL while the fourth trial trains, after its first checkpoint.
+  deadline = time.time() + 240
+  while not list((sweep_dir / "trial_003" / "checkpoints").glob("[0-9]*")):
+    assert first.poll() is None and time.time() < deadline, first.stdout.read()
+    time.sleep(0.2)
+  first.send_signal(signal.SIGKILL)
+  first.wait()
+  done = {row["trial"]: row for row in _rows(sweep_dir)}
+  assert sorted(done) == ["0", "1", "2"]
+  stamps = {n: (sweep_dir / f"trial_00{n}" / "eval.json").stat().st_mtime for n in done}
+  time.sleep(3)  # the killed trial's heartbeat goes stale
+
+  second = _sweep(experiment, sweep_dir, *grid)
+  out, _ = second.communicate(timeout=300)
+  assert second.returncode == 0, out
+  rows = _rows(sweep_dir)
+  assert len(rows) == 6 and {r["state"] for r in rows} == {"complete"}
+  assert {(r["train.learning_rate"], r["model.n_layer"]) for r in rows} == {
+      (lr, n) for lr in ("0.001", "0.01") for n in ("1", "2", "3")}
+  # Finished trials were not run again; the killed one resumed from its own checkpoint.
+  assert {n: (sweep_dir / f"trial_00{n}" / "eval.json").stat().st_mtime for n in done} == stamps
+  assert "trial 0:" not in out and f"resuming from step" in out
+  retried = [r for r in rows if r["workdir"].endswith("trial_003")]
+  assert len(retried) == 1 and retried[0]["trial"] == "4"  # the first trial of the rerun
+  assert sum(r["best"] == "True" for r in rows) == 1
+  assert (sweep_dir / "results.md").read_text().count("(best)") == 1
+  for name in ("curves.png", "val_loss_vs_train.learning_rate.png",
+               "val_loss_vs_model.n_layer.png"):
+    assert (sweep_dir / name).stat().st_size > 5_000
+
+
+def test_two_workers_share_one_study(tmp_path, experiment):
+  sweep_dir = tmp_path / "random"
+  args = ["--param", "train.learning_rate=loguniform:1e-4:1e-2", "--sampler", "random",
+          "--trials", "4", "--seed", "1"]
+  first = _sweep(experiment, sweep_dir, *args)
+  time.sleep(2)  # the first creates the study; then both pull trials
+  second = _sweep(experiment, sweep_dir, *args)
+  outputs = [p.communicate(timeout=300)[0] for p in (first, second)]
+  assert [p.returncode for p in (first, second)] == [0, 0], outputs
+  ran = [{line.split(":")[0] for line in out.splitlines() if line.startswith("trial ")}
+         for out in outputs]
+  assert ran[0] and ran[1] and not ran[0] & ran[1]  # both worked, on disjoint trials
+  trials = _study(sweep_dir).get_trials()
+  complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+  assert len(complete) == 4 and len(_rows(sweep_dir)) == 4
+
+
+def test_tpe_with_median_pruning_prunes(tmp_path, experiment):
+  sweep_dir = tmp_path / "tpe"
+  process = _sweep(experiment, sweep_dir, "--param", "train.learning_rate=loguniform:1e-6:3e-2",
+                   "--sampler", "tpe", "--pruner", "median", "--trials", "12", "--seed", "0")
+  out, _ = process.communicate(timeout=600)
+  assert process.returncode == 0, out
+  rows = _rows(sweep_dir)
+  states = [r["state"] for r in rows]
+  assert len(rows) == 12 and states.count("pruned") >= 1, states
+  assert "| pruned |" in (sweep_dir / "results.md").read_text()
