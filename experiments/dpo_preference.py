@@ -12,7 +12,9 @@ batch 8, 1 epoch, seed 123.
         --config.data.path=/path/to/instruction-data-with-preference.json
 """
 
-from jaxllm.config import default_config
+import pathlib
+
+from jaxllm.config import load_config
 
 # Not measured by jaxllm (needs GPT-2 medium weights). The book's run ends with the reward
 # margin well above 0 on train and validation; what must hold in any case:
@@ -21,33 +23,14 @@ EXPECTED = {"val_reward_margin": (">", 0.0, "the book, ch. 7 bonus (DPO): margin
 
 
 def get_config():
-  c = default_config()
+  # The ch. 7 run's data, split, template and batching; DPO's task, start and optimizer.
+  c = load_config(pathlib.Path(__file__).with_name("instruct_alpaca.py"))
   c.train.task = "dpo"
   c.train.init_from = "runs/instruct_alpaca"  # the ch. 7 model: the policy and the reference
-  c.train.trainable = "all"
-  c.model.dropout = 0.0
   c.dpo.beta = 0.1
   c.dpo.average_logprobs = True  # the book's compute_logprobs averages over the response
-
   c.data.path = ""  # instruction-data-with-preference.json: --config.data.path=...
-  c.instruct.template = "alpaca"
-  c.instruct.train_fraction = 0.85
-  c.instruct.test_fraction = 0.1
-  c.instruct.shuffle = False
-  c.instruct.max_length = 1024  # the book's allowed_max_length
-  c.instruct.pad_multiple = 16
-  c.instruct.bucket_batches = 20
-
   c.train.epochs = 1
-  c.train.batch_size = 8
   c.train.learning_rate = 5e-6
-  c.train.schedule = "constant"
-  c.train.warmup_steps = 0
   c.train.weight_decay = 0.01
-  c.train.beta2 = 0.999  # PyTorch's AdamW defaults, as the book uses them
-  c.train.grad_clip = 0.0
-  c.train.eval_every = 5
-  c.train.eval_batches = 5
-  c.train.log_every = 5
-  c.train.seed = 123
   return c
