@@ -131,9 +131,12 @@ def _storage(url: str, sweep_dir: pathlib.Path, grace_seconds: int):
     backend = optuna.storages.journal.JournalFileBackend(url[len("journal:"):])
     return optuna.storages.JournalStorage(backend)
   grace_seconds = max(int(grace_seconds), 2)
-  return optuna.storages.RDBStorage(
-      url, heartbeat_interval=max(grace_seconds // 3, 1), grace_period=grace_seconds,
-      heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=3))
+  with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.8
+    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    return optuna.storages.RDBStorage(
+        url, heartbeat_interval=max(grace_seconds // 3, 1), grace_period=grace_seconds,
+        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+            max_retry=3))
 
 
 def make_study(spec: dict, name: str, sweep_dir: pathlib.Path, storage: str = ""):
@@ -189,7 +192,7 @@ def _objective(config_path: pathlib.Path, overrides: Sequence[str], spec: dict,
     # A retry of a trial whose worker died trains on in that trial's directory.
     with warnings.catch_warnings():
       warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-      origin = optuna.storages.RetryFailedTrialCallback.retried_trial_number(frozen)
+      origin = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
     workdir = sweep_dir / f"trial_{trial.number if origin is None else origin:03d}"
     trial.set_user_attr("workdir", str(workdir))
     print(f"trial {trial.number}: {values} -> {workdir}")
