@@ -78,7 +78,7 @@ def _total_steps(train: ml_collections.ConfigDict, task: tasks_lib.Task) -> int:
     return int(train.steps)
   if task.batches_per_epoch is None:
     raise JaxllmError("train.epochs needs batches in epochs (data.sampling=sliding for "
-                      "pretraining); set train.steps instead")
+                      "pretraining: random windows have none); set train.steps instead")
   return int(train.epochs) * task.batches_per_epoch
 
 

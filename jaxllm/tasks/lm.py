@@ -18,7 +18,6 @@ from jaxllm import data as data_lib
 from jaxllm import generate as generate_lib
 from jaxllm import multihost
 from jaxllm import train as train_lib
-from jaxllm.errors import JaxllmError
 from jaxllm.model import init_params, logical_axes
 from jaxllm.tasks import common
 
@@ -43,9 +42,6 @@ def make_task(config: ml_collections.ConfigDict) -> common.Task:
   context_length = model.config.context_length
   batches = data_lib.train_batches(tokens.train, config.data, train.batch_size, context_length,
                                    seed=train.seed, microbatches=train.grad_accum)
-  if train.epochs > 0 and not hasattr(batches, "batches_per_epoch"):
-    raise JaxllmError("train.epochs needs data.sampling=sliding (random windows have no "
-                      "epochs); set train.steps instead")
 
   def eval_batches(split):
     # A fixed seed, other than training's: every evaluation sees the same batches.
