@@ -8,6 +8,7 @@
     jaxllm convert --from gpt2-medium|FOLDER --out DIR [--to jaxllm|hf]
     jaxllm reproduce experiments/<name>.py [--workdir DIR] [--rerun] [--config.KEY=VALUE ...]
     jaxllm sweep --config experiments/<name>.py [--param KEY=V1,V2 ...] [--trials N] ...
+    jaxllm launch local|tpu|xpk|slurm [options] -- train --config experiments/<name>.py ...
 
 Problems a user can fix (a missing file, an unknown config key, ...) print one line,
 `jaxllm: error: ...`, and exit with status 2. A training run stopped by SIGTERM saves a
@@ -197,6 +198,17 @@ def _sweep(args, overrides: list[str]) -> None:
   print(f"{len(sweep.results(study, spec))} trials; results in {sweep_dir}")
 
 
+def _launch(argv: list[str]) -> int:
+  from jaxllm import launch
+  from jaxllm.errors import JaxllmError
+
+  try:
+    return launch.main(argv)
+  except JaxllmError as e:
+    print(f"jaxllm: error: {e}", file=sys.stderr)
+    return 2
+
+
 def _generate(args) -> None:
   from jaxllm import generate as generate_lib
   from jaxllm import run_io
@@ -217,6 +229,8 @@ def _generate(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
+  if argv[:1] == ["launch"]:  # what follows -- is another jaxllm command, left as it is
+    return _launch(argv[1:])
   rest, overrides = _split_config_overrides(argv)
   parser = _parser()
   args = parser.parse_args(rest)

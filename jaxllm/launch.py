@@ -1,0 +1,223 @@
+"""`jaxllm launch`: one jaxllm command on several processes or hosts, with the platforms' tools.
+
+    jaxllm launch local --processes 2 [--devices-per-process 2] -- train --config ...
+    jaxllm launch tpu --name NAME --zone ZONE --accelerator v5litepod-16 [--spot] -- train ...
+    jaxllm launch xpk --cluster CLUSTER --workload NAME --tpu-type v5litepod-16 -- train ...
+    jaxllm launch slurm --nodes 2 --gpus-per-node 8 -- train ...
+
+Every host runs the same jaxllm command (what follows `--`); jaxllm joins the processes with
+`jax.distributed.initialize` (jaxllm/multihost.py). `local` really runs N processes here,
+joined on 127.0.0.1 (gloo on CPU). The others print their commands with `--dry-run` and
+otherwise run them: `gcloud compute tpus tpu-vm` (create, install on `--worker=all`, run on
+`--worker=all`, and on a preempted or lost slice delete, create and run again, resuming from
+the checkpoints), `xpk workload create` (JobSet restarts a workload on exit codes 42 and
+127-255, not on jaxllm's 75 "preempted, try again", so 75 becomes 42), and `sbatch` (a
+`--requeue` job that requeues itself when jaxllm exits 75).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import socket
+import subprocess
+import sys
+from typing import Sequence
+
+from jaxllm.cli import PREEMPTED_EXIT_STATUS
+from jaxllm.errors import JaxllmError
+
+XPK_RESTART_STATUS = 42  # what JobSet's restart policy treats as "restart me"
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def local(argv: Sequence[str], processes: int, devices_per_process: int = 0,
+          port: int = 0) -> int:
+  """Runs `jaxllm argv` as `processes` processes of one job on this machine. Process 0's
+  output is shown (it speaks for the job), another's only if it fails. Returns the job's
+  status: 75 if any process was preempted, else the worst."""
+  if processes < 1:
+    raise JaxllmError(f"--processes must be at least 1, got {processes}")
+  env = dict(os.environ, JAXLLM_COORDINATOR=f"127.0.0.1:{port or _free_port()}",
+             JAXLLM_NUM_PROCESSES=str(processes))
+  if devices_per_process:
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count="
+                        f"{devices_per_process}").strip()
+  children = []
+  for index in range(processes):
+    quiet = subprocess.PIPE if index else None  # process 0 speaks for the job
+    children.append(subprocess.Popen([sys.executable, "-m", "jaxllm.cli", *argv],
+                                     env={**env, "JAXLLM_PROCESS_ID": str(index)},
+                                     stdout=quiet, stderr=quiet, text=True))
+  outputs = [child.communicate() for child in children]
+  statuses = [child.returncode for child in children]
+  for index, (status, (out, err)) in enumerate(zip(statuses, outputs)):
+    if index and status not in (0, PREEMPTED_EXIT_STATUS):
+      print(f"jaxllm launch: process {index} exited {status}:\n{(err or '')[-2000:]}",
+            file=sys.stderr)
+  if PREEMPTED_EXIT_STATUS in statuses:
+    return PREEMPTED_EXIT_STATUS
+  return max(statuses, key=abs)
+
+
+def worker_command(argv: Sequence[str], checkout: str = "jaxllm") -> str:
+  """What each host runs: the jaxllm command in the checkout's venv, JAX finding the peers."""
+  return f"cd {checkout} && JAXLLM_DISTRIBUTED=auto .venv/bin/jaxllm {shlex.join(argv)}"
+
+
+def tpu_hosts(accelerator: str) -> int:
+  """Hosts of a TPU VM slice: v5e / v6e slices past 8 chips have 4 chips a host; v4 / v5p
+  count cores in their names (v4-32: 16 chips), 4 chips a host."""
+  kind, _, size = accelerator.rpartition("-")
+  if not size.isdigit():
+    raise JaxllmError(f"--accelerator '{accelerator}' is not a TPU type like v5litepod-16")
+  count = int(size)
+  chips = count // 2 if kind in ("v4", "v5p", "v3", "v2") else count
+  return 1 if chips <= (4 if kind in ("v4", "v5p", "v3", "v2") else 8) else chips // 4
+
+
+def tpu_commands(argv: Sequence[str], *, name: str, zone: str, accelerator: str,
+                 version: str, repository: str, project: str = "",
+                 spot: bool = False) -> dict[str, list[str]]:
+  """The gcloud commands of a TPU VM job: create, install, run, delete."""
+  base = ["gcloud", "compute", "tpus", "tpu-vm"]
+  where = [f"--zone={zone}"] + ([f"--project={project}"] if project else [])
+  install = (f"git clone {repository} jaxllm && cd jaxllm && python3 -m venv .venv && "
+             f".venv/bin/pip install -e . 'jax[tpu]'")
+  return {
+      "create": [*base, "create", name, *where, f"--accelerator-type={accelerator}",
+                 f"--version={version}", *(["--spot"] if spot else [])],
+      "install": [*base, "ssh", name, *where, "--worker=all", f"--command={install}"],
+      "run": [*base, "ssh", name, *where, "--worker=all",
+              f"--command={worker_command(argv)}"],
+      "delete": [*base, "delete", name, *where, "--quiet"],
+  }
+
+
+def run_tpu(commands: dict[str, list[str]], max_restarts: int, dry_run: bool) -> int:
+  """create, install, run; on a preempted run (75) or a lost slice, delete and go again."""
+  if dry_run:
+    for step in ("create", "install", "run"):
+      print(shlex.join(commands[step]))
+    print(f"# exit 75 (preempted) or a lost slice: {shlex.join(commands['delete'])}, then "
+          f"create, install and run again (resuming from checkpoints), up to "
+          f"{max_restarts} times")
+    print(shlex.join(commands["delete"]))
+    return 0
+  status = 1
+  for attempt in range(max_restarts + 1):
+    if subprocess.run(commands["create"]).returncode == 0 and subprocess.run(
+        commands["install"]).returncode == 0:
+      status = subprocess.run(commands["run"]).returncode
+      if status == 0:
+        break
+    print(f"jaxllm launch: attempt {attempt + 1} ended with status {status}; "
+          f"{'recreating the slice' if attempt < max_restarts else 'giving up'}",
+          file=sys.stderr)
+    subprocess.run(commands["delete"])
+  subprocess.run(commands["delete"])
+  return status
+
+
+def xpk_command(argv: Sequence[str], *, cluster: str, workload: str, tpu_type: str,
+                num_slices: int, max_restarts: int, docker_image: str) -> list[str]:
+  """`xpk workload create`, the preempted status mapped onto JobSet's restart code."""
+  run = (f"JAXLLM_DISTRIBUTED=auto jaxllm {shlex.join(argv)}; status=$?; "
+         f"if [ $status -eq {PREEMPTED_EXIT_STATUS} ]; then exit {XPK_RESTART_STATUS}; fi; "
+         f"exit $status")
+  return ["xpk", "workload", "create", f"--cluster={cluster}", f"--workload={workload}",
+          f"--tpu-type={tpu_type}", f"--num-slices={num_slices}",
+          f"--max-restarts={max_restarts}", f"--docker-image={docker_image}",
+          f"--command=bash -c {shlex.quote(run)}"]
+
+
+def slurm_script(argv: Sequence[str], *, nodes: int, gpus_per_node: int, job_name: str,
+                 time_limit: str = "", partition: str = "") -> str:
+  """An sbatch script: one process per GPU (JAX reads SLURM's layout), requeued when
+  jaxllm exits 75; SIGTERM two minutes before the time limit lets it save first."""
+  lines = ["#!/bin/bash", f"#SBATCH --job-name={job_name}", f"#SBATCH --nodes={nodes}",
+           f"#SBATCH --ntasks-per-node={gpus_per_node}", f"#SBATCH --gpus-per-node={gpus_per_node}",
+           "#SBATCH --requeue", "#SBATCH --signal=TERM@120"]
+  lines += [f"#SBATCH --time={time_limit}"] * bool(time_limit)
+  lines += [f"#SBATCH --partition={partition}"] * bool(partition)
+  lines += ["", f"srun .venv/bin/jaxllm {shlex.join(argv)}", "status=$?",
+            f"if [ $status -eq {PREEMPTED_EXIT_STATUS} ]; then scontrol requeue \"$SLURM_JOB_ID\"; fi",
+            "exit $status", ""]
+  return "\n".join(lines)
+
+
+def main(argv: Sequence[str]) -> int:
+  """`jaxllm launch TARGET [options] -- JAXLLM ARGS`."""
+  import argparse
+
+  if "--" not in argv:
+    raise JaxllmError("jaxllm launch needs the command to run after --, e.g. "
+                      "jaxllm launch local --processes 2 -- train --config ...")
+  split = list(argv).index("--")
+  options, command = list(argv[:split]), list(argv[split + 1:])
+  if not command:
+    raise JaxllmError("nothing after -- to launch (e.g. train --config experiments/<name>.py)")
+  parser = argparse.ArgumentParser(prog="jaxllm launch")
+  targets = parser.add_subparsers(dest="target", required=True)
+  local_ = targets.add_parser("local", help="N processes of one job on this machine")
+  local_.add_argument("--processes", type=int, required=True)
+  local_.add_argument("--devices-per-process", type=int, default=0,
+                      help="simulated CPU devices per process (0: the real ones)")
+  tpu = targets.add_parser("tpu", help="a Cloud TPU VM slice through gcloud")
+  tpu.add_argument("--name", required=True)
+  tpu.add_argument("--zone", required=True)
+  tpu.add_argument("--accelerator", required=True, help="e.g. v5litepod-16")
+  tpu.add_argument("--version", default="v2-alpha-tpuv5-lite", help="the TPU VM runtime")
+  tpu.add_argument("--project", default="")
+  tpu.add_argument("--repository", required=True,
+                   help="the jaxllm git repository each worker clones")
+  tpu.add_argument("--spot", action="store_true")
+  tpu.add_argument("--max-restarts", type=int, default=3)
+  tpu.add_argument("--dry-run", action="store_true")
+  xpk = targets.add_parser("xpk", help="a GKE workload through xpk")
+  xpk.add_argument("--cluster", required=True)
+  xpk.add_argument("--workload", required=True)
+  xpk.add_argument("--tpu-type", required=True)
+  xpk.add_argument("--num-slices", type=int, default=1)
+  xpk.add_argument("--max-restarts", type=int, default=3)
+  xpk.add_argument("--docker-image", required=True, help="an image with jaxllm installed")
+  xpk.add_argument("--dry-run", action="store_true")
+  slurm = targets.add_parser("slurm", help="a SLURM job through sbatch")
+  slurm.add_argument("--nodes", type=int, required=True)
+  slurm.add_argument("--gpus-per-node", type=int, required=True)
+  slurm.add_argument("--job-name", default="jaxllm")
+  slurm.add_argument("--time", default="")
+  slurm.add_argument("--partition", default="")
+  slurm.add_argument("--script", default="jaxllm.sbatch", help="where the script is written")
+  slurm.add_argument("--dry-run", action="store_true")
+  args = parser.parse_args(options)
+  if args.target == "local":
+    return local(command, args.processes, args.devices_per_process)
+  if args.target == "tpu":
+    commands = tpu_commands(command, name=args.name, zone=args.zone,
+                            accelerator=args.accelerator, version=args.version,
+                            repository=args.repository, project=args.project, spot=args.spot)
+    print(f"# {args.accelerator}: {tpu_hosts(args.accelerator)} host(s), each running the "
+          f"same command; JAX numbers the processes from the slice's metadata")
+    return run_tpu(commands, args.max_restarts, args.dry_run)
+  if args.target == "xpk":
+    line = xpk_command(command, cluster=args.cluster, workload=args.workload,
+                       tpu_type=args.tpu_type, num_slices=args.num_slices,
+                       max_restarts=args.max_restarts, docker_image=args.docker_image)
+    print(shlex.join(line))
+    return 0 if args.dry_run else subprocess.run(line).returncode
+  script = slurm_script(command, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                        job_name=args.job_name, time_limit=args.time, partition=args.partition)
+  print(f"# {args.nodes} node(s) x {args.gpus_per_node} GPU(s): "
+        f"{args.nodes * args.gpus_per_node} processes, ids from SLURM_PROCID\n{script}"
+        f"sbatch {args.script}")
+  if args.dry_run:
+    return 0
+  with open(args.script, "w") as f:
+    f.write(script)
+  return subprocess.run(["sbatch", args.script]).returncode

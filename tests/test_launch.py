@@ -1,0 +1,98 @@
+"""`jaxllm launch`: dry runs of the cluster launchers, and a real 2-process job here."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+from jaxllm import cli
+from jaxllm import launch
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+JOB = ["train", "--config", "experiments/shakespeare_char.py", "--workdir", "/shared/runs/x",
+       "--config.mesh.fsdp=-1", "--no-progress"]
+
+
+def _lines(capsys, *options):
+  assert cli.main(["launch", *options, "--dry-run", "--", *JOB]) == 0
+  return capsys.readouterr().out.splitlines()
+
+
+def test_tpu_slice_dry_run(capsys):
+  lines = _lines(capsys, "tpu", "--name", "run1", "--zone", "us-west4-a", "--accelerator",
+                 "v5litepod-16", "--spot", "--repository", "https://example.org/jaxllm.git")
+  assert lines[0].startswith("# v5litepod-16: 4 host(s), each running the same command")
+  create, install, run = lines[1:4]
+  assert create == ("gcloud compute tpus tpu-vm create run1 --zone=us-west4-a "
+                    "--accelerator-type=v5litepod-16 --version=v2-alpha-tpuv5-lite --spot")
+  assert "--worker=all" in install and "git clone https://example.org/jaxllm.git" in install
+  # Every worker runs the same command; JAX numbers the 4 processes from the metadata.
+  assert run == ("gcloud compute tpus tpu-vm ssh run1 --zone=us-west4-a --worker=all "
+                 "'--command=cd jaxllm && JAXLLM_DISTRIBUTED=auto .venv/bin/jaxllm train "
+                 "--config experiments/shakespeare_char.py --workdir /shared/runs/x "
+                 "--config.mesh.fsdp=-1 --no-progress'")
+  assert "exit 75 (preempted) or a lost slice" in lines[4]
+  assert lines[-1] == "gcloud compute tpus tpu-vm delete run1 --zone=us-west4-a --quiet"
+  assert [launch.tpu_hosts(t) for t in ("v5litepod-8", "v5litepod-16", "v5litepod-64",
+                                        "v4-32", "v4-8")] == [1, 4, 16, 4, 1]
+
+
+def test_xpk_dry_run_maps_preempted_to_a_restart(capsys):
+  (line,) = _lines(capsys, "xpk", "--cluster", "c1", "--workload", "w1", "--tpu-type",
+                   "v5litepod-16", "--num-slices", "2", "--docker-image", "gcr.io/p/jaxllm")
+  assert line.startswith("xpk workload create --cluster=c1 --workload=w1 "
+                         "--tpu-type=v5litepod-16 --num-slices=2 --max-restarts=3 "
+                         "--docker-image=gcr.io/p/jaxllm ")
+  assert ("JAXLLM_DISTRIBUTED=auto jaxllm train --config experiments/shakespeare_char.py"
+          in line)
+  assert "if [ $status -eq 75 ]; then exit 42; fi; exit $status" in line
+
+
+def test_slurm_dry_run_two_nodes(capsys):
+  lines = _lines(capsys, "slurm", "--nodes", "2", "--gpus-per-node", "4", "--time", "2:00:00")
+  assert lines[0] == "# 2 node(s) x 4 GPU(s): 8 processes, ids from SLURM_PROCID"
+  for option in ("--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--requeue",
+                 "--signal=TERM@120", "--time=2:00:00"):
+    assert f"#SBATCH {option}" in lines
+  assert ("srun .venv/bin/jaxllm train --config experiments/shakespeare_char.py --workdir "
+          "/shared/runs/x --config.mesh.fsdp=-1 --no-progress") in lines
+  assert 'if [ $status -eq 75 ]; then scontrol requeue "$SLURM_JOB_ID"; fi' in lines
+  assert lines[-1] == "sbatch jaxllm.sbatch"
+
+
+def test_nothing_to_launch_is_one_line(capsys):
+  assert cli.main(["launch", "local", "--processes", "2"]) == 2
+  assert capsys.readouterr().err.startswith("jaxllm: error: jaxllm launch needs the command")
+
+
+def test_local_two_processes_equal_one(tmp_path, shared_data):
+  corpus = tmp_path / "verdict.txt"
+  corpus.write_text((shared_data / "the-verdict.txt").read_text())
+
+  def job(name):
+    return ["train", "--config", "experiments/shakespeare_char.py",
+            f"--workdir={tmp_path / name}", f"--config.data.data_dir={tmp_path / name}_tfds",
+            "--config.model.preset=gpt-micro", "--config.data.dataset=text",
+            f"--config.data.path={corpus}", "--config.data.train_split=train",
+            "--config.data.val_split=", "--config.data.tokenizer=char",
+            "--config.train.batch_size=8", "--config.train.steps=6",
+            "--config.train.eval_every=6", "--config.train.eval_batches=2",
+            "--config.train.log_every=2", "--config.train.peak_flops=1e11",
+            "--config.train.sample_tokens=4", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
+            "--config.model.vocab_size=64"]  # 63 characters, padded to split over tensor=2
+
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAXLLM_COORDINATOR")}
+  one = subprocess.run([sys.executable, "-m", "jaxllm.cli", *job("one")], cwd=REPO, timeout=300,
+                       env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
+                       capture_output=True, text=True)
+  assert one.returncode == 0, one.stderr[-2000:]
+  two = subprocess.run([sys.executable, "-m", "jaxllm.cli", "launch", "local", "--processes",
+                        "2", "--devices-per-process", "2", "--", *job("two")], cwd=REPO,
+                       env=env, capture_output=True, text=True, timeout=300)
+  assert two.returncode == 0, two.stderr[-2000:]
+  assert "over 4 cpu device(s) in 2 process(es)" in two.stdout
+  records = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl")
+                    .read_text().splitlines()] for name in ("one", "two")}
+  losses = {name: [r["loss"] for r in rs if "loss" in r] for name, rs in records.items()}
+  assert len(losses["one"]) == 3 and losses["two"] == losses["one"]  # bit for bit
