@@ -145,9 +145,9 @@ def slurm_script(argv: Sequence[str], *, nodes: int, gpus_per_node: int, job_nam
            "#SBATCH --requeue", "#SBATCH --signal=TERM@120"]
   lines += [f"#SBATCH --time={time_limit}"] * bool(time_limit)
   lines += [f"#SBATCH --partition={partition}"] * bool(partition)
+  requeue = 'scontrol requeue "$SLURM_JOB_ID"'
   lines += ["", f"srun .venv/bin/jaxllm {shlex.join(argv)}", "status=$?",
-            f"if [ $status -eq {PREEMPTED_EXIT_STATUS} ]; then scontrol requeue \"$SLURM_JOB_ID\"; fi",
-            "exit $status", ""]
+            f"if [ $status -eq {PREEMPTED_EXIT_STATUS} ]; then {requeue}; fi", "exit $status", ""]
   return "\n".join(lines)
 
 
