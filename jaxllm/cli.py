@@ -128,6 +128,9 @@ def _parser() -> argparse.ArgumentParser:
   sweep.add_argument("--direction", choices=("minimize", "maximize"))
   sweep.add_argument("--seed", type=int, help="the sampler's seed")
   sweep.add_argument("--storage", default="", help="an Optuna storage URL, or journal:PATH")
+  sweep.add_argument("--vectorize", type=int, metavar="K",
+                     help="train K trials at once in one jitted step (trials that differ in "
+                          "learning rate, min learning rate, weight decay, betas only)")
   sweep.add_argument("--grace-seconds", type=int,
                      help="a running trial silent this long is retried (default 30)")
   sweep.add_argument("--progress", action="store_true", help="progress bars for each trial")
@@ -187,7 +190,8 @@ def _sweep(args, overrides: list[str]) -> None:
   module, _ = config_lib.load_experiment(args.config)
   spec = sweep.sweep_spec(module, args.param, trials=args.trials, sampler=args.sampler,
                           pruner=args.pruner, metric=args.metric, direction=args.direction,
-                          seed=args.seed, grace_seconds=args.grace_seconds)
+                          seed=args.seed, grace_seconds=args.grace_seconds,
+                          vectorize=args.vectorize)
   sweep_dir = pathlib.Path(args.sweep_dir or f"runs/{pathlib.Path(args.config).stem}-sweep")
   print(f"sweep: {spec['trials']} trials of {', '.join(spec['params'])} ({spec['sampler']}"
         f" sampler, pruner {spec['pruner']}) in {sweep_dir}; TensorBoard: tensorboard "

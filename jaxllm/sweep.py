@@ -12,6 +12,7 @@ A sweep is data: an experiment file's `SWEEP` dict, or the command line.
         "pruner": "none",    # none, median or halving, on the evaluations during training
         "seed": 0,
         "grace_seconds": 30,  # a running trial silent this long is failed and retried
+        "vectorize": 1,      # > 1: train this many trials at once (optimizer keys only)
     }
 
 The study lives in a real database: SQLite in the sweep directory by default, or any Optuna
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import itertools
 import json
 import math
 import pathlib
@@ -80,6 +82,7 @@ def sweep_spec(module: Any, params: Sequence[str] = (), **options) -> dict:
   spec.setdefault("pruner", "none")
   spec.setdefault("seed", 0)
   spec.setdefault("grace_seconds", 30)
+  spec.setdefault("vectorize", 1)
   _check_spec(spec)
   if "trials" not in spec:
     if spec["sampler"] != "grid":
@@ -142,9 +145,14 @@ def _storage(url: str, sweep_dir: pathlib.Path, grace_seconds: int):
 def make_study(spec: dict, name: str, sweep_dir: pathlib.Path, storage: str = ""):
   """The Optuna study of a sweep: created, or loaded when it exists (a rerun, a worker)."""
   import optuna
+  import sqlalchemy
 
   seed = int(spec["seed"])
-  if spec["sampler"] == "grid":
+  if spec["sampler"] == "grid" and spec.get("vectorize", 1) > 1:
+    # Optuna's GridSampler stops the study from inside tell(), which only works under
+    # optimize(); vectorised groups ask and tell, so their grid points are enqueued instead.
+    sampler = optuna.samplers.RandomSampler(seed=seed)
+  elif spec["sampler"] == "grid":
     sampler = optuna.samplers.GridSampler(spec["params"], seed=seed)
   elif spec["sampler"] == "random":
     sampler = optuna.samplers.RandomSampler(seed=seed)
@@ -155,10 +163,18 @@ def make_study(spec: dict, name: str, sweep_dir: pathlib.Path, storage: str = ""
             "halving": optuna.pruners.SuccessiveHalvingPruner()}[spec["pruner"]]
   sweep_dir.mkdir(parents=True, exist_ok=True)
   optuna.logging.set_verbosity(optuna.logging.WARNING)
-  return optuna.create_study(study_name=name,
-                             storage=_storage(storage, sweep_dir, spec["grace_seconds"]),
-                             sampler=sampler, pruner=pruner, direction=spec["direction"],
-                             load_if_exists=True)
+  for attempt in range(5):
+    try:
+      return optuna.create_study(study_name=name,
+                                 storage=_storage(storage, sweep_dir, spec["grace_seconds"]),
+                                 sampler=sampler, pruner=pruner, direction=spec["direction"],
+                                 load_if_exists=True)
+    except sqlalchemy.exc.SQLAlchemyError:
+      # Workers started together on a new database race to create its tables; the loser
+      # finds them there on its next try.
+      if attempt == 4:
+        raise
+      time.sleep(1.0 + attempt)
 
 
 def _counted(study) -> list:
@@ -229,11 +245,53 @@ def run(config_path: str | pathlib.Path, spec: dict, sweep_dir: str | pathlib.Pa
     if len(done) >= spec["trials"]:
       study.stop()
 
-  if len(_finished(study)) < spec["trials"]:
+  if spec.get("vectorize", 1) > 1:
+    _run_vectorized(study, config_path, overrides, spec, sweep_dir)
+  elif len(_finished(study)) < spec["trials"]:
     study.optimize(_objective(config_path, overrides, spec, sweep_dir, progress),
                    callbacks=[after_trial], catch=(_Surplus,))
   write_results(study, spec, sweep_dir)
   return study
+
+
+def _run_vectorized(study, config_path: pathlib.Path, overrides: Sequence[str], spec: dict,
+                    sweep_dir: pathlib.Path) -> None:
+  """Groups of `spec["vectorize"]` trials, each group trained at once (jaxllm/vectorized.py).
+
+  One worker: a group cut short by a kill is failed and asked again on the next run.
+  """
+  import optuna
+  from jaxllm import vectorized
+
+  for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+    if trial.user_attrs.get("vectorised"):
+      study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+  if spec["sampler"] == "grid":
+    done = [t.params for t in _counted(study)]
+    keys = list(spec["params"])
+    for values in itertools.product(*(spec["params"][k] for k in keys)):
+      if dict(zip(keys, values)) not in done:
+        study.enqueue_trial(dict(zip(keys, values)))
+  while (missing := spec["trials"] - len(_finished(study))) > 0:
+    group = [study.ask() for _ in range(min(spec["vectorize"], missing))]
+    trials = [{key: _suggest(trial, key, v) for key, v in spec["params"].items()}
+              for trial in group]
+    workdirs = [sweep_dir / f"trial_{trial.number:03d}" for trial in group]
+    for trial, workdir, values in zip(group, workdirs, trials):
+      trial.set_user_attr("vectorised", True)
+      trial.set_user_attr("workdir", str(workdir))
+      print(f"trial {trial.number}: {values} -> {workdir}")
+    config = config_lib.load_config(config_path)
+    config_lib.apply_overrides(config, overrides)
+    figures = vectorized.run(config, trials, workdirs)
+    for trial, result in zip(group, figures):
+      value = result.get(spec["metric"])
+      trial.set_user_attr("seconds", result["wall_seconds"] / len(group))
+      if value is None or not math.isfinite(value):
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+      else:
+        study.tell(trial, float(value))
+    write_results(study, spec, sweep_dir)
 
 
 def _finished(study) -> list:

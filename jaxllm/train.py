@@ -51,15 +51,18 @@ def weight_decay_mask(params: Any) -> Any:
 
 
 def make_optimizer(train: ml_collections.ConfigDict, total_steps: int,
-                   trainable: Any = None) -> optax.GradientTransformation:
+                   trainable: Any = None, schedule: optax.Schedule | None = None
+                   ) -> optax.GradientTransformation:
   """AdamW with global-norm clipping (train.grad_clip > 0) and decay on matrices only.
 
   `trainable` (a pytree of bools like the params, None = all) freezes the False leaves:
-  they get no optimizer state and never move.
+  they get no optimizer state and never move. `schedule` replaces train's learning-rate
+  schedule (vectorised trials read theirs from a table); beta1, beta2 and weight_decay may
+  be traced arrays.
   """
   adamw = optax.adamw(
-      learning_rate_schedule(train, total_steps), b1=train.beta1, b2=train.beta2, eps=1e-8,
-      weight_decay=train.weight_decay, mask=weight_decay_mask)
+      schedule or learning_rate_schedule(train, total_steps), b1=train.beta1, b2=train.beta2,
+      eps=1e-8, weight_decay=train.weight_decay, mask=weight_decay_mask)
   if train.grad_clip > 0:
     adamw = optax.chain(optax.clip_by_global_norm(train.grad_clip), adamw)
   if trainable is None or all(jax.tree.leaves(trainable)):

@@ -1,0 +1,145 @@
+"""Vectorised trials: K runs that differ only in optimizer hyperparameters, in one jitted step.
+
+`jax.vmap` runs the whole per-trial train step (loss, gradient, clipping, AdamW update) over
+a leading trial axis of parameters and optimizer state; the hyperparameters are traced arrays
+(a per-trial table of learning rates, one per step, and weight decay and Adam's betas as
+scalars), so one compilation serves every value. All trials start from the same
+initialisation and see the same batches, as separate runs with the same seed do; each trial
+gets its own run directory (config.json, metrics.jsonl, TensorBoard events, eval.json,
+params/). For small models, which leave the hardware idle, K trials cost far less than K
+runs. Not yet: checkpoints and resume, the trial axis split over a mesh, seeds or model keys
+per trial.
+"""
+
+from __future__ import annotations
+
+import copy
+import pathlib
+import time
+import types
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxllm import evaluate as evaluate_lib
+from jaxllm import metrics as metrics_lib
+from jaxllm import run_io
+from jaxllm import tasks as tasks_lib
+from jaxllm import train as train_lib
+from jaxllm.errors import JaxllmError
+
+# The keys trials may differ in: optimizer hyperparameters, traced inside the step.
+KEYS = ("train.learning_rate", "train.min_learning_rate", "train.weight_decay",
+        "train.beta1", "train.beta2")
+
+
+def _trial_config(config: ml_collections.ConfigDict, values: dict) -> ml_collections.ConfigDict:
+  trial = copy.deepcopy(config)
+  for key, value in values.items():
+    if key not in KEYS:
+      raise JaxllmError(f"'{key}' cannot vary across vectorised trials (they can: "
+                        f"{', '.join(KEYS)}); run the sweep without --vectorize")
+    section, name = key.split(".")
+    trial[section][name] = float(value)
+  return trial
+
+
+def _hyperparameters(configs: Sequence[ml_collections.ConfigDict], total_steps: int) -> dict:
+  """Per-trial arrays: the learning rate of every step (each trial's own schedule, as its
+  separate run computes it) and weight decay, beta1, beta2."""
+  tables = [jax.jit(jax.vmap(train_lib.learning_rate_schedule(c.train, total_steps)))(
+      jnp.arange(total_steps)) for c in configs]
+  return {"lr_table": jnp.stack(tables),
+          **{name: jnp.asarray([c.train[name] for c in configs], jnp.float32)
+             for name in ("weight_decay", "beta1", "beta2")}}
+
+
+def _optimizer(train: ml_collections.ConfigDict, total_steps: int, trainable, hp: dict):
+  """The trial's AdamW, built inside the vmapped step from its traced hyperparameters."""
+  traced = types.SimpleNamespace(**{**train.to_dict(), "weight_decay": hp["weight_decay"],
+                                    "beta1": hp["beta1"], "beta2": hp["beta2"]})
+  return train_lib.make_optimizer(traced, total_steps, trainable,
+                                  schedule=lambda count: hp["lr_table"][count])
+
+
+def run(config: ml_collections.ConfigDict, trials: Sequence[dict],
+        workdirs: Sequence[str | pathlib.Path]) -> list[dict[str, Any]]:
+  """Trains len(trials) variants of `config` ({key: value} each) at once; returns each
+  trial's final figures, also written to its workdir's eval.json."""
+  start_time = time.perf_counter()
+  configs = [_trial_config(config, values) for values in trials]
+  task = tasks_lib.build(configs[0])
+  train, count = configs[0].train, len(configs)
+  total = int(train.steps) if train.epochs <= 0 else train.epochs * task.batches_per_epoch
+  hp = _hyperparameters(configs, total)
+  optimizer = train_lib.make_optimizer(train, total, task.trainable)  # the state's layout
+
+  def trial_step(state, batch, hp):
+    return train_lib.train_step(state, batch, loss_fn=task.loss_fn,
+                                optimizer=_optimizer(train, total, task.trainable, hp),
+                                weight_fn=task.weight_fn, trainable=task.trainable)
+
+  step_fn = jax.jit(jax.vmap(trial_step, in_axes=(0, None, 0)), donate_argnums=0)
+  eval_fn = jax.jit(jax.vmap(task.eval_fn, in_axes=(0, None)))
+  params = jax.jit(task.init_params)()
+  state = jax.vmap(lambda _: train_lib.create_train_state(params, optimizer, train.seed + 1))(
+      jnp.arange(count))
+  writers = _open(configs, task, workdirs)
+  last = _evaluate(task, eval_fn, state.params, count)
+  for k, writer in enumerate(writers):
+    writer.write({"step": 0, **last[k]})
+  print(f"{count} vectorised trials of {', '.join(sorted(set().union(*trials)))}: "
+        f"{total} steps")
+  train_start = time.perf_counter()
+  for step in range(total):
+    state, metrics = step_fn(state, jax.tree.map(jnp.asarray, task.train_batch(step, None)), hp)
+    done = step + 1
+    is_eval = done % train.eval_every == 0 or done == total
+    if done % train.log_every == 0 or is_eval:
+      host = jax.device_get(metrics)
+      if is_eval:
+        last = _evaluate(task, eval_fn, state.params, count)
+      for k, writer in enumerate(writers):
+        writer.write({"step": done, **{name: float(v[k]) for name, v in host.items()},
+                      "lr": float(hp["lr_table"][k, step]), **(last[k] if is_eval else {})})
+  seconds = time.perf_counter() - train_start
+  return [_finish(writer, workdir, jax.tree.map(lambda x, k=k: x[k], state.params),
+                  {"steps": total, **last[k], "train_seconds": seconds, "vectorised_trials":
+                   count, "wall_seconds": time.perf_counter() - start_time})
+          for k, (writer, workdir) in enumerate(zip(writers, workdirs))]
+
+
+def _open(configs, task, workdirs) -> list[metrics_lib.MetricsWriter]:
+  writers = []
+  for trial_config, workdir in zip(configs, workdirs):
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    run_io.save_run_files(workdir, trial_config, task.tokenizer)
+    (workdir / "metrics.jsonl").unlink(missing_ok=True)
+    writers.append(metrics_lib.MetricsWriter(workdir / "metrics.jsonl", workdir / "tensorboard"))
+  return writers
+
+
+def _evaluate(task: tasks_lib.Task, eval_fn, params, count: int) -> list[dict[str, float]]:
+  """Every trial's figures on the task's evaluation batches (sums / count, as the trainer)."""
+  figures: list[dict[str, float]] = [{} for _ in range(count)]
+  for split in ("train", "val"):
+    sums: dict[str, np.ndarray] = {}
+    for batch in task.eval_batches(split):
+      for name, value in eval_fn(params, jax.tree.map(jnp.asarray, batch)).items():
+        sums[name] = sums.get(name, 0.0) + np.asarray(value, np.float64)
+    total = np.maximum(sums.pop("count"), 1e-9)
+    for k in range(count):
+      figures[k].update({f"{split}_{name}": float(value[k] / total[k])
+                         for name, value in sums.items()})
+  return figures
+
+
+def _finish(writer, workdir, params, figures: dict) -> dict:
+  writer.close()
+  workdir = pathlib.Path(workdir)
+  run_io.save_params(workdir, params)
+  return evaluate_lib.write_figures(workdir, figures)
