@@ -15,6 +15,13 @@ import pathlib
 
 from jaxllm.config import load_config
 
+# For `jaxllm reproduce --all --cpu`: sized for a 2-core CPU; DATA is the file in the
+# data folder that data.path takes; REQUIRES, the experiments whose runs this one
+# starts from.
+CPU = True
+DATA = "instruction-data-with-preference.json"
+REQUIRES = ("instruct_alpaca_cpu",)
+
 # jaxllm, 2-core CPU: see README "Finetuning" for the measured figures.
 EXPECTED = {"val_reward_margin": (">", 0.0, "jaxllm, 2-core CPU: 0.169"),
             "val_reward_accuracy": (">", 0.5, "jaxllm, 2-core CPU: 0.618")}

@@ -14,6 +14,11 @@ import pathlib
 
 from jaxllm.config import load_config
 
+# For `jaxllm reproduce --all --cpu`: sized for a 2-core CPU; DATA is the file in the
+# data folder that data.path takes.
+CPU = True
+DATA = "instruction-data.json"
+
 # jaxllm, 2-core CPU: see README "Finetuning" for the measured figures.
 EXPECTED = {"val_loss": ("<=", 4.0, "jaxllm, 2-core CPU: 2.54")}
 

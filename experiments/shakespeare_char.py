@@ -7,6 +7,9 @@ The same model, data split, batches and schedule as nanoGPT's
 
 from jaxllm.config import default_config
 
+# For `jaxllm reproduce --all --cpu`: sized for a 2-core CPU.
+CPU = True
+
 # nanoGPT (PyTorch, 2-core CPU): validation loss 1.8857 at step 2,000, in 104 s.
 EXPECTED = {"val_loss": ("<=", 1.88, "nanoGPT README, CPU run: 1.8857 at step 2,000")}
 

@@ -13,6 +13,11 @@ import pathlib
 
 from jaxllm.config import load_config
 
+# For `jaxllm reproduce --all --cpu`: sized for a 2-core CPU; DATA is the file in the
+# data folder that data.path takes.
+CPU = True
+DATA = "SMSSpamCollection"
+
 # jaxllm, 2-core CPU: see README "Finetuning" for the measured figures.
 EXPECTED = {"test_accuracy": (">=", 0.95, "jaxllm, 2-core CPU: 0.980 (seeds 1, 2: 0.973, 0.980)")}
 

@@ -14,6 +14,11 @@ import pathlib
 
 from jaxllm.config import load_config
 
+# For `jaxllm reproduce --all --cpu`: sized for a 2-core CPU; DATA is the file in the
+# data folder that data.path takes.
+CPU = True
+DATA = "SMSSpamCollection"
+
 # jaxllm, 2-core CPU: see README "Finetuning" for the measured figures.
 EXPECTED = {"test_accuracy": (">=", 0.85, "jaxllm, 2-core CPU: 0.877")}
 

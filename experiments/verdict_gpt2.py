@@ -10,6 +10,11 @@ parameters: the model memorises the training text and the validation loss stays 
 
 from jaxllm.config import default_config
 
+# For `jaxllm reproduce --all --cpu`: sized for a 2-core CPU; DATA is the file in the
+# data folder that data.path takes.
+CPU = True
+DATA = "the-verdict.txt"
+
 # The book: 10.99 untrained; after 10 epochs train 0.39, validation 6.45.
 EXPECTED = {"initial_val_loss": ("between", 10.7, 11.1, "the book, ch. 5: 10.99 untrained"),
             "train_loss": ("<", 1.0, "the book, ch. 5: 0.39 after 10 epochs"),

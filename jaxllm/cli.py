@@ -19,6 +19,7 @@ checkpoint at the next step boundary, prints `jaxllm: preempted ...` and exits w
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import sys
 
@@ -105,7 +106,14 @@ def _parser() -> argparse.ArgumentParser:
       description="Trains the experiment (or reads its finished run in --workdir) and prints "
                   "its EXPECTED figures against the obtained ones, pass or fail, into "
                   "DIR/reproduce.md. Exits 1 if any fails.")
-  reproduce.add_argument("experiment", help="experiments/<name>.py")
+  reproduce.add_argument("experiment", nargs="?", help="experiments/<name>.py")
+  reproduce.add_argument("--all", action="store_true",
+                         help="every experiment of experiments/ with EXPECTED figures")
+  reproduce.add_argument("--cpu", action="store_true", help="with --all: the CPU-sized ones")
+  reproduce.add_argument("--data-dir", default=os.environ.get("JAXLLM_SHARED_DATA"),
+                         help="with --all: the folder of the experiments' DATA files "
+                              "(default $JAXLLM_SHARED_DATA)")
+  reproduce.add_argument("--experiments", default="experiments", help="with --all: the folder")
   reproduce.add_argument("--workdir", help="run directory (default: runs/<experiment name>)")
   reproduce.add_argument("--rerun", action="store_true", help="train even if a run is there")
   reproduce.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -256,6 +264,13 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "reproduce":
       from jaxllm import reproduce
 
+      if args.all == bool(args.experiment):
+        raise JaxllmError("give one experiment file, or --all (not both)")
+      if args.all:
+        results = reproduce.reproduce_all(
+            args.experiments, cpu_only=args.cpu, data_dir=args.data_dir,
+            runs=args.workdir or "runs", rerun=args.rerun, progress=not args.no_progress)
+        return 0 if all(r.passed for rows in results.values() for r in rows) else 1
       rows = reproduce.reproduce(args.experiment, args.workdir, overrides, rerun=args.rerun,
                                  progress=not args.no_progress)
       return 0 if all(row.passed for row in rows) else 1

@@ -9,6 +9,11 @@ where the expected figure comes from:
 Checks: "<=", "<", ">=", ">", "==" against one value, "between" two (inclusive). `reproduce`
 trains the experiment (or reads its finished run), prints a table of expected against
 obtained with pass / fail per row, and writes it as reproduce.md in the run directory.
+
+`reproduce_all` does that for every experiment of a folder (`--cpu`: those marked
+`CPU = True`, sized for a 2-core CPU), in an order that honours `REQUIRES = ("other",)`
+(experiments whose runs this one starts from), giving each its data as
+`data.path=<data dir>/<DATA>`, and writes one report.
 """
 
 from __future__ import annotations
@@ -98,3 +103,55 @@ def reproduce(experiment: str | pathlib.Path, workdir: str | pathlib.Path | None
   (workdir / "reproduce.md").write_text(report)
   print(report + f"written to {workdir / 'reproduce.md'}")
   return rows
+
+
+def _ordered(modules: dict[str, Any]) -> list[str]:
+  """Experiment names, each after those it REQUIRES (alphabetical otherwise)."""
+  order: list[str] = []
+
+  def visit(name: str, path: tuple[str, ...]) -> None:
+    if name in order:
+      return
+    if name in path or name not in modules:
+      raise JaxllmError(f"experiment '{path[-1]}' requires '{name}', which is "
+                        f"{'a cycle' if name in path else 'not among the experiments run'}")
+    for required in getattr(modules[name], "REQUIRES", ()):
+      visit(required, path + (name,))
+    order.append(name)
+
+  for name in sorted(modules):
+    visit(name, ())
+  return order
+
+
+def reproduce_all(folder: str | pathlib.Path = "experiments", *, cpu_only: bool = False,
+                  data_dir: str | pathlib.Path | None = None, runs: str | pathlib.Path = "runs",
+                  rerun: bool = False, progress: bool = True) -> dict[str, list[Row]]:
+  """`reproduce` for every experiment in `folder` with EXPECTED figures (CPU-sized ones
+  with `cpu_only`); one report, <runs>/reproduce.md."""
+  folder, runs = pathlib.Path(folder), pathlib.Path(runs)
+  modules = {}
+  for path in sorted(folder.glob("*.py")):
+    module, _ = config_lib.load_experiment(path)
+    if getattr(module, "EXPECTED", None) and (getattr(module, "CPU", False) or not cpu_only):
+      modules[path.stem] = module
+  if not modules:
+    raise JaxllmError(f"no experiment in {folder} has EXPECTED figures"
+                      f"{' and CPU = True' if cpu_only else ''}")
+  results, sections = {}, []
+  for name in _ordered(modules):
+    data = getattr(modules[name], "DATA", "")
+    if data and not data_dir:
+      raise JaxllmError(f"{name} reads {data}: give --data-dir (the folder holding it)")
+    overrides = [f"data.path={pathlib.Path(data_dir) / data}"] if data else []
+    results[name] = reproduce(folder / f"{name}.py", runs / name, overrides, rerun=rerun,
+                              progress=progress)
+    sections.append(markdown(f"{name}.py: {runs / name}", results[name]))
+  failed = [name for name, rows in results.items() if not all(row.passed for row in rows)]
+  summary = (f"{len(results) - len(failed)} of {len(results)} experiments reproduce"
+             + (f"; failing: {', '.join(failed)}" if failed else "") + ".\n")
+  runs.mkdir(parents=True, exist_ok=True)
+  (runs / "reproduce.md").write_text("# Reproduction report\n\n" + "\n".join(sections) +
+                                     "\n" + summary)
+  print(summary + f"written to {runs / 'reproduce.md'}")
+  return results

@@ -60,3 +60,38 @@ def test_reproduce_trains_then_reads_the_finished_run(tmp_path, shared_data, cap
   assert cli.main(args) == 1
   assert f"| `val_loss` | < 0.1 | {figures['val_loss']:.6g} | **FAIL** |" in (
       capsys.readouterr().out)
+
+
+def test_all_cpu_experiments_in_dependency_order(tmp_path, shared_data, capsys):
+  # Three experiments: "b" starts from "a"'s run (REQUIRES), "c" is not CPU-sized.
+  folder = tmp_path / "experiments"
+  folder.mkdir()
+  base = (
+      "from jaxllm.config import load_config\n"
+      "def get_config():\n"
+      f"  c = load_config({str(REPO / 'experiments' / 'shakespeare_char.py')!r})\n"
+      "  c.model.preset = 'gpt-micro'\n  c.data.dataset = 'text'\n  c.data.tokenizer = 'char'\n"
+      "  c.data.train_split = 'train'\n  c.data.val_split = ''\n"
+      "  c.train.steps = 30\n  c.train.eval_every = 30\n  c.train.batch_size = 4\n"
+      "  c.train.eval_batches = 2\n  c.train.peak_flops = 1e11\n  c.train.sample_tokens = 5\n"
+      "  c.train.init_from = INIT\n  return c\n")
+  runs = tmp_path / "runs"
+  (folder / "b.py").write_text(
+      f"CPU = True\nDATA = 'the-verdict.txt'\nREQUIRES = ('a',)\nINIT = {str(runs / 'a')!r}\n"
+      "EXPECTED = {'initial_val_loss': ('<', 4.0, 'starts where a ended')}\n" + base)
+  (folder / "a.py").write_text(
+      "CPU = True\nDATA = 'the-verdict.txt'\nINIT = ''\n"
+      "EXPECTED = {'initial_val_loss': ('>', 4.0, 'ln(vocab) untrained')}\n" + base)
+  (folder / "c.py").write_text("DATA = 'the-verdict.txt'\nINIT = ''\nEXPECTED = {'steps': ('==', 1)}\n"
+                                + base)
+  assert cli.main(["reproduce", "--all", "--cpu", "--experiments", str(folder), "--data-dir",
+                   str(shared_data), "--workdir", str(runs), "--no-progress"]) == 0
+  report = (runs / "reproduce.md").read_text()
+  assert report.index("## a.py") < report.index("## b.py") and "## c.py" not in report
+  assert report.endswith("2 of 2 experiments reproduce.\n")
+  assert not (runs / "c").exists()
+  capsys.readouterr()
+  # Without --cpu, c runs too (and fails its row): exit status 1, named in the summary.
+  assert cli.main(["reproduce", "--all", "--experiments", str(folder), "--data-dir",
+                   str(shared_data), "--workdir", str(runs), "--no-progress"]) == 1
+  assert "2 of 3 experiments reproduce; failing: c." in (runs / "reproduce.md").read_text()
