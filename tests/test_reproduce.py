@@ -82,8 +82,8 @@ def test_all_cpu_experiments_in_dependency_order(tmp_path, shared_data, capsys):
   (folder / "a.py").write_text(
       "CPU = True\nDATA = 'the-verdict.txt'\nINIT = ''\n"
       "EXPECTED = {'initial_val_loss': ('>', 4.0, 'ln(vocab) untrained')}\n" + base)
-  (folder / "c.py").write_text("DATA = 'the-verdict.txt'\nINIT = ''\nEXPECTED = {'steps': ('==', 1)}\n"
-                                + base)
+  (folder / "c.py").write_text(
+      "DATA = 'the-verdict.txt'\nINIT = ''\nEXPECTED = {'steps': ('==', 1)}\n" + base)
   assert cli.main(["reproduce", "--all", "--cpu", "--experiments", str(folder), "--data-dir",
                    str(shared_data), "--workdir", str(runs), "--no-progress"]) == 0
   report = (runs / "reproduce.md").read_text()
