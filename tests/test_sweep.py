@@ -78,9 +78,11 @@ def test_grid_killed_midway_finishes_only_what_is_missing(tmp_path, experiment):
   grid = ["--param", "train.learning_rate=1e-3,1e-2", "--param", "model.n_layer=1,2,3",
           "--grace-seconds", "2"]
   first = _sweep(experiment, sweep_dir, *grid)
-  # SIGKILL while the fourth trial trains, after its first checkpoint.
+  # SIGKILL while the fourth trial trains, after its first checkpoint is complete (a save
+  # still in flight is a "5.orbax-checkpoint-tmp" folder, which a rerun rightly skips).
   deadline = time.time() + 240
-  while not list((sweep_dir / "trial_003" / "checkpoints").glob("[0-9]*")):
+  checkpoints = sweep_dir / "trial_003" / "checkpoints"
+  while not (checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())):
     assert first.poll() is None and time.time() < deadline, first.stdout.read()
     time.sleep(0.2)
   first.send_signal(signal.SIGKILL)
