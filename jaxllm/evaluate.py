@@ -289,9 +289,7 @@ def _dpo_figures(config, model, params, tokenizer, workdir, progress) -> dict[st
 
   _, _, reference, _ = run_io.load_run(config.train.init_from)
   records, pairs = dpo.load(config, tokenizer)
-  shape = instruction.batch_options(config.instruct, model.config.context_length,
-                                    tokenizer.eot_id)
-  del shape["mask_prompt"]
+  shape = dpo.batch_shape(config, model, tokenizer)
   sums_fn = jax.jit(functools.partial(
       loss_lib.dpo_sums, backbone=model, beta=float(config.dpo.beta),
       average=bool(config.dpo.average_logprobs)))

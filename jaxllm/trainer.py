@@ -73,7 +73,8 @@ def _check_train_config(train: ml_collections.ConfigDict) -> None:
     raise JaxllmError("set train.steps (or train.epochs) to a positive number")
 
 
-def _total_steps(train: ml_collections.ConfigDict, task: tasks_lib.Task) -> int:
+def total_steps(train: ml_collections.ConfigDict, task: tasks_lib.Task) -> int:
+  """train.steps, or train.epochs passes over the task's batches."""
   if train.epochs <= 0:
     return int(train.steps)
   if task.batches_per_epoch is None:
@@ -95,8 +96,8 @@ def set_up(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Setup:
   abstract_params = jax.eval_shape(task.init_params)
   sharding.check_divisible(abstract_params, task.param_axes, mesh, rules)
   with config.ignore_type():
-    train.steps = total_steps = _total_steps(train, task)
-  optimizer = train_lib.make_optimizer(train, total_steps, task.trainable)
+    train.steps = steps = total_steps(train, task)
+  optimizer = train_lib.make_optimizer(train, steps, task.trainable)
   shardings = sharding.state_shardings(abstract_params, task.param_axes, optimizer, mesh, rules)
 
   main = multihost.is_main()
@@ -112,7 +113,7 @@ def set_up(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Setup:
   microbatch = train.batch_size // train.grad_accum
   return Setup(
       config=config, workdir=workdir, task=task, mesh=mesh, rules=rules, optimizer=optimizer,
-      shardings=shardings, manager=manager, total_steps=total_steps,
+      shardings=shardings, manager=manager, total_steps=steps,
       train_rows=multihost.process_rows(sharding.batch_sharding(mesh, rules, 1, ndim=2),
                                         (train.grad_accum, microbatch), axis=1),
       eval_rows=multihost.process_rows(sharding.batch_sharding(mesh, rules, 0, ndim=1),

@@ -29,6 +29,7 @@ from jaxllm import metrics as metrics_lib
 from jaxllm import run_io
 from jaxllm import tasks as tasks_lib
 from jaxllm import train as train_lib
+from jaxllm import trainer
 from jaxllm.errors import JaxllmError
 
 # The keys trials may differ in: optimizer hyperparameters, traced inside the step.
@@ -73,7 +74,7 @@ def run(config: ml_collections.ConfigDict, trials: Sequence[dict],
   configs = [_trial_config(config, values) for values in trials]
   task = tasks_lib.build(configs[0])
   train, count = configs[0].train, len(configs)
-  total = int(train.steps) if train.epochs <= 0 else train.epochs * task.batches_per_epoch
+  total = trainer.total_steps(train, task)
   hp = _hyperparameters(configs, total)
   optimizer = train_lib.make_optimizer(train, total, task.trainable)  # the state's layout
 

@@ -37,6 +37,14 @@ def pair_batch(pairs: instruction.Encoded, rows, **shape) -> common.Batch:
   return {**batch, "weight_B": np.ones(len(rows), np.float32)}
 
 
+def batch_shape(config: ml_collections.ConfigDict, model, tokenizer) -> dict:
+  """pair_batch's padding keywords from `config.instruct` (the prompt is always masked)."""
+  shape = instruction.batch_options(config.instruct, model.config.context_length,
+                                    tokenizer.eot_id)
+  del shape["mask_prompt"]
+  return shape
+
+
 def load(config: ml_collections.ConfigDict, tokenizer):
   """(records, interleaved pairs) of each split."""
   records = instruction.load_records(config.instruct, config.data.path, config.train.seed,
@@ -52,9 +60,7 @@ def make_task(config: ml_collections.ConfigDict) -> common.Task:
                       "its run directory (e.g. an instruct_alpaca run)")
   model, tokenizer = common.backbone(config)
   records, pairs = load(config, tokenizer)
-  shape = instruction.batch_options(config.instruct, model.config.context_length,
-                                    tokenizer.eot_id)
-  del shape["mask_prompt"]  # always masked
+  shape = batch_shape(config, model, tokenizer)
   pair_lengths = {k: np.maximum(v.lengths[0::2], v.lengths[1::2]) for k, v in pairs.items()}
   sampler = instruction.Batches(pair_lengths["train"], train.batch_size, train.seed,
                                 config.instruct.bucket_batches)
