@@ -70,6 +70,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.separator = "<|endoftext|>"  # put between documents; "" joins them as they are
   c.data.sampling = "random"  # "random" offsets (nanoGPT) or "sliding" windows (the book)
   c.data.stride = 0  # sliding-window stride; 0 = context_length
+  c.data.tokenize_workers = 0  # threads tokenizing a corpus into the cache; 0 = every core
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000  # optimizer steps

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from typing import Sequence
 
+import numpy as np
+
 from jaxllm.errors import JaxllmError
 
 EOT = "<|endoftext|>"
@@ -23,6 +25,11 @@ class Tokenizer:
 
   def encode(self, text: str) -> list[int]:
     raise NotImplementedError
+
+  def encode_array(self, text: str) -> np.ndarray:
+    """`encode(text)` as an integer array, without a Python list where the tokenizer can (and
+    without holding the GIL where it can, so threads encode in parallel)."""
+    return np.asarray(self.encode(text), np.int64)
 
   def decode(self, ids: Sequence[int]) -> str:
     raise NotImplementedError
@@ -53,6 +60,9 @@ class TiktokenTokenizer(Tokenizer):
   def encode(self, text: str) -> list[int]:
     return self._encoding.encode(text, allowed_special={EOT})
 
+  def encode_array(self, text: str) -> np.ndarray:
+    return self._encoding.encode_to_numpy(text, allowed_special={EOT})
+
   def decode(self, ids: Sequence[int]) -> str:
     return self._encoding.decode([int(i) for i in ids])
 
@@ -70,6 +80,10 @@ class CharTokenizer(Tokenizer):
     self._ids = {c: i for i, c in enumerate(self.chars)}
     self.eot_id = len(self.chars)
     self.vocab_size = len(self.chars) + 1
+    # encode_array's lookup from code point to id (-1: not in the vocabulary).
+    codes = [ord(c) for c in self.chars]
+    self._table = np.full(max(codes, default=0) + 2, -1, np.int32)
+    self._table[codes] = np.arange(len(codes))
 
   @classmethod
   def from_corpus(cls, text: str) -> "CharTokenizer":
@@ -86,6 +100,20 @@ class CharTokenizer(Tokenizer):
         raise JaxllmError(f"character {e.args[0]!r} is not in the character vocabulary "
                           f"(it was built from a corpus without it)") from None
     return ids
+
+  def encode_array(self, text: str) -> np.ndarray:
+    pieces = []
+    for i, piece in enumerate(text.split(EOT)):
+      if i:
+        pieces.append(np.array([self.eot_id], np.int32))
+      points = np.frombuffer(piece.encode("utf-32-le"), np.uint32)
+      ids = self._table[np.minimum(points, len(self._table) - 1)]
+      unknown = np.flatnonzero(ids < 0)
+      if len(unknown):
+        raise JaxllmError(f"character {chr(points[unknown[0]])!r} is not in the character "
+                          f"vocabulary (it was built from a corpus without it)")
+      pieces.append(ids)
+    return np.concatenate(pieces)
 
   def decode(self, ids: Sequence[int]) -> str:
     return "".join(EOT if i == self.eot_id else self.chars[i] for i in map(int, ids))

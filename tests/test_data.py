@@ -103,14 +103,14 @@ def test_the_verdict_gpt2_tokens_and_cache_hit(shared_data, tmp_path, monkeypatc
   # Cut at character 18,431 of 20,479: the cut splits one word, hence 5,146 = 5,145 + 1.
   assert (len(first.train), len(first.val)) == (4_612, 534)
   assert first.cache_dir.parent == tmp_path / "jaxllm_tokens"
-  train_file = first.cache_dir / "train.npy"
+  train_file = first.cache_dir / "train-00000.bin"
   mtime = train_file.stat().st_mtime_ns
 
   def must_not_run(*args, **kwargs):
     raise AssertionError("cache miss: the text was read or tokenized again")
 
-  monkeypatch.setattr(tokens_lib, "encode", must_not_run)
-  monkeypatch.setattr(tokens_lib, "load_text", must_not_run)
+  monkeypatch.setattr(tokens_lib, "text_stream", must_not_run)
+  monkeypatch.setattr(tokens_lib, "encode_chunks", must_not_run)
   second = data_lib.load_token_data(data, context_length=256)
   assert train_file.stat().st_mtime_ns == mtime
   np.testing.assert_array_equal(second.train, first.train)
@@ -123,7 +123,7 @@ def test_char_vocabulary_comes_back_from_the_cache(tmp_path, monkeypatch):
   path.write_text("hello world, hello jax\n" * 10)
   data = _text(tmp_path / "tfds", path, tokenizer="char", val_fraction=0.2)
   first = data_lib.load_token_data(data)
-  monkeypatch.setattr(tokens_lib, "encode", lambda *a, **k: pytest.fail("re-tokenized"))
+  monkeypatch.setattr(tokens_lib, "encode_chunks", lambda *a, **k: pytest.fail("re-tokenized"))
   second = data_lib.load_token_data(data)
   assert second.tokenizer.to_json() == first.tokenizer.to_json()
   assert second.tokenizer.vocab_size == len(set("hello world, jax\n")) + 1
@@ -148,7 +148,7 @@ def test_chunked_encoding_equals_one_shot(shared_data, monkeypatch):
   gpt2 = tokenizer_lib.get_tokenizer("gpt2")
   # Size 1 cuts at every safe place there is: after lone newlines, before spaces in prose.
   monkeypatch.setattr(tokens_lib, "CHUNK_CHARS", 1)
-  assert len(list(tokens_lib._chunks(text, 1))) == 1_461
+  assert len(list(tokens_lib.safe_chunks([text], 1))) == 1_461
   np.testing.assert_array_equal(data_lib.encode(gpt2, text), gpt2.encode(text))
 
 

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from jaxllm import tokenizer as tokenizer_lib
@@ -44,3 +45,15 @@ def test_json_round_trip():
     again = tokenizer_lib.from_json(tok.to_json())
     assert again.encode("cab") == tok.encode("cab")
     assert again.vocab_size == tok.vocab_size
+
+
+def test_encode_array_equals_encode(shared_data):
+  text = (shared_data / "the-verdict.txt").read_text(encoding="utf-8")[:4000]
+  text = text + tokenizer_lib.EOT + text[:300] + tokenizer_lib.EOT
+  for tok in (tokenizer_lib.TiktokenTokenizer("gpt2"),
+              tokenizer_lib.CharTokenizer.from_corpus(text)):
+    ids = tok.encode_array(text)
+    assert ids.dtype.kind in "iu"
+    np.testing.assert_array_equal(ids, tok.encode(text))
+  with pytest.raises(JaxllmError, match="character 'é' is not in the character vocabulary"):
+    tokenizer_lib.CharTokenizer("abc").encode_array("abé")

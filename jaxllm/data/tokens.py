@@ -1,25 +1,33 @@
-"""From `config.data` to train and validation token arrays, tokenized once and cached on disk.
+"""From `config.data` to train and validation token arrays, tokenized once into a cache on disk.
 
 Documents come from a TFDS catalog dataset (`data.dataset`) or, for `data.dataset="text"`,
-from local files through jaxllm's own TFDS builder; either way they are read with
-`as_data_source` and joined with `data.separator`. Validation is either TFDS splits
-(`data.val_split`) or the last `data.val_fraction` of the joined text, cut by characters as
-nanoGPT and "Build a Large Language Model (From Scratch)" do. The token arrays land in
-`<data_dir>/jaxllm_tokens/<key>/` with the tokenizer's JSON, so a second run reads them back
-without touching the text (and the char tokenizer gets back the same vocabulary).
+from local files named through jaxllm's own TFDS builder, and are joined with
+`data.separator` (`corpus`). Validation is either TFDS splits (`data.val_split`) or the last
+`data.val_fraction` of the joined text, cut by characters as nanoGPT and "Build a Large
+Language Model (From Scratch)" do.
+
+The text streams through the tokenizer in memory bounded by the chunk size, not by the
+corpus: one pass measures it (and collects a character vocabulary), a second re-cuts it into
+chunks of about CHUNK_CHARS characters at places where cutting cannot change a token, encodes
+the chunks on every core and appends their ids to sharded token files (`token_files`) in
+`<data_dir>/jaxllm_tokens/<key>/`, with the tokenizer's JSON, so a second run maps them back
+without touching the text. A killed preparation continues from its last committed shard.
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
 import pathlib
 import re
-import shutil
-from typing import Iterator
+import time
+from typing import Iterable, Iterator
 
 import ml_collections
 from absl import logging as absl_logging
@@ -28,15 +36,16 @@ import tensorflow_datasets as tfds
 import tqdm
 
 from jaxllm import tokenizer as tokenizer_lib
-from jaxllm.data import text_builder
+from jaxllm.data import corpus, text_builder, token_files
 from jaxllm.errors import JaxllmError
 
-# Bump when the cache layout or the meaning of a key changes.
+# Bump when the meaning of a key changes. (Caches written as train.npy / val.npy before
+# sharded token files hold the same ids under the same key, and are still read.)
 CACHE_FORMAT = 1
-# Texts are encoded in pieces of about this many characters, with a progress bar past
-# PROGRESS_MIN_CHARS (below that, encoding takes a second or two).
+# Texts are encoded in chunks of about this many characters; with no safe place to cut
+# (below), a chunk is cut at HARD_CHUNK_CHARS anyway.
 CHUNK_CHARS = 1 << 20
-PROGRESS_MIN_CHARS = 1 << 23
+HARD_CHUNK_CHARS = 64 * CHUNK_CHARS
 # Where a text can be cut so its pieces encode exactly as the whole does: just after a lone
 # newline between non-spaces, or before a space between two ASCII letters. BPE pre-tokenizers
 # (GPT-2's, cl100k's, o200k's) never put both sides of these in one piece. (After "\n\n" a cut
@@ -115,71 +124,89 @@ def _prepare(builder: tfds.core.DatasetBuilder, data: ml_collections.ConfigDict)
         f"(scripts/seed_tfds_downloads.py, or TFDS's manual download instructions)") from e
 
 
-def split_names(spec: str) -> list[str]:
-  """"train+validation" -> ["train", "validation"]."""
-  names = [name.strip() for name in spec.split("+")]
-  if not spec or not all(names):
-    raise JaxllmError(f"bad split '{spec}' (splits are TFDS split names joined with '+', "
-                      f"e.g. train+validation)")
-  return names
+def text_stream(data: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder,
+                spec: str) -> corpus.TextStream:
+  """The text of splits `spec`, documents joined by `data.separator`, as a stream of pieces.
+
+  Local files are read directly (see `corpus`); a split spec other than "train" for them
+  (e.g. "train[:50%]") goes through TFDS's prepared copy, as catalog datasets do.
+  """
+  if data.dataset == "text" and corpus.split_names(spec) == ["train"]:
+    files = [pathlib.Path(f) for f in builder.builder_config.files]
+    return corpus.local_stream(files, data.separator)
+  _prepare(builder, data)
+  return corpus.tfds_stream(builder, spec, data.separator)
 
 
-def read_documents(builder: tfds.core.DatasetBuilder, spec: str) -> list[str]:
-  """The `text` of every example of the splits in `spec`, split after split (builder prepared)."""
-  available = list(builder.info.splits.keys())
-  if "text" not in builder.info.features:
-    raise JaxllmError(f"dataset '{builder.name}' has no 'text' feature (it has: "
-                      f"{', '.join(builder.info.features.keys())}); pick a text dataset")
-  documents = []
-  for name in split_names(spec):
-    if name.split("[")[0] not in available:
-      raise JaxllmError(f"dataset '{builder.name}' has no split '{name}' (it has: "
-                        f"{', '.join(available)}); fix data.train_split / data.val_split")
-    source = builder.as_data_source(split=name)
-    # Read in blocks: one ArrayRecord lookup per example is slow for millions of documents.
-    with tqdm.tqdm(total=len(source), desc=f"reading {name}", unit="doc",
-                   disable=len(source) < 100_000) as progress:
-      for start in range(0, len(source), 4096):
-        block = source.__getitems__(range(start, min(start + 4096, len(source))))
-        for example in block:
-          text = example["text"]
-          documents.append(text.decode("utf-8") if isinstance(text, bytes) else text)
-        progress.update(len(block))
-  return documents
+def _empty_corpus(data: ml_collections.ConfigDict, spec: str, has_chars: bool) -> JaxllmError:
+  where = data.path if data.dataset == "text" else f"{data.dataset} split {spec}"
+  return JaxllmError(f"corpus is empty ({where} has {'only whitespace' if has_chars else 'no'}"
+                     f" text); point data.path / data.dataset at a text corpus")
 
 
 def load_text(data: ml_collections.ConfigDict, spec: str,
               builder: tfds.core.DatasetBuilder | None = None) -> str:
-  """The documents of splits `spec` joined with `data.separator`; an empty text is an error."""
-  builder = builder or dataset_builder(data)
-  _prepare(builder, data)
-  text = data.separator.join(read_documents(builder, spec))
+  """The documents of splits `spec` joined with `data.separator`, as one string in memory
+  (for small corpora and tests; tokenizing streams instead). An empty text is an error."""
+  text = "".join(text_stream(data, builder or dataset_builder(data), spec))
   if not text.strip():
-    where = data.path if data.dataset == "text" else f"{data.dataset} split {spec}"
-    raise JaxllmError(f"corpus is empty ({where} has {'no' if not text else 'only whitespace'}"
-                      f" text); point data.path / data.dataset at a text corpus")
+    raise _empty_corpus(data, spec, bool(text))
   return text
 
 
-def _chunks(text: str, size: int) -> Iterator[str]:
-  start = 0
-  while start < len(text):
-    cut = _SAFE_CUT.search(text, start + size) if start + size < len(text) else None
-    end = cut.end() if cut else len(text)
-    yield text[start:end]
-    start = end
+def safe_chunks(pieces: Iterable[str], size: int) -> Iterator[str]:
+  """The text of `pieces` re-cut into chunks of about `size` characters at safe places (see
+  _SAFE_CUT), so the chunks encode exactly as the whole text does. Text with no safe place
+  in HARD_CHUNK_CHARS characters is cut there anyway (memory stays bounded; the tokens at
+  that one cut may then differ from the whole text's)."""
+  buffer = ""
+  for piece in pieces:
+    buffer = buffer + piece if buffer else piece
+    while len(buffer) > size:
+      cut = _SAFE_CUT.search(buffer, size)
+      if cut is not None:
+        end = cut.end()
+      elif len(buffer) >= max(HARD_CHUNK_CHARS, size + 1):
+        end = max(HARD_CHUNK_CHARS, size + 1)
+      else:
+        break  # wait for more text
+      yield buffer[:end]
+      buffer = buffer[end:]
+  if buffer:
+    yield buffer
 
 
-def encode(tok: tokenizer_lib.Tokenizer, text: str, desc: str = "tokenizing") -> np.ndarray:
-  """`tok.encode(text)` as the smallest unsigned array that holds the vocabulary."""
-  dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
-  pieces = []
-  with tqdm.tqdm(total=len(text), desc=desc, unit="char", unit_scale=True,
-                 disable=len(text) < PROGRESS_MIN_CHARS) as progress:
-    for chunk in _chunks(text, CHUNK_CHARS):
-      pieces.append(np.asarray(tok.encode(chunk), dtype=dtype))
-      progress.update(len(chunk))
-  return np.concatenate(pieces) if pieces else np.zeros((0,), dtype)
+def token_dtype(tok: tokenizer_lib.Tokenizer) -> np.dtype:
+  """The smallest unsigned integer type that holds the vocabulary."""
+  return np.dtype(np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32)
+
+
+def encode_chunks(tok: tokenizer_lib.Tokenizer, chunks: Iterable[str],
+                  workers: int = 1) -> Iterator[tuple[int, np.ndarray]]:
+  """(characters, token ids) of each chunk, in order, encoded by `workers` threads (tiktoken
+  releases the GIL while it encodes) with at most 2 x workers chunks in flight."""
+  dtype = token_dtype(tok)
+
+  def encode_one(chunk: str) -> tuple[int, np.ndarray]:
+    return len(chunk), tok.encode_array(chunk).astype(dtype, copy=False)
+
+  if workers <= 1:
+    yield from map(encode_one, chunks)
+    return
+  with concurrent.futures.ThreadPoolExecutor(workers, "jaxllm-tokenize") as pool:
+    pending: collections.deque = collections.deque()
+    for chunk in chunks:
+      pending.append(pool.submit(encode_one, chunk))
+      if len(pending) >= 2 * workers:
+        yield pending.popleft().result()
+    while pending:
+      yield pending.popleft().result()
+
+
+def encode(tok: tokenizer_lib.Tokenizer, text: str, workers: int = 1) -> np.ndarray:
+  """`tok.encode(text)` as an array of `token_dtype(tok)`, in chunks (see safe_chunks)."""
+  pieces = [ids for _, ids in encode_chunks(tok, safe_chunks([text], CHUNK_CHARS), workers)]
+  return np.concatenate(pieces) if pieces else np.zeros((0,), token_dtype(tok))
 
 
 def _check_length(what: str, tokens: np.ndarray, context_length: int | None, fix: str) -> None:
@@ -203,7 +230,7 @@ def cache_key(data: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder
 
 def load_token_data(data: ml_collections.ConfigDict, context_length: int | None = None,
                     tokenizer: tokenizer_lib.Tokenizer | None = None) -> TokenData:
-  """Train/val tokens for `config.data`, from the cache or tokenized once and cached.
+  """Train/val tokens for `config.data`, from the cache or tokenized once into it.
 
   `tokenizer` (e.g. the one of a run to continue from) replaces data.tokenizer. With
   `context_length`, a split too short for one window (context_length + 1 tokens) is a
@@ -217,43 +244,103 @@ def load_token_data(data: ml_collections.ConfigDict, context_length: int | None 
   digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
   slug = re.sub(r"[^\w.-]", "_", "-".join(builder.info.full_name.split("/")[:-1]))
   cache_dir = pathlib.Path(tfds_data_dir(data)) / "jaxllm_tokens" / f"{slug}-{digest}"
-
-  if cache_dir.is_dir():
-    tok = tokenizer_lib.from_json(json.loads((cache_dir / "tokenizer.json").read_text()))
-    train = np.load(cache_dir / "train.npy", mmap_mode="r")
-    val = np.load(cache_dir / "val.npy", mmap_mode="r")
-  else:
-    text = load_text(data, data.train_split, builder)
-    if data.val_split:
-      train_text, val_text = text, load_text(data, data.val_split, builder)
-    else:
-      cut = int(len(text) * (1.0 - data.val_fraction))
-      train_text, val_text = text[:cut], text[cut:]
-    # The char vocabulary covers validation too, or an unseen character could not be encoded.
-    tok = tokenizer or tokenizer_lib.get_tokenizer(data.tokenizer, corpus=train_text + val_text)
-    train = encode(tok, train_text, "tokenizing train")
-    val = encode(tok, val_text, "tokenizing val")
-    _write_cache(cache_dir, key, tok, train, val)
-
+  if not cache_dir.is_dir():
+    # One preparer at a time per cache (others wait, then read what it wrote).
+    with _lock(cache_dir.with_name(f"{cache_dir.name}.lock")):
+      if not cache_dir.is_dir():
+        _prepare_cache(data, builder, key, tokenizer, cache_dir)
+  tok = tokenizer_lib.from_json(json.loads((cache_dir / "tokenizer.json").read_text()))
+  train = token_files.open_split(cache_dir, "train")
+  val = token_files.open_split(cache_dir, "val")
   _check_length("training", train, context_length, "use a longer corpus")
   val_fix = "name longer splits in data.val_split" if data.val_split else "raise data.val_fraction"
   _check_length("validation", val, context_length, val_fix)
   return TokenData(train=train, val=val, tokenizer=tok, cache_dir=cache_dir)
 
 
-def _write_cache(cache_dir: pathlib.Path, key: dict, tok: tokenizer_lib.Tokenizer,
-                 train: np.ndarray, val: np.ndarray) -> None:
-  # Written aside and renamed into place, so a reader (another process of a multi-host job,
-  # or a run killed mid-write) never sees half a cache.
-  partial = cache_dir.with_name(f"{cache_dir.name}.partial-{os.getpid()}")
-  partial.mkdir(parents=True, exist_ok=True)
-  np.save(partial / "train.npy", train)
-  np.save(partial / "val.npy", val)
-  (partial / "tokenizer.json").write_text(json.dumps(tok.to_json()))
-  (partial / "key.json").write_text(json.dumps(key, indent=1))
-  try:
-    os.rename(partial, cache_dir)
-  except OSError:
-    if not cache_dir.is_dir():
-      raise
-    shutil.rmtree(partial)  # another process got there first with the same arrays
+@contextlib.contextmanager
+def _lock(path: pathlib.Path):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with open(path, "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)  # released by the kernel too if this process dies
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class _CharSurvey:
+  """The characters of a text seen piece by piece, `<|endoftext|>` left out, as
+  `CharTokenizer.from_corpus` takes them (a marker cut between two pieces is still seen)."""
+
+  def __init__(self):
+    self.chars: set[str] = set()
+    self._carry = ""  # the end of the last piece, perhaps the start of a marker
+
+  def add(self, piece: str) -> None:
+    parts = (self._carry + piece).split(tokenizer_lib.EOT)
+    for part in parts[:-1]:
+      self.chars.update(part)
+    last = parts[-1]
+    keep = min(len(last), len(tokenizer_lib.EOT) - 1)
+    self.chars.update(last[:len(last) - keep])
+    self._carry = last[len(last) - keep:]
+
+  def result(self) -> str:
+    return "".join(sorted(self.chars | set(self._carry)))
+
+
+def _plan(data: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder,
+          tokenizer: tokenizer_lib.Tokenizer | None) -> dict:
+  """One pass over the text: where each split's text lies ([split spec, first character,
+  end]) and, for a character tokenizer built here, its characters (validation's too)."""
+  survey = _CharSurvey() if tokenizer is None and data.tokenizer == "char" else None
+  on_piece = survey.add if survey else None
+
+  def measure(spec: str) -> int:
+    length, has_text = corpus.survey(text_stream(data, builder, spec), on_piece,
+                                     desc=f"reading {spec}")
+    if not has_text:
+      raise _empty_corpus(data, spec, length > 0)
+    return length
+
+  length = measure(data.train_split)
+  if data.val_split:
+    splits = {"train": [data.train_split, 0, length],
+              "val": [data.val_split, 0, measure(data.val_split)]}
+  else:
+    cut = int(length * (1.0 - data.val_fraction))
+    splits = {"train": [data.train_split, 0, cut], "val": [data.train_split, cut, length]}
+  return {"splits": splits, "chars": survey.result() if survey else None}
+
+
+def _prepare_cache(data: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder,
+                   key: dict, tokenizer: tokenizer_lib.Tokenizer | None,
+                   cache_dir: pathlib.Path) -> None:
+  """Tokenize into `<cache>.partial/` (continuing a killed preparation of the same key from
+  its last committed shard), then rename it to `cache_dir`."""
+  preparation = token_files.Preparation(cache_dir.with_name(f"{cache_dir.name}.partial"), key)
+  if preparation.state["plan"] is None:
+    preparation.state["plan"] = _plan(data, builder, tokenizer)
+    preparation.save()
+  plan = preparation.state["plan"]
+  tok = tokenizer or (tokenizer_lib.CharTokenizer(plan["chars"]) if plan["chars"] is not None
+                      else tokenizer_lib.get_tokenizer(data.tokenizer))
+  workers = data.tokenize_workers or len(os.sched_getaffinity(0))
+  for name in ("train", "val"):
+    writer = token_files.ShardWriter(preparation, name, token_dtype(tok))
+    if not writer.split["done"]:
+      spec, start, stop = plan["splits"][name]
+      stream = text_stream(data, builder, spec)
+      pieces = corpus.CharRange(stream, start + writer.chars_done, stop)
+      with tqdm.tqdm(total=stop - start, initial=writer.chars_done, desc=f"tokenizing {name}",
+                     unit="char", unit_scale=True, delay=2, dynamic_ncols=True) as bar:
+        begin, tokens = time.perf_counter(), 0
+        for chars, ids in encode_chunks(tok, safe_chunks(pieces, CHUNK_CHARS), workers):
+          writer.append(chars, ids)
+          tokens += len(ids)
+          bar.set_postfix(docs=f"{stream.documents:,}", refresh=False,
+                          tok_s=f"{tokens / (time.perf_counter() - begin):,.0f}")
+          bar.update(chars)
+      writer.finish()
+  preparation.finish(cache_dir, token_dtype(tok), tok.to_json())
