@@ -71,6 +71,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.sampling = "random"  # "random" offsets (nanoGPT) or "sliding" windows (the book)
   c.data.stride = 0  # sliding-window stride; 0 = context_length
   c.data.tokenize_workers = 0  # threads tokenizing a corpus into the cache; 0 = every core
+  c.data.prefetch = 2  # training batches made and placed on the devices ahead; 0 = none
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000  # optimizer steps

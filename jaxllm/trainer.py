@@ -32,6 +32,7 @@ from jaxllm import checkpoint as checkpoint_lib
 from jaxllm import evaluate as evaluate_lib
 from jaxllm import metrics as metrics_lib
 from jaxllm import multihost
+from jaxllm import prefetch
 from jaxllm import run_io
 from jaxllm import sharding
 from jaxllm import tasks as tasks_lib
@@ -193,6 +194,14 @@ def _global_batch(setup: Setup, rows: dict, axis: int, full_rows: int) -> dict:
   return out
 
 
+def _train_batch(setup: Setup, step: int) -> tuple[int, dict]:
+  """(this process's tokens, the global batch on the devices) of training step `step`."""
+  rows = setup.task.train_batch(step, setup.train_rows)
+  train = setup.config.train
+  return rows[setup.task.token_key].size, _global_batch(setup, rows, 1,
+                                                        train.batch_size // train.grad_accum)
+
+
 @functools.lru_cache(maxsize=64)  # once per kind of batch array, not once per step
 def _batch_sharding(mesh, rules, axis: int, ndim: int):
   return sharding.batch_sharding(mesh, rules, axis, ndim=ndim)
@@ -221,19 +230,24 @@ class Meter:
     self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
     rows = setup.train_rows.stop - setup.train_rows.start
     self.scale = (setup.config.train.batch_size // setup.config.train.grad_accum) / rows
+    self.total_wait = 0.0  # seconds the loop waited for batches, over the whole run
     self.reset()
 
   def reset(self) -> None:
-    self.start, self.steps, self.tokens = time.perf_counter(), 0, 0.0
+    self.start, self.steps, self.tokens, self.wait = time.perf_counter(), 0, 0.0, 0.0
 
-  def add(self, local_tokens: int) -> None:
+  def add(self, local_tokens: int, wait_seconds: float) -> None:
+    """A step of `local_tokens`, whose batch the loop waited `wait_seconds` for."""
     self.steps += 1
     self.tokens += local_tokens * self.scale
+    self.wait += wait_seconds
+    self.total_wait += wait_seconds
 
   def figures(self) -> dict[str, float]:
-    tokens_per_s = self.tokens / (time.perf_counter() - self.start)
+    seconds = time.perf_counter() - self.start
+    tokens_per_s = self.tokens / seconds
     return {"tokens_per_s": tokens_per_s, "mfu": tokens_per_s * self.flops_per_token
-            / (self.peak_flops * len(jax.devices()))}
+            / (self.peak_flops * len(jax.devices())), "input_wait": self.wait / seconds}
 
 
 def _step_record(setup: Setup, done: int, metrics: dict, meter: Meter) -> dict[str, float]:
@@ -281,13 +295,15 @@ def train_loop(setup: Setup, state, start_step: int, progress: bool,
   bar = tqdm(total=total, initial=start_step, desc=train.task, unit="step",
              disable=not (progress and setup.main), dynamic_ncols=True)
   train_start = time.perf_counter()
-  with jax.set_mesh(setup.mesh), checkpoint_lib.PreemptionWatch() as preemption:
+  batches = prefetch.Prefetcher(functools.partial(_train_batch, setup), start_step, total,
+                                setup.config.data.prefetch)
+  with jax.set_mesh(setup.mesh), checkpoint_lib.PreemptionWatch() as preemption, batches:
     try:
       for step in range(start_step, total):
-        batch = task.train_batch(step, setup.train_rows)
-        run.meter.add(batch[task.token_key].size)
-        state, metrics = step_fn(state, _global_batch(
-            setup, batch, 1, train.batch_size // train.grad_accum))
+        wait_start = time.perf_counter()
+        tokens, batch = batches.get(step)
+        run.meter.add(tokens, time.perf_counter() - wait_start)
+        state, metrics = step_fn(state, batch)
         done = step + 1
         is_eval = (done % train.eval_every == 0 or done == total or (
             train.epochs > 0 and done % task.batches_per_epoch == 0))
@@ -309,6 +325,7 @@ def train_loop(setup: Setup, state, start_step: int, progress: bool,
                  "total_params": count_params(state.params),
                  "trainable_params": count_params(trainable),
                  "steps_per_s": (total - start_step) / max(train_seconds, 1e-9),
+                 "input_wait": run.meter.total_wait / max(train_seconds, 1e-9),
                  "initial_val_loss": initial.get("val_loss"), "final": run.last_eval,
                  "records": run.writer.records}
 
@@ -386,7 +403,8 @@ def finish(setup: Setup, state, summary: dict, start_time: float) -> dict[str, A
   figures = evaluate_lib.write_figures(
       setup.workdir, {**figures, "wall_seconds": time.perf_counter() - start_time})
   print(f"step {summary['steps']}: {_figures_text(final)}; {summary['steps_per_s']:.1f} "
-        f"steps/s, wall time {figures['wall_seconds']:.0f} s; outputs in {setup.workdir}")
+        f"steps/s (waiting for data {summary['input_wait']:.1%} of it), wall time "
+        f"{figures['wall_seconds']:.0f} s; outputs in {setup.workdir}")
   return figures
 
 

@@ -46,11 +46,21 @@ def test_unknown_preset_lists_the_known_ones():
 
 def test_experiment_files_load_and_resolve():
   for name, vocab, expected in [("shakespeare_char", 66, (4, 4, 128, 64)),
-                                ("verdict_gpt2", 50257, (12, 12, 768, 256))]:
+                                ("verdict_gpt2", 50257, (12, 12, 768, 256)),
+                                ("gpt2_owt", 50257, (12, 12, 768, 1024)),
+                                ("lm1b_small", 50257, (4, 4, 256, 128))]:
     config = config_lib.load_config(f"experiments/{name}.py")
     resolved = config_lib.model_config(config.model, vocab)
     assert (resolved.n_layer, resolved.n_head, resolved.d_model,
             resolved.context_length) == expected
+
+
+def test_gpt2_owt_is_nanogpts_batch():
+  config = config_lib.load_config("experiments/gpt2_owt.py")
+  train = config.train
+  rows_per_device = train.batch_size // train.grad_accum // config.mesh.data
+  assert (train.batch_size * 1024, rows_per_device) == (491_520, 12)  # nanoGPT: 12 x 40 x 1024
+  assert (train.steps, train.warmup_steps, train.learning_rate) == (600_000, 2000, 6e-4)
 
 
 def test_experiment_file_with_unknown_key(tmp_path):

@@ -218,3 +218,28 @@ def test_bad_corpus_files_are_one_line_errors(tmp_path):
   data.val_split = "train"
   data.train_split = "train[:0%]"  # an empty split (through TFDS's copy)
   _one_line_error(r"corpus is empty \(.* has no text\)", data_lib.load_token_data, data)
+
+
+def test_a_dataset_without_a_text_feature_is_a_one_line_error(tmp_path):
+  import tensorflow_datasets as tfds
+
+  class JaxllmTestSentences(tfds.core.GeneratorBasedBuilder):
+    """Registered by defining it: a catalog dataset whose feature is not called 'text'."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return self.dataset_info_from_configs(
+          features=tfds.features.FeaturesDict({"sentence": tfds.features.Text()}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+      for i in range(3):
+        yield i, {"sentence": f"sentence {i}"}
+
+  data = config_lib.default_config().data
+  data.update(dict(dataset="jaxllm_test_sentences", data_dir=str(tmp_path)))
+  _one_line_error(r"dataset 'jaxllm_test_sentences' has no 'text' feature \(it has: "
+                  r"sentence\); pick a text dataset", data_lib.load_token_data, data)

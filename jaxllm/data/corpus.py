@@ -24,7 +24,7 @@ import tqdm
 
 from jaxllm.errors import JaxllmError
 
-READ_BYTES = 8 << 20  # bytes read from a local file at a time
+READ_BYTES = 1 << 20  # bytes read from a local file at a time
 DOCUMENT_BLOCK = 4096  # documents read from an ArrayRecord data source at a time
 
 

@@ -55,10 +55,11 @@ _SAFE_CUT = re.compile(r"(?<=\S)\n(?=\S)|(?<=[A-Za-z])(?= [A-Za-z])")
 
 @dataclasses.dataclass
 class TokenData:
-  """Token ids of the training and validation text, and the tokenizer that made them."""
+  """Token ids of the training and validation text (memory-mapped: indexing reads only what
+  it picks), and the tokenizer that made them."""
 
-  train: np.ndarray
-  val: np.ndarray
+  train: token_files.TokenShards | np.ndarray
+  val: token_files.TokenShards | np.ndarray
   tokenizer: tokenizer_lib.Tokenizer
   cache_dir: pathlib.Path
 
