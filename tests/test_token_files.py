@@ -224,8 +224,9 @@ def test_a_dataset_without_a_text_feature_is_a_one_line_error(tmp_path):
   import tensorflow_datasets as tfds
 
   class JaxllmTestSentences(tfds.core.GeneratorBasedBuilder):
-    """Registered by defining it: a catalog dataset whose feature is not called 'text'."""
+    """A catalog dataset (registered by defining it) whose feature is not called 'text'."""
 
+    __module__ = "jaxllm.data.text_builder"  # TFDS wants a builder's module in a package
     VERSION = tfds.core.Version("1.0.0")
 
     def _info(self):
