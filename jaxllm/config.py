@@ -17,8 +17,13 @@ import ml_collections
 
 from jaxllm.errors import JaxllmError
 
-# name -> (n_layer, n_head, d_model, context_length). vocab_size comes from the tokenizer.
-PRESETS: dict[str, dict[str, int]] = {
+# Llama-family architecture: RMSNorm, rotary positions, SwiGLU, no biases, untied by default.
+_LLAMA = dict(norm="rmsnorm", position="rope", mlp="swiglu", bias=False, tie_embeddings=False)
+
+# name -> model keys. Sizes (n_layer, n_head, d_model, context_length) always; the others
+# where they differ from GPT-2's defaults. vocab_size, where given, is the model's own; a
+# tokenizer's vocabulary takes its place when the model is built from one.
+PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-small": dict(n_layer=12, n_head=12, d_model=768, context_length=1024),
     "gpt2-medium": dict(n_layer=24, n_head=16, d_model=1024, context_length=1024),
     "gpt2-large": dict(n_layer=36, n_head=20, d_model=1280, context_length=1024),
@@ -26,6 +31,21 @@ PRESETS: dict[str, dict[str, int]] = {
     # CPU-sized models. gpt-nano is nanoGPT's CPU Shakespeare model.
     "gpt-nano": dict(n_layer=4, n_head=4, d_model=128, context_length=64),
     "gpt-micro": dict(n_layer=2, n_head=2, d_model=64, context_length=32),
+    # gpt-nano's sizes with Llama's components and 2 kv heads (grouped-query attention).
+    "llama-nano": dict(n_layer=4, n_head=4, d_model=128, context_length=64, n_kv_head=2,
+                       mlp_hidden=352, **_LLAMA),
+    # Open models, with the shapes of their Hugging Face config.json.
+    "smollm2-135m": dict(n_layer=30, n_head=9, n_kv_head=3, d_model=576, mlp_hidden=1536,
+                         context_length=8192, vocab_size=49152, rope_theta=100000.0,
+                         **{**_LLAMA, "tie_embeddings": True}),
+    "qwen2.5-0.5b": dict(n_layer=24, n_head=14, n_kv_head=2, d_model=896, mlp_hidden=4864,
+                         context_length=32768, vocab_size=151936, rope_theta=1000000.0,
+                         norm_epsilon=1e-6, qkv_bias=True, **{**_LLAMA, "tie_embeddings": True}),
+    "llama-3.2-1b": dict(n_layer=16, n_head=32, n_kv_head=8, d_model=2048, mlp_hidden=8192,
+                         context_length=131072, vocab_size=128256, rope_theta=500000.0,
+                         rope_scaling_factor=32.0, rope_low_freq_factor=1.0,
+                         rope_high_freq_factor=4.0, rope_original_context=8192,
+                         **{**_LLAMA, "tie_embeddings": True}),
 }
 # The architecture used when neither a preset nor explicit sizes are given.
 DEFAULT_PRESET = "gpt-nano"
@@ -43,11 +63,24 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.context_length = None
   c.model.vocab_size = None  # None: the tokenizer's vocabulary size
   c.model.dropout = 0.0
-  c.model.bias = True  # biases in every Linear and LayerNorm
-  c.model.qkv_bias = None  # None: same as bias
-  c.model.tie_embeddings = True  # output projection = token embedding transposed
+  # Architecture. None: the preset's value, else GPT-2's (given after the colon).
+  c.model.bias = None  # biases in every Linear and LayerNorm: True
+  c.model.qkv_bias = None  # biases of the q/k/v projections: same as bias
+  c.model.tie_embeddings = None  # output projection = token embedding transposed: True
+  c.model.norm = None  # "layernorm" or "rmsnorm": layernorm
+  c.model.layer_norm_epsilon = None  # the norms' epsilon: 1e-5
+  c.model.position = None  # "learned" (absolute embeddings) or "rope" (rotary): learned
+  c.model.rope_theta = None  # rotary base: 10000.0
+  # Llama 3's rotary frequency scaling; factor 0 = none: 0.0, 1.0, 4.0, 8192
+  c.model.rope_scaling_factor = None
+  c.model.rope_low_freq_factor = None
+  c.model.rope_high_freq_factor = None
+  c.model.rope_original_context = None
+  c.model.mlp = None  # "gelu" (GPT-2's tanh approximation) or "swiglu": gelu
+  c.model.mlp_hidden = None  # MLP hidden units: 4 * d_model (gelu); required for swiglu
+  c.model.n_kv_head = None  # key/value heads (grouped-query attention; 1 = multi-query): n_head
+  c.model.qk_norm = None  # RMSNorm over each head of q and k before attention (Qwen3): False
   c.model.dtype = "float32"  # compute dtype; parameters are always float32
-  c.model.layer_norm_epsilon = 1e-5
   # Std of the token and position embeddings at init: GPT-2's 0.02, or 1.0 for PyTorch's
   # nn.Embedding default (what "Build a Large Language Model (From Scratch)" trains with).
   c.model.embedding_init_std = 0.02
@@ -252,6 +285,18 @@ def _parse_value(text: str, current: Any, name: str) -> Any:
     return {"true": True, "false": False, "none": None}.get(lowered, text)
 
 
+# A value of the type each key defaulting to None takes, so overrides of it parse and check
+# like any other key's ("model.bias=maybe" is an error, "model.n_kv_head=2" an integer).
+_NONE_KEY_TYPES = {
+    **{f"model.{k}": False for k in ("bias", "qkv_bias", "tie_embeddings", "qk_norm")},
+    **{f"model.{k}": 0 for k in ("n_layer", "n_head", "d_model", "context_length", "vocab_size",
+                                 "mlp_hidden", "n_kv_head", "rope_original_context")},
+    **{f"model.{k}": 0.0 for k in ("layer_norm_epsilon", "rope_theta", "rope_scaling_factor",
+                                   "rope_low_freq_factor", "rope_high_freq_factor")},
+    **{f"model.{k}": "" for k in ("norm", "position", "mlp")},
+}
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
   """Applies `section.key=value` overrides in place; an unknown key is a JaxllmError."""
   for override in overrides:
@@ -269,7 +314,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
     key = parts[-1]
     if key not in node or isinstance(node[key], ml_collections.ConfigDict):
       raise JaxllmError(_unknown_key_message(name, node, prefix))
-    value = _parse_value(text, node[key], name)
+    current = node[key] if node[key] is not None else _NONE_KEY_TYPES.get(name)
+    value = _parse_value(text, current, name)
     with node.ignore_type():
       node[key] = value
 
@@ -332,44 +378,97 @@ class ModelConfig:
   embedding_init_std: float = 0.02
   remat: str = "none"  # "none" | "full" | "dots": what each block keeps for the backward pass
   scan_layers: bool = False  # one nn.scan over stacked blocks: compile time flat in n_layer
+  norm: str = "layernorm"  # "layernorm" | "rmsnorm"
+  position: str = "learned"  # "learned" | "rope"
+  rope_theta: float = 10000.0
+  rope_scaling_factor: float = 0.0  # Llama 3's frequency scaling; 0 = none
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_context: int = 8192
+  mlp: str = "gelu"  # "gelu" | "swiglu"
+  mlp_hidden: int = 0  # 0 = 4 * d_model
+  n_kv_head: int = 0  # 0 = n_head
+  qk_norm: bool = False
 
   @property
   def head_dim(self) -> int:
     return self.d_model // self.n_head
 
+  @property
+  def kv_heads(self) -> int:
+    return self.n_kv_head or self.n_head
+
+  @property
+  def hidden(self) -> int:
+    return self.mlp_hidden or 4 * self.d_model
+
+
+# GPT-2's value of every architecture key whose config default is None.
+_GPT2 = dict(bias=True, tie_embeddings=True, norm="layernorm", layer_norm_epsilon=1e-5,
+             position="learned", rope_theta=10000.0, rope_scaling_factor=0.0,
+             rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_context=8192,
+             mlp="gelu", mlp_hidden=0, n_kv_head=0, qk_norm=False)
+_CHOICES = {"norm": ("layernorm", "rmsnorm"), "position": ("learned", "rope"),
+            "mlp": ("gelu", "swiglu"), "dtype": ("float32", "bfloat16"),
+            "remat": ("none", "full", "dots")}
+
 
 def model_config(model: ml_collections.ConfigDict, vocab_size: int | None = None) -> ModelConfig:
-  """Resolves config.model (preset + explicit keys) into a ModelConfig."""
+  """Resolves config.model into a ModelConfig: an explicit key, else the preset's value, else
+  GPT-2's. The vocabulary: model.vocab_size, else `vocab_size` (the tokenizer's), else the
+  preset's."""
   preset_name = model.preset or DEFAULT_PRESET
   if preset_name not in PRESETS:
     raise JaxllmError(
         f"unknown preset '{model.preset}' (model.preset takes one of: {', '.join(PRESETS)})")
-  sizes = dict(PRESETS[preset_name])
-  for key in ("n_layer", "n_head", "d_model", "context_length"):
-    if model[key] is not None:
-      sizes[key] = int(model[key])
-  vocab = model.vocab_size if model.vocab_size is not None else vocab_size
+  preset = PRESETS[preset_name]
+
+  def pick(key):
+    if key in model and model[key] is not None:
+      return model[key]
+    return preset.get(key, _GPT2.get(key))
+
+  sizes = {k: int(pick(k)) for k in ("n_layer", "n_head", "d_model", "context_length")}
+  vocab = next((v for v in (model.vocab_size, vocab_size, preset.get("vocab_size"))
+                if v is not None), None)
   if vocab is None:
     raise JaxllmError("model.vocab_size is unknown (set it, or build the model from a tokenizer)")
-  if sizes["d_model"] % sizes["n_head"]:
-    raise JaxllmError(
-        f"model.d_model={sizes['d_model']} is not divisible by model.n_head={sizes['n_head']}")
-  if model.dtype not in ("float32", "bfloat16"):
-    raise JaxllmError(f"model.dtype must be float32 or bfloat16, got '{model.dtype}'")
+  arch = {k: pick(k) for k in _GPT2}
+  bias = bool(arch.pop("bias"))
+  qkv_bias = model.qkv_bias if model.qkv_bias is not None else preset.get("qkv_bias", bias)
+  for key, allowed in _CHOICES.items():
+    value = arch.get(key, model.get(key))
+    if value not in allowed:
+      raise JaxllmError(f"model.{key} must be one of {', '.join(allowed)}, got '{value}'")
+  _check_shapes(sizes, arch)
   if not 0.0 <= model.dropout < 1.0:
     raise JaxllmError(f"model.dropout must be in [0, 1), got {model.dropout}")
-  if model.remat not in ("none", "full", "dots"):
-    raise JaxllmError(f"model.remat must be none, full or dots, got '{model.remat}'")
   return ModelConfig(
-      vocab_size=int(vocab),
-      dropout=float(model.dropout),
-      bias=bool(model.bias),
-      qkv_bias=bool(model.bias if model.qkv_bias is None else model.qkv_bias),
-      tie_embeddings=bool(model.tie_embeddings),
-      dtype=model.dtype,
-      layer_norm_epsilon=float(model.layer_norm_epsilon),
-      embedding_init_std=float(model.embedding_init_std),
-      remat=model.remat,
-      scan_layers=bool(model.scan_layers),
-      **sizes,
-  )
+      vocab_size=int(vocab), dropout=float(model.dropout), bias=bias, qkv_bias=bool(qkv_bias),
+      dtype=model.dtype, embedding_init_std=float(model.embedding_init_std),
+      remat=model.remat, scan_layers=bool(model.scan_layers),
+      tie_embeddings=bool(arch["tie_embeddings"]),
+      layer_norm_epsilon=float(arch["layer_norm_epsilon"]), norm=arch["norm"],
+      position=arch["position"], rope_theta=float(arch["rope_theta"]),
+      rope_scaling_factor=float(arch["rope_scaling_factor"]),
+      rope_low_freq_factor=float(arch["rope_low_freq_factor"]),
+      rope_high_freq_factor=float(arch["rope_high_freq_factor"]),
+      rope_original_context=int(arch["rope_original_context"]), mlp=arch["mlp"],
+      mlp_hidden=int(arch["mlp_hidden"]), n_kv_head=int(arch["n_kv_head"]),
+      qk_norm=bool(arch["qk_norm"]), **sizes)
+
+
+def _check_shapes(sizes: dict, arch: dict) -> None:
+  d_model, n_head = sizes["d_model"], sizes["n_head"]
+  if d_model % n_head:
+    raise JaxllmError(f"model.d_model={d_model} is not divisible by model.n_head={n_head}")
+  kv = arch["n_kv_head"] or n_head
+  if n_head % kv:
+    raise JaxllmError(f"model.n_head={n_head} is not divisible by model.n_kv_head={kv} (each "
+                      f"kv head serves n_head / n_kv_head query heads)")
+  if arch["position"] == "rope" and (d_model // n_head) % 2:
+    raise JaxllmError(f"rotary positions need an even head dim; d_model / n_head = "
+                      f"{d_model // n_head}")
+  if arch["mlp"] == "swiglu" and not arch["mlp_hidden"]:
+    raise JaxllmError("model.mlp=swiglu needs model.mlp_hidden (e.g. 8/3 * d_model rounded "
+                      "up to a multiple of 64; Llama's 1B: 8192 for d_model 2048)")

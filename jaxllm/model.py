@@ -1,17 +1,23 @@
-"""A GPT-2-family transformer in Flax Linen, read top to bottom.
+"""A GPT-2-family transformer in Flax Linen, read top to bottom, with Llama's components as
+options.
 
-Token + learned position embeddings, pre-LayerNorm blocks of causal multi-head attention and
-a GELU MLP, a final LayerNorm and an output projection tied to the token embedding (or not).
-Parameters are float32 whatever the compute dtype. Every parameter names its logical axes
-("vocab", "embed", "heads", "mlp", ...) and a few activations name theirs ("batch", "sequence",
-...), so sharding is a table of rules (jaxllm/sharding.py), not model code; outside an
-`nn.logical_axis_rules` context the activation constraints do nothing.
+GPT-2 (the defaults): token + learned position embeddings, pre-LayerNorm blocks of causal
+multi-head attention and a GELU MLP, a final LayerNorm and an output projection tied to the
+token embedding (or not). Llama-family models switch, by config: RMSNorm (`norm`), rotary
+position embeddings with Llama 3's frequency scaling (`position`, `rope_*`), a SwiGLU MLP
+with its own width (`mlp`, `mlp_hidden`), grouped-query attention with fewer key/value heads
+(`n_kv_head`; the KV cache holds only those), biases per kind of layer (`bias`, `qkv_bias`)
+and Qwen3's QK-norm (`qk_norm`). Parameters are float32 whatever the compute dtype. Every
+parameter names its logical axes ("vocab", "embed", "heads", "kv_heads", "mlp", ...) and a
+few activations name theirs ("batch", "sequence", ...), so sharding is a table of rules
+(jaxllm/sharding.py), not model code; outside an `nn.logical_axis_rules` context the
+activation constraints do nothing.
 
 Two options change how the blocks run, not what they compute: `remat` recomputes each block's
 activations in the backward pass, and `scan_layers` stacks the blocks' parameters (one "blocks"
 entry with a leading "layers" axis instead of blocks_0, blocks_1, ...) under one `nn.scan`.
 
-Shapes are in the names: B batch, L sequence, S cache length, D d_model, H heads,
+Shapes are in the names: B batch, L sequence, S cache length, D d_model, H heads, G kv heads,
 K head dim, F MLP hidden, V vocabulary.
 """
 
@@ -23,10 +29,11 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxllm.config import ModelConfig
 
-# A KV cache: one {"k": BxSxHxK, "v": BxSxHxK} dict per layer.
+# A KV cache: one {"k": BxSxGxK, "v": BxSxGxK} dict per layer.
 KVCache = list[dict[str, jax.Array]]
 
 # model.remat -> what a block keeps for the backward pass (None: only its inputs).
@@ -50,44 +57,96 @@ def _ones(axes: tuple[str | None, ...]):
   return nn.with_logical_partitioning(nn.initializers.ones_init(), axes)
 
 
-def _layer_norm(cfg: ModelConfig, name: str | None = None) -> nn.LayerNorm:
+def _norm(cfg: ModelConfig, name: str | None = None, axes=("embed",)) -> nn.Module:
+  if cfg.norm == "rmsnorm":  # no bias, no mean; statistics in float32
+    return nn.RMSNorm(epsilon=cfg.layer_norm_epsilon, dtype=cfg.dtype,
+                      scale_init=_ones(axes), name=name)
   return nn.LayerNorm(
       epsilon=cfg.layer_norm_epsilon, use_bias=cfg.bias, dtype=cfg.dtype,
-      scale_init=_ones(("embed",)), bias_init=_zeros(("embed",)), name=name)
+      scale_init=_ones(axes), bias_init=_zeros(axes), name=name)
+
+
+def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
+  """The rotary angle per position of each pair of head dims, K/2 (Llama 3's scaling: low
+  frequencies slowed down by `factor`, high ones kept, a smooth blend in between)."""
+  k = cfg.head_dim
+  inv_freq = 1.0 / cfg.rope_theta ** (np.arange(0, k, 2, dtype=np.float64) / k)
+  if cfg.rope_scaling_factor:
+    factor, low, high = cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    old = cfg.rope_original_context
+    wavelength = 2 * np.pi / inv_freq
+    smooth = (old / wavelength - low) / (high - low)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    inv_freq = np.where(wavelength > old / low, inv_freq / factor,
+                        np.where(wavelength < old / high, inv_freq, blended))
+  return inv_freq.astype(np.float32)
+
+
+def apply_rope(x_BxLxHxK, positions_BxL, inv_freq_K2):
+  """Rotates each (i, i + K/2) pair of dims by position * frequency (Llama's rotate-half)."""
+  angles_BxLx1xK2 = (positions_BxL[:, :, None, None].astype(jnp.float32) * inv_freq_K2)
+  cos, sin = jnp.cos(angles_BxLx1xK2), jnp.sin(angles_BxLx1xK2)
+  x1, x2 = jnp.split(x_BxLxHxK.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(x_BxLxHxK.dtype)
 
 
 class CausalSelfAttention(nn.Module):
   config: ModelConfig
 
+  def _projections(self, x_BxLxD):
+    """q (BxLxHxK), k and v (BxLxGxK): one fused kernel when G = H (GPT-2's layout)."""
+    cfg = self.config
+    d, h, g, k = cfg.d_model, cfg.n_head, cfg.kv_heads, cfg.head_dim
+    # nn.Einsum, not nn.DenseGeneral: DenseGeneral initializes a flattened kernel and
+    # reshapes it, which breaks its logical-axis metadata under a mesh (flax 0.12).
+    if g == h:
+      qkv_BxLx3xHxK = nn.Einsum(
+          (d, 3, h, k), "bld,dthk->blthk", use_bias=cfg.qkv_bias, dtype=cfg.dtype,
+          kernel_init=_init(0.02, ("embed", None, "heads", "kv")),
+          bias_init=_zeros((None, "heads", "kv")), name="qkv")(x_BxLxD)
+      qkv_BxLx3xHxK = nn.with_logical_constraint(
+          qkv_BxLx3xHxK, ("batch", "sequence", None, "heads", "kv"))
+      return tuple(qkv_BxLx3xHxK[:, :, i] for i in range(3))
+    q_BxLxHxK = nn.Einsum(
+        (d, h, k), "bld,dhk->blhk", use_bias=cfg.qkv_bias, dtype=cfg.dtype,
+        kernel_init=_init(0.02, ("embed", "heads", "kv")), bias_init=_zeros(("heads", "kv")),
+        name="q")(x_BxLxD)
+    kv_BxLx2xGxK = nn.Einsum(
+        (d, 2, g, k), "bld,dtgk->bltgk", use_bias=cfg.qkv_bias, dtype=cfg.dtype,
+        kernel_init=_init(0.02, ("embed", None, "kv_heads", "kv")),
+        bias_init=_zeros((None, "kv_heads", "kv")), name="kv")(x_BxLxD)
+    return q_BxLxHxK, kv_BxLx2xGxK[:, :, 0], kv_BxLx2xGxK[:, :, 1]
+
   @nn.compact
   def __call__(self, x_BxLxD, positions_BxL, cache: dict[str, jax.Array] | None):
     cfg = self.config
     residual_std = 0.02 / math.sqrt(2 * cfg.n_layer)
-    # nn.Einsum, not nn.DenseGeneral: DenseGeneral initializes a flattened kernel and
-    # reshapes it, which breaks its logical-axis metadata under a mesh (flax 0.12).
-    qkv_BxLx3xHxK = nn.Einsum(
-        (cfg.d_model, 3, cfg.n_head, cfg.head_dim), "bld,dthk->blthk", use_bias=cfg.qkv_bias,
-        dtype=cfg.dtype, kernel_init=_init(0.02, ("embed", None, "heads", "kv")),
-        bias_init=_zeros((None, "heads", "kv")), name="qkv")(x_BxLxD)
-    qkv_BxLx3xHxK = nn.with_logical_constraint(
-        qkv_BxLx3xHxK, ("batch", "sequence", None, "heads", "kv"))
-    q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (qkv_BxLx3xHxK[:, :, i] for i in range(3))
+    q_BxLxHxK, k_BxLxGxK, v_BxLxGxK = self._projections(x_BxLxD)
+    if cfg.qk_norm:
+      q_BxLxHxK = _norm(cfg, "q_norm", axes=("kv",))(q_BxLxHxK)
+      k_BxLxGxK = _norm(cfg, "k_norm", axes=("kv",))(k_BxLxGxK)
+    if cfg.position == "rope":
+      inv_freq_K2 = rope_frequencies(cfg)
+      q_BxLxHxK = apply_rope(q_BxLxHxK, positions_BxL, inv_freq_K2)
+      k_BxLxGxK = apply_rope(k_BxLxGxK, positions_BxL, inv_freq_K2)
 
+    # Grouped-query attention: each of the G kv heads serves H / G query heads.
     if cache is None:
-      out_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True)
+      out_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, is_causal=True)
       new_cache = None
     else:
       # Each row writes its new keys/values at its own positions (prompts differ in length),
       # then attends to every cached position at or before its own.
       rows_Bx1 = jnp.arange(x_BxLxD.shape[0])[:, None]
-      k_BxSxHxK = cache["k"].at[rows_Bx1, positions_BxL].set(k_BxLxHxK.astype(cache["k"].dtype))
-      v_BxSxHxK = cache["v"].at[rows_Bx1, positions_BxL].set(v_BxLxHxK.astype(cache["v"].dtype))
-      cache_positions_S = jnp.arange(k_BxSxHxK.shape[1])
+      k_BxSxGxK = cache["k"].at[rows_Bx1, positions_BxL].set(k_BxLxGxK.astype(cache["k"].dtype))
+      v_BxSxGxK = cache["v"].at[rows_Bx1, positions_BxL].set(v_BxLxGxK.astype(cache["v"].dtype))
+      cache_positions_S = jnp.arange(k_BxSxGxK.shape[1])
       mask_BxLxS = cache_positions_S[None, None, :] <= positions_BxL[:, :, None]
       out_BxLxHxK = jax.nn.dot_product_attention(
-          q_BxLxHxK, k_BxSxHxK.astype(q_BxLxHxK.dtype), v_BxSxHxK.astype(q_BxLxHxK.dtype),
+          q_BxLxHxK, k_BxSxGxK.astype(q_BxLxHxK.dtype), v_BxSxGxK.astype(q_BxLxHxK.dtype),
           mask=mask_BxLxS[:, None])
-      new_cache = {"k": k_BxSxHxK, "v": v_BxSxHxK}
+      new_cache = {"k": k_BxSxGxK, "v": v_BxSxGxK}
 
     out_BxLxD = nn.Einsum(
         (cfg.n_head, cfg.head_dim, cfg.d_model), "blhk,hkd->bld", use_bias=cfg.bias,
@@ -106,16 +165,21 @@ class MLP(nn.Module):
     # Tokens as rows of a matrix: on XLA:CPU the 3-D form makes the backward pass re-compute
     # the GELU derivative inside a transposing copy, 3x slower than the matmuls themselves.
     x_NxD = x_BxLxD.reshape(-1, cfg.d_model)
-    h_NxF = nn.Dense(
-        4 * cfg.d_model, use_bias=cfg.bias, dtype=cfg.dtype,
-        kernel_init=_init(0.02, ("embed", "mlp")), bias_init=_zeros(("mlp",)), name="fc")(x_NxD)
-    # N = B * L rows: split as the batch is (whole rows of B stay together).
-    h_NxF = nn.with_logical_constraint(h_NxF, ("batch", "mlp"))
-    h_NxF = nn.gelu(h_NxF, approximate=True)  # GPT-2's tanh approximation
-    out_NxD = nn.Dense(
-        cfg.d_model, use_bias=cfg.bias, dtype=cfg.dtype,
-        kernel_init=_init(residual_std, ("mlp", "embed")), bias_init=_zeros(("embed",)),
-        name="proj")(h_NxF)
+
+    def dense(width, axes, std, name):
+      return nn.Dense(width, use_bias=cfg.bias, dtype=cfg.dtype, kernel_init=_init(std, axes),
+                      bias_init=_zeros(axes[-1:]), name=name)
+
+    if cfg.mlp == "swiglu":  # down(silu(gate(x)) * up(x))
+      gate_NxF = dense(cfg.hidden, ("embed", "mlp"), 0.02, "gate")(x_NxD)
+      up_NxF = dense(cfg.hidden, ("embed", "mlp"), 0.02, "up")(x_NxD)
+      h_NxF = nn.silu(nn.with_logical_constraint(gate_NxF, ("batch", "mlp"))) * up_NxF
+    else:
+      h_NxF = dense(cfg.hidden, ("embed", "mlp"), 0.02, "fc")(x_NxD)
+      # N = B * L rows: split as the batch is (whole rows of B stay together).
+      h_NxF = nn.with_logical_constraint(h_NxF, ("batch", "mlp"))
+      h_NxF = nn.gelu(h_NxF, approximate=True)  # GPT-2's tanh approximation
+    out_NxD = dense(cfg.d_model, ("mlp", "embed"), residual_std, "proj")(h_NxF)
     return out_NxD.reshape(x_BxLxD.shape)
 
 
@@ -126,9 +190,9 @@ class Block(nn.Module):
   def __call__(self, x_BxLxD, positions_BxL, cache, deterministic: bool):
     drop = nn.Dropout(self.config.dropout, deterministic=deterministic)
     attn_BxLxD, cache = CausalSelfAttention(self.config, name="attn")(
-        _layer_norm(self.config, name="ln_1")(x_BxLxD), positions_BxL, cache)
+        _norm(self.config, name="ln_1")(x_BxLxD), positions_BxL, cache)
     x_BxLxD = x_BxLxD + drop(attn_BxLxD)
-    x_BxLxD = x_BxLxD + drop(MLP(self.config, name="mlp")(_layer_norm(self.config, name="ln_2")(x_BxLxD)))
+    x_BxLxD = x_BxLxD + drop(MLP(self.config, name="mlp")(_norm(self.config, name="ln_2")(x_BxLxD)))
     # Between blocks the residual stream is split by batch rows only: "batch" takes the
     # fsdp axis first, so "embed" stays whole here (and tensor-parallel outputs are summed).
     return nn.with_logical_constraint(x_BxLxD, ("batch", "sequence", "embed")), cache
@@ -159,11 +223,12 @@ class GPT(nn.Module):
     cfg = self.config
     self.wte = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype,
                         embedding_init=_init(cfg.embedding_init_std, ("vocab", "embed")))
-    self.wpe = nn.Embed(cfg.context_length, cfg.d_model, dtype=cfg.dtype,
-                        embedding_init=_init(cfg.embedding_init_std, (None, "embed")))
+    if cfg.position == "learned":
+      self.wpe = nn.Embed(cfg.context_length, cfg.d_model, dtype=cfg.dtype,
+                          embedding_init=_init(cfg.embedding_init_std, (None, "embed")))
     self.drop = nn.Dropout(cfg.dropout)
     self.blocks = _blocks(cfg)
-    self.ln_f = _layer_norm(cfg)
+    self.ln_f = _norm(cfg)
     if not cfg.tie_embeddings:
       self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype,
                               kernel_init=_init(0.02, ("embed", "vocab")))
@@ -181,8 +246,10 @@ class GPT(nn.Module):
     # into a split table makes XLA replicate the result to split it by batch rows instead.
     dtype = self.config.dtype
     wte_VxD = nn.with_logical_constraint(self.wte.embedding.astype(dtype), ("vocab", None))
-    wpe_TxD = nn.with_logical_constraint(self.wpe.embedding.astype(dtype), (None, None))
-    x_BxLxD = jnp.take(wte_VxD, tokens_BxL, axis=0) + jnp.take(wpe_TxD, positions_BxL, axis=0)
+    x_BxLxD = jnp.take(wte_VxD, tokens_BxL, axis=0)
+    if self.config.position == "learned":  # rotary positions act inside attention instead
+      wpe_TxD = nn.with_logical_constraint(self.wpe.embedding.astype(dtype), (None, None))
+      x_BxLxD = x_BxLxD + jnp.take(wpe_TxD, positions_BxL, axis=0)
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "sequence", "embed"))
     x_BxLxD = self.drop(x_BxLxD, deterministic=deterministic)
     if self.config.scan_layers:
@@ -219,7 +286,7 @@ def init_cache(config: ModelConfig, batch_size: int, length: int | None = None,
                dtype: Any = None) -> KVCache:
   """An empty KV cache for `length` positions (default: the context length)."""
   length = length or config.context_length
-  shape = (batch_size, length, config.n_head, config.head_dim)
+  shape = (batch_size, length, config.kv_heads, config.head_dim)
   dtype = dtype or jnp.dtype(config.dtype)
   return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
           for _ in range(config.n_layer)]

@@ -44,6 +44,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("vocab", "tensor"),  # embedding rows and logits (Megatron's vocab-parallel head)
     ("embed", "fsdp"),  # the d_model side of every weight: FSDP
     ("heads", "tensor"),  # attention heads (Megatron)
+    ("kv_heads", "tensor"),  # key/value heads of grouped-query attention
     ("kv", None),  # head dim
     ("mlp", "tensor"),  # MLP hidden units (Megatron)
     ("layers", None),  # the stacked axis of model.scan_layers
@@ -52,7 +53,8 @@ Rules = Sequence[tuple[str, Any]]
 
 # What a logical axis's size is called in the config, for errors a user can act on.
 _AXIS_SIZES = {"vocab": "model.vocab_size", "heads": "model.n_head", "embed": "model.d_model",
-               "mlp": "4 * model.d_model", "layers": "model.n_layer"}
+               "mlp": "model.mlp_hidden (4 * d_model by default)", "layers": "model.n_layer",
+               "kv_heads": "model.n_kv_head"}
 
 
 def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:
@@ -167,8 +169,11 @@ def check_divisible(abstract_params: Any, param_axes: Any, mesh: Mesh, rules: Ru
       split = math.prod(mesh.shape[axis] for axis in axes)
       if size % split:
         what = _AXIS_SIZES.get(name, f"dimension '{name}' of {jax.tree_util.keystr(path)}")
-        fix = (f"set model.vocab_size={-(-size // split) * split} (ids past the tokenizer's "
-               f"are never used)" if name == "vocab" else "change the model size or the mesh")
+        fix = {"vocab": f"set model.vocab_size={-(-size // split) * split} (ids past the "
+                        f"tokenizer's are never used)",
+               "kv_heads": "replicate the kv heads with --config.mesh.rules=\"[('kv_heads', "
+                           "None)]\" (each device keeps all of them)"}.get(
+                   name, "change the model size or the mesh")
         raise JaxllmError(
             f"{what}={size} is not divisible by mesh {' x '.join(axes)}={split} ('{name}' is "
             f"split over {' x '.join(axes)}); {fix}, or map '{name}' to None in mesh.rules")

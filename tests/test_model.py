@@ -176,3 +176,72 @@ def test_scanned_model_decodes_with_a_cache(params, tokens_BxL):
   assert len(cache) == CONFIG.n_layer and cache[0]["k"].shape == (3, 8, 4, 16)
   np.testing.assert_allclose(jnp.concatenate([prefill_BxLxD, step_BxLxD], axis=1),
                              reference_BxLxD, atol=1e-5, rtol=0)
+
+
+# --- Llama-family options ---------------------------------------------------------------------
+
+LLAMA = ModelConfig(vocab_size=97, context_length=64, n_layer=2, n_head=4, d_model=64,
+                    n_kv_head=2, norm="rmsnorm", position="rope", mlp="swiglu", mlp_hidden=96,
+                    bias=False, qkv_bias=True, tie_embeddings=False, qk_norm=True,
+                    rope_theta=500000.0, rope_scaling_factor=8.0, rope_original_context=64)
+
+
+@pytest.mark.parametrize("preset, expected", [
+    # Hugging Face's counts for these checkpoints (tied embeddings).
+    ("smollm2-135m", 134_515_008),
+    ("qwen2.5-0.5b", 494_032_768),
+    ("llama-3.2-1b", 1_235_814_400),
+])
+def test_open_model_preset_parameter_counts(preset, expected):
+  from jaxllm.config import default_config, model_config
+  config = default_config()
+  config.model.preset = preset
+  assert _count(model_config(config.model)) == expected
+
+
+def test_llama_options_build_the_named_parameters():
+  params = init_params(GPT(LLAMA), jax.random.key(0))
+  assert "wpe" not in params and "lm_head" in params
+  block = jax.tree.map(lambda x: x.shape, params["blocks_0"])
+  assert block["attn"]["q"] == {"kernel": (64, 4, 16), "bias": (4, 16)}
+  assert block["attn"]["kv"] == {"kernel": (64, 2, 2, 16), "bias": (2, 2, 16)}
+  assert block["attn"]["q_norm"] == {"scale": (16,)} and block["ln_1"] == {"scale": (64,)}
+  assert block["mlp"]["gate"] == {"kernel": (64, 96)} and block["mlp"]["proj"] == {
+      "kernel": (96, 64)}
+  axes = logical_axes(GPT(LLAMA))["blocks_0"]["attn"]["kv"]["kernel"]
+  assert tuple(axes) == ("embed", None, "kv_heads", "kv")
+
+
+def test_llama_cache_holds_kv_heads_and_decodes_like_the_full_forward(tokens_BxL):
+  model = GPT(LLAMA)
+  params = init_params(model, jax.random.key(0))
+  reference_BxLxV = model.apply({"params": params}, tokens_BxL)
+  batch_size, length = tokens_BxL.shape
+  cache = init_cache(LLAMA, batch_size, length)
+  assert cache[0]["k"].shape == (batch_size, length, 2, 16)  # kv heads only
+  encode = jax.jit(lambda tokens_BxL, positions_BxL, cache: model.apply(
+      {"params": params}, tokens_BxL, positions_BxL, cache, method=model.encode))
+  hidden = []
+  for start, end in [(0, 7)] + [(t, t + 1) for t in range(7, length)]:
+    positions_BxL = jnp.broadcast_to(jnp.arange(start, end), (batch_size, end - start))
+    hidden_BxLxD, cache = encode(tokens_BxL[:, start:end], positions_BxL, cache)
+    hidden.append(hidden_BxLxD)
+  logits_BxLxV = model.apply({"params": params}, jnp.concatenate(hidden, axis=1),
+                             method=model.logits)
+  np.testing.assert_allclose(logits_BxLxV, reference_BxLxV, atol=1e-5, rtol=0)
+
+
+def test_rotary_attention_depends_on_relative_positions_only():
+  from jaxllm.model import apply_rope, rope_frequencies
+  inv_freq = rope_frequencies(LLAMA)
+  q = jax.random.normal(jax.random.key(0), (1, 1, 1, 16))
+  k = jax.random.normal(jax.random.key(1), (1, 1, 1, 16))
+
+  def score(i, j):
+    return float(jnp.sum(apply_rope(q, jnp.array([[i]]), inv_freq) *
+                         apply_rope(k, jnp.array([[j]]), inv_freq)))
+
+  assert abs(score(3, 1) - score(13, 11)) < 1e-5 and abs(score(3, 1) - score(3, 2)) > 1e-3
+  # Llama 3's scaling: the highest frequency kept, the lowest divided by the factor.
+  plain = rope_frequencies(dataclasses.replace(LLAMA, rope_scaling_factor=0.0))
+  assert inv_freq[0] == plain[0] and np.isclose(inv_freq[-1], plain[-1] / 8.0)
