@@ -90,12 +90,15 @@ def _parser() -> argparse.ArgumentParser:
   evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
 
   convert = commands.add_parser(
-      "convert", help="import GPT-2 weights as a run directory, or export one",
+      "convert", help="import GPT-2 / Llama / Qwen2 / Mistral weights as a run directory, "
+                      "or export one",
       description="--to jaxllm (default): a GPT-2 checkpoint folder (Hugging Face "
-                  "model.safetensors + config.json, or OpenAI's model.ckpt.* + hparams.json), or "
-                  "a name (gpt2, gpt2-medium, gpt2-large, gpt2-xl: downloaded once), into a run "
-                  "directory that generate, eval and train.init_from read. --to hf: a run "
-                  "directory into a Hugging Face folder.")
+                  "model.safetensors + config.json, or OpenAI's model.ckpt.* + hparams.json), a "
+                  "Hugging Face Llama, Qwen2 or Mistral folder (config.json, model.safetensors "
+                  "or sharded with an index, tokenizer.json), or a name (gpt2, gpt2-medium, "
+                  "gpt2-large, gpt2-xl: downloaded once), into a run directory that generate, "
+                  "eval and train.init_from read. --to hf: a run directory into a Hugging Face "
+                  "folder (GPT-2, or Llama / Qwen2 for a run with Llama's components).")
   convert.add_argument("--from", dest="source", required=True, help="folder or GPT-2 name")
   convert.add_argument("--out", required=True, help="the folder to write")
   convert.add_argument("--to", choices=("jaxllm", "hf"), default="jaxllm")
@@ -186,7 +189,7 @@ def _convert(args) -> None:
     source = args.source
     if source in convert.GPT2_NAMES and not pathlib.Path(source).is_dir():
       source = convert.download(source, args.cache_dir)
-    hparams = convert.import_gpt2(source, args.out)
+    hparams = convert.import_checkpoint(source, args.out)
   print(f"wrote {args.out}: {hparams['n_layer']} layers, {hparams['n_head']} heads, d_model "
         f"{hparams['d_model']}, context {hparams['context_length']}, vocab {hparams['vocab_size']}")
 

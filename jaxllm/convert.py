@@ -1,4 +1,5 @@
 """GPT-2 weights in and out: OpenAI's checkpoints as jaxllm run directories, and back.
+(Llama-family checkpoints: jaxllm/llama_weights.py; `import_checkpoint` takes either.)
 
 Reads the two formats OpenAI's GPT-2 is found in, and never unpickles anything:
 
@@ -31,6 +32,7 @@ import numpy as np
 
 from jaxllm import checkpoint as checkpoint_lib
 from jaxllm import config as config_lib
+from jaxllm import llama_weights
 from jaxllm import run_io
 from jaxllm.errors import JaxllmError
 from jaxllm.model import GPT, abstract_variables
@@ -236,13 +238,15 @@ def from_params(params: Any, hparams: dict) -> dict[str, np.ndarray]:
   return tensors
 
 
-def write_run(out: str | pathlib.Path, config, params: Any) -> pathlib.Path:
+def write_run(out: str | pathlib.Path, config, params: Any,
+              tokenizer: dict | None = None) -> pathlib.Path:
   """A run directory that `jaxllm generate --workdir`, `run_io.load_run` and
-  `train.init_from` read: config.json, tokenizer.json (GPT-2's BPE) and params/."""
+  `train.init_from` read: config.json, tokenizer.json (GPT-2's BPE unless given) and params/."""
   out = pathlib.Path(out)
   out.mkdir(parents=True, exist_ok=True)
   (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-  (out / "tokenizer.json").write_text(json.dumps({"kind": "tiktoken", "name": "gpt2"}) + "\n")
+  tokenizer = tokenizer or {"kind": "tiktoken", "name": "gpt2"}
+  (out / "tokenizer.json").write_text(json.dumps(tokenizer) + "\n")
   run_io.save_params(out, params)
   return out
 
@@ -255,12 +259,23 @@ def import_gpt2(source: str | pathlib.Path, out: str | pathlib.Path) -> dict:
   return hparams
 
 
+def import_checkpoint(source: str | pathlib.Path, out: str | pathlib.Path) -> dict:
+  """A GPT-2 (Hugging Face or OpenAI TF) or Llama-family (Llama, Qwen2, Mistral) checkpoint
+  folder as a jaxllm run directory; returns its sizes."""
+  if llama_weights.is_llama_folder(pathlib.Path(source)):
+    return llama_weights.import_llama(source, out)
+  return import_gpt2(source, out)
+
+
 def export_hf(workdir: str | pathlib.Path, out: str | pathlib.Path) -> dict:
-  """A jaxllm run's params as a Hugging Face GPT-2 folder: model.safetensors + config.json."""
+  """A jaxllm run's params as a Hugging Face folder: model.safetensors + config.json, as
+  GPT-2, or as Llama / Qwen2 for a run with Llama's components."""
   from safetensors.numpy import save_file
 
   config, model, params, _ = run_io.load_run(workdir)
   cfg = model.config
+  if cfg.norm == "rmsnorm" or cfg.position == "rope" or cfg.mlp == "swiglu":
+    return llama_weights.export_llama(workdir, out)
   if not (cfg.bias and cfg.qkv_bias and cfg.tie_embeddings):
     raise JaxllmError(f"{workdir}: only GPT-2-shaped models export (model.bias, qkv_bias and "
                       f"tie_embeddings all true)")

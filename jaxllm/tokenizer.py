@@ -7,6 +7,7 @@ extra id after the characters of its corpus.
 from __future__ import annotations
 
 import json
+import pathlib
 from typing import Sequence
 
 import numpy as np
@@ -122,8 +123,57 @@ class CharTokenizer(Tokenizer):
     return {"kind": "char", "chars": self.chars}
 
 
+class HFTokenizer(Tokenizer):
+  """A Hugging Face `tokenizer.json` (Llama, Qwen, Mistral, ...) through the `tokenizers`
+  library. Text is encoded without the special tokens a template would add (no BOS);
+  `<|endoftext|>` in the text becomes the end-of-text token `eot` (the model's eos)."""
+
+  name = "hf"
+  EOT_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<|im_end|>", "<eos>")
+
+  def __init__(self, spec: str, eot: str | None = None):
+    from tokenizers import Tokenizer as HfTokenizer  # deferred: the hf extra brings it
+
+    self._spec = spec
+    self._tokenizer = HfTokenizer.from_str(spec)
+    self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+    vocab = self._tokenizer.get_vocab(with_added_tokens=True)
+    self.eot = eot or next((t for t in self.EOT_CANDIDATES if t in vocab), None)
+    if self.eot not in vocab:
+      raise JaxllmError(f"the tokenizer has no end-of-text token ({self.eot or 'none of '}"
+                        f"{'' if self.eot else ', '.join(self.EOT_CANDIDATES)}); name it in "
+                        f"the model folder's tokenizer_config.json as eos_token")
+    self.eot_id = vocab[self.eot]
+
+  @classmethod
+  def from_file(cls, path: str) -> "HFTokenizer":
+    try:
+      return cls(pathlib.Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+      raise JaxllmError(f"cannot read tokenizer file {path} ({e.strerror}); data.tokenizer "
+                        f"takes a tiktoken name, char, or a Hugging Face tokenizer.json") from None
+
+  def encode(self, text: str) -> list[int]:
+    ids: list[int] = []
+    for i, piece in enumerate(text.split(EOT)):
+      if i:
+        ids.append(self.eot_id)
+      if piece:
+        ids.extend(self._tokenizer.encode(piece, add_special_tokens=False).ids)
+    return ids
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+
+  def to_json(self) -> dict:
+    return {"kind": "hf", "eot": self.eot, "tokenizer": json.loads(self._spec)}
+
+
 def get_tokenizer(name: str, corpus: str | None = None) -> Tokenizer:
-  """`"char"` (built from `corpus`) or a tiktoken encoding name."""
+  """`"char"` (built from `corpus`), a Hugging Face tokenizer.json path, or a tiktoken
+  encoding name."""
+  if name.endswith(".json"):
+    return HFTokenizer.from_file(name)
   if name == "char":
     if corpus is None:
       raise JaxllmError("the char tokenizer is built from a corpus; none was given")
@@ -136,4 +186,6 @@ def from_json(spec: dict) -> Tokenizer:
     return CharTokenizer(spec["chars"])
   if spec.get("kind") == "tiktoken":
     return TiktokenTokenizer(spec["name"])
+  if spec.get("kind") == "hf":
+    return HFTokenizer(json.dumps(spec["tokenizer"]), spec.get("eot"))
   raise JaxllmError(f"unrecognised tokenizer description {json.dumps(spec)[:80]}")

@@ -1,0 +1,105 @@
+"""Llama / Qwen2 / Mistral weights in and out, against transformers on random small models."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from jaxllm import cli
+from jaxllm import run_io
+from jaxllm import tokenizer as tokenizer_lib
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 120
+
+
+def _write_tokenizer(folder, shared_data):
+  """A byte-level BPE tokenizer.json trained here on The Verdict (what these models ship)."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=VOCAB - 4, special_tokens=["<|endoftext|>"],
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tok.train([str(shared_data / "the-verdict.txt")], trainer)
+  tok.save(str(folder / "tokenizer.json"))
+  (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+  return tok
+
+
+def _model(kind: str):
+  common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=64, rms_norm_eps=1e-6,
+                tie_word_embeddings=False)
+  if kind == "llama":  # grouped-query attention and Llama 3's rotary scaling
+    config = transformers.LlamaConfig(**common, num_key_value_heads=2, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 32})
+    model = transformers.LlamaForCausalLM(config)
+  elif kind == "qwen2":  # q/k/v biases, tied embeddings, multi-query attention
+    config = transformers.Qwen2Config(**{**common, "tie_word_embeddings": True},
+                                      num_key_value_heads=1)
+    model = transformers.Qwen2ForCausalLM(config)
+  else:  # no grouping: jaxllm's fused qkv layout
+    config = transformers.MistralConfig(**common, num_key_value_heads=4, sliding_window=None)
+    model = transformers.MistralForCausalLM(config)
+  torch.manual_seed(0)
+  with torch.no_grad():  # random everything, norms and biases too
+    for param in model.parameters():
+      param.copy_(0.2 * torch.randn_like(param))
+  return model.eval()
+
+
+def _logits(model, tokens):
+  with torch.no_grad():
+    return model(torch.tensor(tokens)).logits.numpy()
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
+def test_weights_in_and_out_match_transformers(kind, tmp_path, shared_data):
+  folder = tmp_path / "hf"
+  hf_model = _model(kind)
+  hf_model.save_pretrained(folder)
+  tok = _write_tokenizer(folder, shared_data)
+  tokens = np.random.default_rng(0).integers(0, VOCAB, size=(2, 24))
+  expected = _logits(hf_model, tokens)
+
+  assert cli.main(["convert", "--from", str(folder), "--out", str(tmp_path / "run")]) == 0
+  _, model, params, tokenizer = run_io.load_run(tmp_path / "run")
+  cfg = model.config
+  assert (cfg.norm, cfg.position, cfg.mlp, cfg.qkv_bias) == (
+      "rmsnorm", "rope", "swiglu", kind == "qwen2")
+  assert cfg.kv_heads == {"llama": 2, "qwen2": 1, "mistral": 4}[kind]
+  ours = np.asarray(jax.jit(model.apply)({"params": params}, tokens))
+  np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=0)
+  assert np.abs(expected).max() > 0.5  # the comparison is not of near-zeros (tolerance 1e-4)
+
+  # The tokenizer came along: the same ids as the tokenizers library, and end-of-text.
+  text = "I had always thought Jack Gisburn rather a cheap genius"
+  assert tokenizer.encode(text) == tok.encode(text, add_special_tokens=False).ids
+  assert tokenizer.decode(tokenizer.encode(text)) == text
+  assert tokenizer.encode("a" + tokenizer_lib.EOT)[-1] == tok.token_to_id("<|endoftext|>")
+
+  assert cli.main(["convert", "--to", "hf", "--from", str(tmp_path / "run"),
+                   "--out", str(tmp_path / "back")]) == 0
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+  np.testing.assert_allclose(_logits(reloaded, tokens), expected, atol=1e-4, rtol=0)
+
+
+def test_sharded_checkpoint_with_an_index(tmp_path, shared_data):
+  folder = tmp_path / "hf"
+  hf_model = _model("llama")
+  hf_model.save_pretrained(folder, max_shard_size="100KB")
+  assert (folder / "model.safetensors.index.json").is_file()
+  _write_tokenizer(folder, shared_data)
+  assert cli.main(["convert", "--from", str(folder), "--out", str(tmp_path / "run")]) == 0
+  _, model, params, _ = run_io.load_run(tmp_path / "run")
+  tokens = np.arange(20)[None] % VOCAB
+  np.testing.assert_allclose(np.asarray(model.apply({"params": params}, tokens)),
+                             _logits(hf_model, tokens), atol=1e-4, rtol=0)
