@@ -170,13 +170,14 @@ def check_divisible(abstract_params: Any, param_axes: Any, mesh: Mesh, rules: Ru
       if size % split:
         what = _AXIS_SIZES.get(name, f"dimension '{name}' of {jax.tree_util.keystr(path)}")
         fix = {"vocab": f"set model.vocab_size={-(-size // split) * split} (ids past the "
-                        f"tokenizer's are never used)",
-               "kv_heads": "replicate the kv heads with --config.mesh.rules=\"[('kv_heads', "
-                           "None)]\" (each device keeps all of them)"}.get(
-                   name, "change the model size or the mesh")
+                        f"tokenizer's are never used), or map 'vocab' to None in mesh.rules",
+               "kv_heads": "replicate the kv heads (each device keeps all of them) with "
+                           "--config.mesh.rules=\"[('kv_heads', None)]\""}.get(
+                   name, f"change the model size or the mesh, or map '{name}' to None in "
+                         f"mesh.rules")
         raise JaxllmError(
             f"{what}={size} is not divisible by mesh {' x '.join(axes)}={split} ('{name}' is "
-            f"split over {' x '.join(axes)}); {fix}, or map '{name}' to None in mesh.rules")
+            f"split over {' x '.join(axes)}); {fix}")
 
 
 def state_shardings(abstract_params: Any, param_axes: Any,

@@ -52,22 +52,30 @@ def batches():
   return RandomBatches(tokens, 16, CONFIG.context_length, seed=0, microbatches=2)
 
 
-def train_losses(model, shape, start_params, opt):
+# Llama's components: 2 kv heads for 4 query heads, split over a tensor axis of 2; on one of 4
+# they are replicated (the rule the error for that case names).
+LLAMA = dataclasses.replace(CONFIG, n_kv_head=2, norm="rmsnorm", position="rope", mlp="swiglu",
+                            mlp_hidden=96, bias=False, qkv_bias=True, tie_embeddings=False)
+REPLICATED_KV = sharding.logical_rules([("kv_heads", None)])
+
+
+def train_losses(model, shape, start_params, opt, rules=RULES):
   """Losses of STEPS steps from `start_params` on the mesh `shape`, the final state, and the
   temp bytes per device XLA assigned to the step."""
   mesh = mesh_of(shape)
-  shardings = sharding.state_shardings(*sharding.model_axes(model), opt, mesh, RULES)
+  sharding.check_divisible(*sharding.model_axes(model), mesh, rules)
+  shardings = sharding.state_shardings(*sharding.model_axes(model), opt, mesh, rules)
   # From host copies: the step donates the state, which must not take `start_params` with it.
   state = jax.device_put(train_lib.create_train_state(jax.device_get(start_params), opt, seed=1),
                          shardings)
   loss_fn = functools.partial(train_lib.lm_loss, model=model)
   step = sharding.jit_train_step(
       functools.partial(train_lib.train_step, loss_fn=loss_fn, optimizer=opt), shardings, mesh,
-      RULES)
+      rules)
   data = batches()
   losses = []
   for i in range(STEPS):
-    batch = jax.device_put(data.batch(i), sharding.batch_sharding(mesh, RULES, leading_axes=1))
+    batch = jax.device_put(data.batch(i), sharding.batch_sharding(mesh, rules, leading_axes=1))
     state, metrics = step(state, batch)
     losses.append(float(metrics["loss"]))
   compiled = step.lower(state, batch).compile()  # the executable the steps ran, from the cache
@@ -117,8 +125,19 @@ def main():
         scanned, (2, 2, 2), stacked, opt)
   result["layout"]["scan (2, 2, 2)"] = {"params": layout(state.params)}
 
+  llama = GPT(LLAMA)
+  llama_params = init_params(llama, jax.random.key(0))
+  for shape in MESHES:
+    rules = REPLICATED_KV if shape == (1, 2, 4) else RULES
+    result["losses"][f"llama {shape}"], state, _ = train_losses(llama, shape, llama_params, opt,
+                                                                rules)
+    if shape in ((2, 2, 2), (1, 2, 4)):
+      result["layout"][f"llama {shape}"] = {"params": layout(state.params)}
+
   mesh = mesh_of((2, 2, 2))
   result["errors"] = {
+      "kv_heads": error_of(lambda: sharding.check_divisible(*sharding.model_axes(llama),
+                                                            mesh_of((1, 1, 4)), RULES)),
       "mesh": error_of(lambda: sharding.make_mesh(
           ml_collections.ConfigDict({"data": 3, "fsdp": 1, "tensor": 1}))),
       "batch": error_of(lambda: sharding.check_batch(6, 1, mesh, RULES)),

@@ -100,7 +100,26 @@ def test_every_mesh_gives_the_same_losses(eight_devices):
   assert reference[0] - reference[-1] > 0.5  # it learns, so a wrong gradient would show
   assert {"(8, 1, 1)", "(1, 8, 1)", "(2, 2, 2)", "(1, 2, 4)"} <= losses.keys()
   for name, values in losses.items():  # scanned and remat'd stacks too
+    if not name.startswith("llama"):
+      assert np.abs(values - reference).max() <= 1e-4, name
+
+
+def test_llama_components_give_the_same_losses_on_every_mesh(eight_devices):
+  losses = {name: np.array(values) for name, values in eight_devices["losses"].items()
+            if name.startswith("llama")}
+  reference = losses["llama (1, 1, 1)"]
+  assert len(losses) == 5 and reference[0] - reference[-1] > 0.5
+  for name, values in losses.items():
     assert np.abs(values - reference).max() <= 1e-4, name
+  # Tensor axis 2: one of the 2 kv heads per device; tensor axis 4: replicated by the rule.
+  split = eight_devices["layout"]["llama (2, 2, 2)"]["params"]["blocks_0/attn/kv/kernel"]
+  assert (split["spec"], split["shard_shape"]) == ([["fsdp"], [], ["tensor"], []], [16, 2, 1, 8])
+  whole = eight_devices["layout"]["llama (1, 2, 4)"]["params"]["blocks_0/attn/kv/kernel"]
+  assert (whole["spec"], whole["shard_shape"]) == ([["fsdp"], [], [], []], [16, 2, 2, 8])
+  assert eight_devices["errors"]["kv_heads"] == (
+      "model.n_kv_head=2 is not divisible by mesh tensor=4 ('kv_heads' is split over tensor); "
+      "replicate the kv heads (each device keeps all of them) with "
+      "--config.mesh.rules=\"[('kv_heads', None)]\"")
 
 
 def test_fsdp_divides_parameter_and_optimizer_bytes(eight_devices):
