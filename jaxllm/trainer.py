@@ -166,9 +166,11 @@ def describe(setup: Setup, state: train_lib.TrainState, peak_flops: float,
              flops_per_token: float) -> None:
   """The start-up lines: model, data, mesh and memory per device, batch, MFU's yardstick."""
   cfg, train, mesh = setup.task.model.config, setup.config.train, setup.mesh
+  kv = f" ({cfg.kv_heads} kv)" if cfg.kv_heads != cfg.n_head else ""
   log(setup, f"model: {count_params(state.params):,} parameters ({cfg.n_layer} layers, "
-             f"{cfg.n_head} heads, d_model {cfg.d_model}, context {cfg.context_length}, vocab "
-             f"{cfg.vocab_size}, {cfg.dtype}); task {train.task}"
+             f"{cfg.n_head} heads{kv}, d_model {cfg.d_model}, context {cfg.context_length}, "
+             f"vocab {cfg.vocab_size}, {cfg.norm}, {cfg.position} positions, {cfg.mlp}, "
+             f"{cfg.dtype}); task {train.task}"
              f"{', from ' + train.init_from if train.init_from else ''}")
   log(setup, f"data: {setup.task.description}")
   mib = {name: sharding.bytes_per_device(getattr(state, name), getattr(setup.shardings, name))

@@ -15,7 +15,7 @@ from jaxllm import tokenizer as tokenizer_lib
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-VOCAB = 120
+VOCAB = 300  # the byte-level alphabet alone is 256 tokens
 
 
 def _write_tokenizer(folder, shared_data):
@@ -25,7 +25,7 @@ def _write_tokenizer(folder, shared_data):
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=VOCAB - 4, special_tokens=["<|endoftext|>"],
+  trainer = trainers.BpeTrainer(vocab_size=VOCAB - 10, special_tokens=["<|endoftext|>"],
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
   tok.train([str(shared_data / "the-verdict.txt")], trainer)
   tok.save(str(folder / "tokenizer.json"))
@@ -103,3 +103,33 @@ def test_sharded_checkpoint_with_an_index(tmp_path, shared_data):
   tokens = np.arange(20)[None] % VOCAB
   np.testing.assert_allclose(np.asarray(model.apply({"params": params}, tokens)),
                              _logits(hf_model, tokens), atol=1e-4, rtol=0)
+
+
+def test_a_converted_llama_generates_and_trains_like_a_gpt2_run(tmp_path, shared_data, capsys):
+  folder = tmp_path / "hf"
+  _model("llama").save_pretrained(folder)
+  _write_tokenizer(folder, shared_data)
+  run = tmp_path / "run"
+  assert cli.main(["convert", "--from", str(folder), "--out", str(run)]) == 0
+  # Greedy generation = the argmax of the model's logits, step after step.
+  assert cli.main(["generate", "--workdir", str(run), "--prompt", "I had always",
+                   "--max-new-tokens", "3", "--temperature", "0"]) == 0
+  printed = capsys.readouterr().out.strip().splitlines()[-1]
+  _, model, params, tokenizer = run_io.load_run(run)
+  ids = tokenizer.encode("I had always")
+  for _ in range(3):
+    ids.append(int(np.argmax(np.asarray(model.apply({"params": params}, np.array([ids])))[0, -1])))
+  assert printed == tokenizer.decode(ids)
+  # Pretraining goes on from it, with its tokenizer, on the mesh and trainer of every run.
+  assert cli.main(["train", "--config", "experiments/shakespeare_char.py",
+                   "--workdir", str(tmp_path / "more"), "--config.train.init_from", str(run),
+                   "--config.data.dataset=text", "--config.data.train_split=train",
+                   f"--config.data.path={shared_data / 'the-verdict.txt'}",
+                   "--config.data.data_dir", str(tmp_path / "tfds"),
+                   "--config.train.steps=4", "--config.train.batch_size=4",
+                   "--config.train.eval_every=4", "--config.train.eval_batches=2",
+                   "--config.train.sample_tokens=4",
+                   "--config.checkpoint.every_steps=0", "--config.train.peak_flops=1e9"]) == 0
+  figures = json.loads((tmp_path / "more" / "eval.json").read_text())
+  assert figures["val_loss"] < figures["initial_val_loss"]
+  assert json.loads((tmp_path / "more" / "tokenizer.json").read_text())["kind"] == "hf"
