@@ -19,7 +19,8 @@ VOCAB = 300  # the byte-level alphabet alone is 256 tokens
 
 
 def _write_tokenizer(folder, shared_data):
-  """A byte-level BPE tokenizer.json trained here on The Verdict (what these models ship)."""
+  """A byte-level BPE tokenizer.json trained here on Tiny Shakespeare (the kind these models
+  ship)."""
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
   tok = Tokenizer(models.BPE())
@@ -27,7 +28,7 @@ def _write_tokenizer(folder, shared_data):
   tok.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(vocab_size=VOCAB - 10, special_tokens=["<|endoftext|>"],
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-  tok.train([str(shared_data / "the-verdict.txt")], trainer)
+  tok.train([str(shared_data / "tinyshakespeare.txt")], trainer)
   tok.save(str(folder / "tokenizer.json"))
   (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
   return tok
@@ -81,9 +82,11 @@ def test_weights_in_and_out_match_transformers(kind, tmp_path, shared_data):
   assert np.abs(expected).max() > 0.5  # the comparison is not of near-zeros (tolerance 1e-4)
 
   # The tokenizer came along: the same ids as the tokenizers library, and end-of-text.
-  text = "I had always thought Jack Gisburn rather a cheap genius"
-  assert tokenizer.encode(text) == tok.encode(text, add_special_tokens=False).ids
-  assert tokenizer.decode(tokenizer.encode(text)) == text
+  if kind == "llama":
+    text = (shared_data / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    ids = tokenizer.encode(text)
+    assert ids == tok.encode(text, add_special_tokens=False).ids and len(ids) > 200_000
+    assert tokenizer.decode(ids) == text == tok.decode(ids)
   assert tokenizer.encode("a" + tokenizer_lib.EOT)[-1] == tok.token_to_id("<|endoftext|>")
 
   assert cli.main(["convert", "--to", "hf", "--from", str(tmp_path / "run"),
@@ -111,15 +114,19 @@ def test_a_converted_llama_generates_and_trains_like_a_gpt2_run(tmp_path, shared
   _write_tokenizer(folder, shared_data)
   run = tmp_path / "run"
   assert cli.main(["convert", "--from", str(folder), "--out", str(run)]) == 0
+  capsys.readouterr()
   # Greedy generation = the argmax of the model's logits, step after step.
   assert cli.main(["generate", "--workdir", str(run), "--prompt", "I had always",
                    "--max-new-tokens", "3", "--temperature", "0"]) == 0
-  printed = capsys.readouterr().out.strip().splitlines()[-1]
+  printed = capsys.readouterr().out
   _, model, params, tokenizer = run_io.load_run(run)
   ids = tokenizer.encode("I had always")
-  for _ in range(3):
-    ids.append(int(np.argmax(np.asarray(model.apply({"params": params}, np.array([ids])))[0, -1])))
-  assert printed == tokenizer.decode(ids)
+  prompt_length = len(ids)
+  for _ in range(3):  # ids past the tokenizer's 290 (the model has 300) are never generated
+    logits_V = np.asarray(model.apply({"params": params}, np.array([ids])))[0, -1]
+    ids.append(int(np.argmax(logits_V[:tokenizer.vocab_size])))
+  # The prompt, then the new tokens decoded (random weights: perhaps bytes of no character).
+  assert printed == "I had always" + tokenizer.decode(ids[prompt_length:]) + "\n"
   # Pretraining goes on from it, with its tokenizer, on the mesh and trainer of every run.
   assert cli.main(["train", "--config", "experiments/shakespeare_char.py",
                    "--workdir", str(tmp_path / "more"), "--config.train.init_from", str(run),
@@ -133,3 +140,26 @@ def test_a_converted_llama_generates_and_trains_like_a_gpt2_run(tmp_path, shared
   figures = json.loads((tmp_path / "more" / "eval.json").read_text())
   assert figures["val_loss"] < figures["initial_val_loss"]
   assert json.loads((tmp_path / "more" / "tokenizer.json").read_text())["kind"] == "hf"
+
+
+def test_cached_greedy_decoding_equals_transformers_generate(tmp_path, shared_data):
+  from jaxllm import generate as generate_lib
+
+  folder = tmp_path / "hf"
+  hf_model = _model("llama")
+  hf_model.save_pretrained(folder)
+  _write_tokenizer(folder, shared_data)
+  assert cli.main(["convert", "--from", str(folder), "--out", str(tmp_path / "run")]) == 0
+  _, model, params, _ = run_io.load_run(tmp_path / "run")
+  rng = np.random.default_rng(3)
+  prompts = [rng.integers(1, VOCAB, 5).tolist(), rng.integers(1, VOCAB, 11).tolist()]
+  ours = generate_lib.generate(model, params, prompts, max_new_tokens=32, temperature=0.0)
+  # transformers: prompts left-padded, positions counted from each row's first real token.
+  padded = torch.tensor([[0] * 6 + prompts[0], prompts[1]])
+  mask = torch.tensor([[0] * 6 + [1] * 5, [1] * 11])
+  with torch.no_grad():
+    out = hf_model.generate(padded, attention_mask=mask, max_new_tokens=32, do_sample=False,
+                            eos_token_id=None, pad_token_id=0)
+  theirs = out[:, 11:].tolist()
+  assert [len(row) for row in ours] == [32, 32]
+  assert ours == theirs
