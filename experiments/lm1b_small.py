@@ -1,7 +1,7 @@
 """A small web-text pretraining run that trains on a 2-core CPU in minutes: lm1b.
 
 The One Billion Word benchmark (TFDS `lm1b`: ~30M news sentences), GPT-2's BPE, a 4-layer
-d_model-256 GPT at context 128, 300 steps of 16 sequences. It exercises the whole path of a
+d_model-256 GPT at context 128, 200 steps of 8 sequences. It exercises the whole path of a
 large corpus at a size a laptop takes: TFDS's download (1.7 GB) and preparation (once; tens
 of minutes), streaming tokenization into sharded token files on every core (once: ~4 GB of
 text, ~1B tokens; at the 15-20 MB/s measured on 2 cores, about 4 minutes), random windows
@@ -35,13 +35,13 @@ def get_config():
   c.data.separator = "<|endoftext|>"
   c.data.sampling = "random"
 
-  c.train.steps = 300
-  c.train.batch_size = 16
+  c.train.steps = 200
+  c.train.batch_size = 8
   c.train.learning_rate = 1e-3
   c.train.min_learning_rate = 1e-4
-  c.train.warmup_steps = 30
+  c.train.warmup_steps = 20
   c.train.eval_every = 100
-  c.train.eval_batches = 10
+  c.train.eval_batches = 5
   c.train.log_every = 10
   c.train.sample_prompt = "The"
   c.train.sample_tokens = 40

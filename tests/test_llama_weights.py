@@ -127,6 +127,11 @@ def test_a_converted_llama_generates_and_trains_like_a_gpt2_run(tmp_path, shared
     ids.append(int(np.argmax(logits_V[:tokenizer.vocab_size])))
   # The prompt, then the new tokens decoded (random weights: perhaps bytes of no character).
   assert printed == "I had always" + tokenizer.decode(ids[prompt_length:]) + "\n"
+  # Perplexity of a text, with its tokenizer.
+  verdict = shared_data / "the-verdict.txt"
+  assert cli.main(["eval", "--workdir", str(run), "--text", str(verdict), "--no-progress"]) == 0
+  count = len(tokenizer.encode(verdict.read_text(encoding="utf-8")))
+  assert f"{count:,} tokens, loss " in capsys.readouterr().out
   # Pretraining goes on from it, with its tokenizer, on the mesh and trainer of every run.
   assert cli.main(["train", "--config", "experiments/shakespeare_char.py",
                    "--workdir", str(tmp_path / "more"), "--config.train.init_from", str(run),

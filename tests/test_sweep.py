@@ -132,10 +132,10 @@ def test_two_workers_share_one_study(tmp_path, experiment):
 def test_tpe_with_median_pruning_prunes(tmp_path, experiment):
   sweep_dir = tmp_path / "tpe"
   process = _sweep(experiment, sweep_dir, "--param", "train.learning_rate=loguniform:1e-6:3e-2",
-                   "--sampler", "tpe", "--pruner", "median", "--trials", "12", "--seed", "0")
+                   "--sampler", "tpe", "--pruner", "median", "--trials", "8", "--seed", "0")
   out, _ = process.communicate(timeout=600)
   assert process.returncode == 0, out
   rows = _rows(sweep_dir)
   states = [r["state"] for r in rows]
-  assert len(rows) == 12 and states.count("pruned") >= 1, states
+  assert len(rows) == 8 and states.count("pruned") >= 1, states
   assert "| pruned |" in (sweep_dir / "results.md").read_text()
