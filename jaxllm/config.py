@@ -40,7 +40,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                          **{**_LLAMA, "tie_embeddings": True}),
     "qwen2.5-0.5b": dict(n_layer=24, n_head=14, n_kv_head=2, d_model=896, mlp_hidden=4864,
                          context_length=32768, vocab_size=151936, rope_theta=1000000.0,
-                         norm_epsilon=1e-6, qkv_bias=True, **{**_LLAMA, "tie_embeddings": True}),
+                         layer_norm_epsilon=1e-6, qkv_bias=True,
+                         **{**_LLAMA, "tie_embeddings": True}),
     "llama-3.2-1b": dict(n_layer=16, n_head=32, n_kv_head=8, d_model=2048, mlp_hidden=8192,
                          context_length=131072, vocab_size=128256, rope_theta=500000.0,
                          rope_scaling_factor=32.0, rope_low_freq_factor=1.0,
@@ -422,6 +423,10 @@ def model_config(model: ml_collections.ConfigDict, vocab_size: int | None = None
     raise JaxllmError(
         f"unknown preset '{model.preset}' (model.preset takes one of: {', '.join(PRESETS)})")
   preset = PRESETS[preset_name]
+  unknown = sorted(set(preset) - set(model.keys()))
+  if unknown:
+    raise JaxllmError(f"preset '{preset_name}' sets unknown model key(s) {unknown} (a bug in "
+                      f"jaxllm.config.PRESETS)")
 
   def pick(key):
     if key in model and model[key] is not None:

@@ -77,3 +77,15 @@ def test_config_json_round_trip():
   again = config_lib.from_dict(config.to_dict())
   assert again.to_dict() == config.to_dict()
   assert isinstance(again, ml_collections.ConfigDict)
+
+
+def test_every_preset_resolves_with_its_own_values():
+  for name, preset in config_lib.PRESETS.items():
+    config = config_lib.default_config()
+    config.model.preset = name
+    resolved = config_lib.model_config(config.model, vocab_size=100)
+    for key, value in preset.items():
+      if key != "vocab_size":  # the tokenizer's (100) takes its place
+        assert getattr(resolved, key) == value, (name, key)
+  config.model.preset = "qwen2.5-0.5b"
+  assert config_lib.model_config(config.model).layer_norm_epsilon == 1e-6
