@@ -5,8 +5,10 @@ their own mmap and gives them back with munmap, and trims the heap top past 128 
 train step allocates and frees its large temporaries, so every step maps fresh pages, which
 the kernel faults in and zeroes. On nanoGPT's CPU Shakespeare config that was a third of the
 run's time in the kernel (16.8 s of system time in a 48 s, 600-step run) and 57.3 ms/step;
-with mmap off and trimming at 1 GB, 1.8 s and 44.4 ms/step, the same losses. The cost: up to
-`TRIM_BYTES` of freed memory stays with the process.
+with mmap off and trimming at 1 GB, 1.6 s and 46.4 ms/step (54.6 untuned in the same
+session), the same losses. At GPT-2 small's shapes (experiments/verdict_gpt2.py, batch 2 x
+256, 4 steps) 6.47 against 6.78 s/step, for a peak RSS of 7.08 against 6.70 GB: freed memory
+(up to `TRIM_BYTES`) stays with the process.
 
 `jaxllm` commands call `tune()` at start; `JAXLLM_MALLOC_TUNING=0` turns it off. It changes
 nothing on a C library other than glibc. The environment variables MALLOC_MMAP_MAX_,

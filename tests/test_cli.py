@@ -121,3 +121,13 @@ def test_installed_command_prints_one_line(tmp_path):
       "mlp_hidden, n_head, n_kv_head, n_layer, norm, position, preset, qk_norm, qkv_bias, remat, "
       "rope_high_freq_factor, rope_low_freq_factor, rope_original_context, rope_scaling_factor, "
       "rope_theta, scan_layers, tie_embeddings, vocab_size)")
+
+
+def test_malloc_tuning_applies_on_glibc_and_can_be_turned_off(monkeypatch):
+  import platform
+
+  from jaxllm import malloc
+  monkeypatch.setenv("JAXLLM_MALLOC_TUNING", "0")
+  assert malloc.tune() is False
+  monkeypatch.setenv("JAXLLM_MALLOC_TUNING", "1")
+  assert malloc.tune() is (platform.libc_ver()[0] == "glibc")
