@@ -159,7 +159,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.lora = ml_collections.ConfigDict()
   c.lora.rank = 0  # 0 = no LoRA; > 0 adds rank-r adapters (train them with trainable="lora")
   c.lora.alpha = 16.0  # adapters are scaled by alpha / rank
-  c.lora.targets = "qkv,out,fc,proj"  # kernels to adapt; add "head" for the class head (appendix E)
+  # Kernels to adapt (attention and MLP, by GPT-2's and Llama's module names: what a model
+  # lacks is skipped); add "head" for the class head (appendix E).
+  c.lora.targets = "qkv,q,kv,out,fc,gate,up,proj"
 
   c.classifier = ml_collections.ConfigDict()
   c.classifier.format = "auto"  # auto (.csv, .jsonl, else tsv), tsv, csv or jsonl

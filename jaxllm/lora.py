@@ -10,7 +10,8 @@ the fly, x @ W + scale * (x @ A) @ B, without ever forming W + AB.
 jaxllm's kernels as matrices: qkv (D,3,H,K) is three DxHK matrices, q, k and v, each with its
 own adapter (G=3, as the book's separate W_query/W_key/W_value get); attention out (H,K,D) is
 HKxD; MLP fc (D,F) and proj (F,D), the classification head (D,C) and an untied lm_head (D,V)
-are matrices already (G=1). A is drawn as the book draws it (PyTorch's kaiming_uniform_ with
+are matrices already (G=1). Llama's components: q (D,H,K) is one DxHK matrix, kv (D,2,G,K)
+two DxGK matrices (k and v), the SwiGLU MLP's gate and up (D,F) matrices. A is drawn as the book draws it (PyTorch's kaiming_uniform_ with
 a=sqrt(5) on a (I, r) tensor: uniform in +-1/sqrt(r)); B starts at zero, so a fresh adapter
 changes nothing.
 """
@@ -31,7 +32,12 @@ from jaxllm.errors import JaxllmError
 # Target name (the module holding the kernel) -> (input axes, kernel ndim). Leading axes
 # beyond that ndim (the "layers" axis of model.scan_layers) get one adapter per entry.
 TARGETS = {"qkv": (1, 4), "out": (2, 3), "fc": (1, 2), "proj": (1, 2), "head": (1, 2),
-           "lm_head": (1, 2)}
+           "lm_head": (1, 2),
+           # Llama's components: q (D, H, K) and kv (D, 2, G, K) of grouped-query attention,
+           # the SwiGLU MLP's gate and up.
+           "q": (1, 3), "kv": (1, 4), "gate": (1, 2), "up": (1, 2)}
+# Kernels whose axis 1 stacks separate projections (q, k, v; or k, v): one adapter each.
+GROUPED = ("qkv", "kv")
 
 
 def parse_targets(spec: str | Sequence[str]) -> tuple[str, ...]:
@@ -52,7 +58,7 @@ def _matrix_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
   """(*leading, G, I, O): the kernel as G matrices of IxO."""
   n_in, ndim = TARGETS[name]
   lead, shape = shape[:len(shape) - ndim], shape[len(shape) - ndim:]
-  if name == "qkv":  # (D, 3, H, K)
+  if name in GROUPED:  # (D, 3, H, K) or (D, 2, G, K)
     return (*lead, shape[1], shape[0], shape[2] * shape[3])
   return (*lead, 1, math.prod(shape[:n_in]), math.prod(shape[n_in:]))
 
@@ -111,7 +117,7 @@ def delta(name: str, shape: tuple[int, ...], adapter: dict, scale_: float) -> ja
   """scale * A @ B laid out as the kernel: the change merging makes to it."""
   delta_GxIxO = scale_ * jnp.einsum("...gir,...gro->...gio", adapter["lora_a"],
                                     adapter["lora_b"])
-  if name == "qkv":  # (..., 3, D, HK) -> (..., D, 3, H, K)
+  if name in GROUPED:  # (..., 3, D, HK) -> (..., D, 3, H, K)
     return jnp.swapaxes(delta_GxIxO, -3, -2).reshape(shape)
   return delta_GxIxO.reshape(shape)
 
@@ -172,7 +178,7 @@ def logical_axes(adapters: Any, param_axes: Any) -> dict:
     name = path[-1]
     n_in, ndim = TARGETS[name]
     lead, dims = spec[:len(spec) - ndim], spec[len(spec) - ndim:]
-    inputs, outputs = (dims[:1], dims[2:]) if name == "qkv" else (dims[:n_in], dims[n_in:])
+    inputs, outputs = (dims[:1], dims[2:]) if name in GROUPED else (dims[:n_in], dims[n_in:])
     _set(axes, path, {"lora_a": P(*lead, None, inputs[0], None),
                       "lora_b": P(*lead, None, None, outputs[0])})
   return axes

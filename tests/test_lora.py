@@ -20,6 +20,11 @@ import flax.linen as nn
 
 TINY = config_lib.ModelConfig(vocab_size=48, context_length=16, n_layer=2, n_head=2, d_model=32)
 TARGETS = ("qkv", "out", "fc", "proj", "head")
+# Llama's components: grouped-query q / kv kernels and a SwiGLU MLP.
+TINY_LLAMA = config_lib.ModelConfig(vocab_size=48, context_length=16, n_layer=2, n_head=2,
+                                    d_model=32, n_kv_head=1, norm="rmsnorm", position="rope",
+                                    mlp="swiglu", mlp_hidden=48, bias=False)
+LLAMA_TARGETS = ("q", "kv", "out", "gate", "up", "proj", "head")
 
 
 def _params(model, num_classes=2):
@@ -48,10 +53,16 @@ def test_adapter_count_matches_the_book_for_gpt2_small():
   assert qkv["lora_a"].shape == (3, 768, 16) and qkv["lora_b"].shape == (3, 16, 768)
 
 
-def test_merged_weights_give_the_logits_of_adapters_on_the_fly():
-  model = GPT(TINY)
+@pytest.mark.parametrize("config, targets", [(TINY, TARGETS), (TINY_LLAMA, LLAMA_TARGETS)],
+                         ids=["gpt2", "llama"])
+def test_merged_weights_give_the_logits_of_adapters_on_the_fly(config, targets):
+  model = GPT(config)
   params = _params(model)
-  adapters = _randomise(lora.init(jax.random.key(2), params, TARGETS, 4), seed=3)
+  adapters = _randomise(lora.init(jax.random.key(2), params, targets, 4), seed=3)
+  if config is TINY_LLAMA:  # k and v get an adapter each, like q, k, v in the fused kernel
+    kv = adapters["backbone"]["blocks_0"]["attn"]["kv"]
+    assert kv["lora_a"].shape == (2, 32, 4) and kv["lora_b"].shape == (2, 4, 16)
+    assert {"q", "kv", "out"} == adapters["backbone"]["blocks_1"]["attn"].keys()
   scale = lora.scale(8.0, 4)
   tokens_BxL = jnp.asarray(np.random.default_rng(0).integers(0, 48, size=(3, 12)), jnp.int32)
   length_B = jnp.array([12, 7, 3])
@@ -79,7 +90,7 @@ def test_merged_weights_give_the_logits_of_adapters_on_the_fly():
   assert np.abs(np.asarray(merged_BxC - plain_BxC)).max() > 1e-2  # the adapters do something
   np.testing.assert_allclose(merged_BxC, on_the_fly_BxC, atol=1e-5)
   # Fresh adapters (B = 0) change nothing.
-  fresh = lora.merge(params, lora.init(jax.random.key(2), params, TARGETS, 4), scale)
+  fresh = lora.merge(params, lora.init(jax.random.key(2), params, targets, 4), scale)
   for a, b in zip(jax.tree.leaves(fresh), jax.tree.leaves(params)):
     np.testing.assert_array_equal(a, b)
 
