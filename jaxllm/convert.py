@@ -272,10 +272,10 @@ def export_hf(workdir: str | pathlib.Path, out: str | pathlib.Path) -> dict:
   GPT-2, or as Llama / Qwen2 for a run with Llama's components."""
   from safetensors.numpy import save_file
 
-  config, model, params, _ = run_io.load_run(workdir)
+  config, model, params, tokenizer = run_io.load_run(workdir)
   cfg = model.config
   if cfg.norm == "rmsnorm" or cfg.position == "rope" or cfg.mlp == "swiglu":
-    return llama_weights.export_llama(workdir, out)
+    return llama_weights.export_llama(cfg, params, tokenizer, workdir, out)
   if not (cfg.bias and cfg.qkv_bias and cfg.tie_embeddings):
     raise JaxllmError(f"{workdir}: only GPT-2-shaped models export (model.bias, qkv_bias and "
                       f"tie_embeddings all true)")

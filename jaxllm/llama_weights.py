@@ -142,15 +142,14 @@ def _layer_params(t: dict, prefix: str, cfg) -> dict:
 def to_params(tensors: dict[str, np.ndarray], cfg, source: str) -> dict:
   """jaxllm params from Hugging Face tensors (names checked: none missing, none left over)."""
   t = {name.removeprefix("model."): value for name, value in tensors.items()}
-  used = set()
-  t_tracked = _Tracked(t, used)
+  t_tracked = _Tracked(t)
   params = {"wte": {"embedding": t_tracked["embed_tokens.weight"]},
             "ln_f": {"scale": t_tracked["norm.weight"]}}
   for i in range(cfg.n_layer):
     params[f"blocks_{i}"] = _layer_params(t_tracked, f"layers.{i}.", cfg)
   if not cfg.tie_embeddings:
     params["lm_head"] = {"kernel": t_tracked["lm_head.weight"].T}
-  extra = sorted(set(t) - used - {"lm_head.weight"} - {
+  extra = sorted(set(t) - t_tracked.used - {"lm_head.weight"} - {
       n for n in t if n.endswith("rotary_emb.inv_freq")})
   if extra:
     raise JaxllmError(f"{source} holds '{extra[0]}', which this architecture has not")
@@ -160,9 +159,9 @@ def to_params(tensors: dict[str, np.ndarray], cfg, source: str) -> dict:
 class _Tracked(dict):
   """A tensor dict that records which names were read, and names a missing one clearly."""
 
-  def __init__(self, tensors: dict, used: set):
+  def __init__(self, tensors: dict):
     super().__init__(tensors)
-    self.used = used
+    self.used: set[str] = set()
 
   def __getitem__(self, name):
     if name not in self:
@@ -271,20 +270,23 @@ def import_llama(source: str | pathlib.Path, out: str | pathlib.Path) -> dict:
   checkpoint_lib.check_matches(params, target, f"the converted {hf['model_type']} checkpoint",
                                f"{folder / 'config.json'} and its tensors disagree")
   convert.write_run(out, config, params, spec)
+  return sizes(cfg)
+
+
+def sizes(cfg) -> dict:
+  """What `jaxllm convert` reports of a converted model."""
   return {"n_layer": cfg.n_layer, "n_head": cfg.n_head, "d_model": cfg.d_model,
           "context_length": cfg.context_length, "vocab_size": cfg.vocab_size}
 
 
-def export_llama(workdir: str | pathlib.Path, out: str | pathlib.Path) -> dict:
-  """A Llama-style jaxllm run as a Hugging Face folder: model.safetensors, config.json and,
-  for a Hugging Face tokenizer, tokenizer.json."""
+def export_llama(cfg, params: Any, tokenizer, workdir: str | pathlib.Path,
+                 out: str | pathlib.Path) -> dict:
+  """A Llama-style run (its model config, params and tokenizer, loaded from `workdir`) as a
+  Hugging Face folder: model.safetensors, config.json and, for a Hugging Face tokenizer,
+  tokenizer.json."""
   import jax
   from safetensors.numpy import save_file
 
-  from jaxllm import run_io
-
-  _, model, params, tokenizer = run_io.load_run(workdir)
-  cfg = model.config
   check_exportable(cfg, workdir)
   if cfg.scan_layers:
     raise JaxllmError(f"{workdir}: model.scan_layers=true params do not export yet")
@@ -297,5 +299,4 @@ def export_llama(workdir: str | pathlib.Path, out: str | pathlib.Path) -> dict:
     (out / "tokenizer.json").write_text(json.dumps(tokenizer.to_json()["tokenizer"]))
     config["eos_token_id"] = tokenizer.eot_id
   (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-  return {"n_layer": cfg.n_layer, "n_head": cfg.n_head, "d_model": cfg.d_model,
-          "context_length": cfg.context_length, "vocab_size": cfg.vocab_size}
+  return sizes(cfg)

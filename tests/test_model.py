@@ -108,23 +108,25 @@ def test_bfloat16_compute(params, tokens_BxL):
   assert 0 < difference < 2e-2
 
 
-def test_cached_forward_matches_full_forward(params, tokens_BxL):
-  model = GPT(CONFIG)
-  reference_BxLxV = model.apply({"params": params}, tokens_BxL)
+def _decoded_logits(model, params, tokens_BxL, cache, prefill: int):
+  """Logits of a `prefill`-token prefill, then one token at a time through the KV cache."""
   batch_size, length = tokens_BxL.shape
-  cache = init_cache(CONFIG, batch_size, length)
-  # A 5-token prefill, then one token at a time.
   encode = jax.jit(lambda tokens_BxL, positions_BxL, cache: model.apply(
       {"params": params}, tokens_BxL, positions_BxL, cache, method=model.encode))
-  # A 5-token prefill, then one token at a time.
-  chunks = [(0, 5)] + [(t, t + 1) for t in range(5, length)]
+  chunks = [(0, prefill)] + [(t, t + 1) for t in range(prefill, length)]
   hidden = []
   for start, end in chunks:
     positions_BxL = jnp.broadcast_to(jnp.arange(start, end), (batch_size, end - start))
     hidden_BxLxD, cache = encode(tokens_BxL[:, start:end], positions_BxL, cache)
     hidden.append(hidden_BxLxD)
-  logits_BxLxV = model.apply({"params": params}, jnp.concatenate(hidden, axis=1),
-                             method=model.logits)
+  return model.apply({"params": params}, jnp.concatenate(hidden, axis=1), method=model.logits)
+
+
+def test_cached_forward_matches_full_forward(params, tokens_BxL):
+  model = GPT(CONFIG)
+  reference_BxLxV = model.apply({"params": params}, tokens_BxL)
+  cache = init_cache(CONFIG, *tokens_BxL.shape)
+  logits_BxLxV = _decoded_logits(model, params, tokens_BxL, cache, prefill=5)
   # Same math in another order: ~2e-7 on CPU, asserted to 1e-5.
   np.testing.assert_allclose(logits_BxLxV, reference_BxLxV, atol=1e-5, rtol=0)
 
@@ -219,15 +221,7 @@ def test_llama_cache_holds_kv_heads_and_decodes_like_the_full_forward(tokens_BxL
   batch_size, length = tokens_BxL.shape
   cache = init_cache(LLAMA, batch_size, length)
   assert cache[0]["k"].shape == (batch_size, length, 2, 16)  # kv heads only
-  encode = jax.jit(lambda tokens_BxL, positions_BxL, cache: model.apply(
-      {"params": params}, tokens_BxL, positions_BxL, cache, method=model.encode))
-  hidden = []
-  for start, end in [(0, 7)] + [(t, t + 1) for t in range(7, length)]:
-    positions_BxL = jnp.broadcast_to(jnp.arange(start, end), (batch_size, end - start))
-    hidden_BxLxD, cache = encode(tokens_BxL[:, start:end], positions_BxL, cache)
-    hidden.append(hidden_BxLxD)
-  logits_BxLxV = model.apply({"params": params}, jnp.concatenate(hidden, axis=1),
-                             method=model.logits)
+  logits_BxLxV = _decoded_logits(model, params, tokens_BxL, cache, prefill=7)
   np.testing.assert_allclose(logits_BxLxV, reference_BxLxV, atol=1e-5, rtol=0)
 
 
