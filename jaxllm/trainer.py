@@ -21,7 +21,7 @@ import os
 import pathlib
 import shutil
 import time
-from typing import Any, Iterable
+from typing import Any
 
 import jax
 import ml_collections
@@ -211,17 +211,14 @@ def _batch_sharding(mesh, rules, axis: int, ndim: int):
 
 def evaluate(setup: Setup, eval_fn, params: Any) -> dict[str, float]:
   """Each evaluated split's figures: the task's sums over its evaluation batches / count."""
+  def sums(batch: dict) -> dict:
+    local = {k: v[setup.eval_rows] for k, v in batch.items()}
+    return eval_fn(params, _global_batch(setup, local, 0, setup.config.train.batch_size))
+
   figures = {}
   for split in ("train", "val"):
-    sums: dict[str, float] = {}
-    batches: Iterable[dict] = setup.task.eval_batches(split)
-    for batch in batches:
-      local = {k: v[setup.eval_rows] for k, v in batch.items()}
-      result = eval_fn(params, _global_batch(setup, local, 0, setup.config.train.batch_size))
-      for name, value in result.items():
-        sums[name] = sums.get(name, 0.0) + float(value)
-    count = max(sums.pop("count", 0.0), 1e-9)
-    figures.update({f"{split}_{name}": value / count for name, value in sums.items()})
+    means = tasks_lib.eval_means(map(sums, setup.task.eval_batches(split)))
+    figures.update({f"{split}_{name}": float(value) for name, value in means.items()})
   return figures
 
 

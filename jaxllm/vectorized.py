@@ -22,7 +22,6 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from jaxllm import evaluate as evaluate_lib
 from jaxllm import metrics as metrics_lib
@@ -128,14 +127,10 @@ def _evaluate(task: tasks_lib.Task, eval_fn, params, count: int) -> list[dict[st
   """Every trial's figures on the task's evaluation batches (sums / count, as the trainer)."""
   figures: list[dict[str, float]] = [{} for _ in range(count)]
   for split in ("train", "val"):
-    sums: dict[str, np.ndarray] = {}
-    for batch in task.eval_batches(split):
-      for name, value in eval_fn(params, jax.tree.map(jnp.asarray, batch)).items():
-        sums[name] = sums.get(name, 0.0) + np.asarray(value, np.float64)
-    total = np.maximum(sums.pop("count"), 1e-9)
+    means = tasks_lib.eval_means(eval_fn(params, jax.tree.map(jnp.asarray, batch))
+                                 for batch in task.eval_batches(split))
     for k in range(count):
-      figures[k].update({f"{split}_{name}": float(value[k] / total[k])
-                         for name, value in sums.items()})
+      figures[k].update({f"{split}_{name}": float(value[k]) for name, value in means.items()})
   return figures
 
 

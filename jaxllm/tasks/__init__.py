@@ -16,7 +16,7 @@ import importlib
 import ml_collections
 
 from jaxllm.errors import JaxllmError
-from jaxllm.tasks.common import Task
+from jaxllm.tasks.common import Task, eval_means
 
 NAMES = ("lm", "classify", "instruct", "dpo")
 
@@ -29,4 +29,4 @@ def build(config: ml_collections.ConfigDict) -> Task:
   return importlib.import_module(f"jaxllm.tasks.{config.train.task}").make_task(config)
 
 
-__all__ = ["NAMES", "Task", "build"]
+__all__ = ["NAMES", "Task", "build", "eval_means"]

@@ -61,6 +61,18 @@ class Task:
   description: str = ""  # the data line printed at start-up
 
 
+def eval_means(results: Iterable[dict[str, Any]]) -> dict[str, np.ndarray]:
+  """The figures of a split from its batches' `eval_fn` results: each sum, added up in
+  float64 over the batches, over the summed "count" (arrays stay arrays: one figure per
+  vectorised trial)."""
+  sums: dict[str, Any] = {}
+  for result in results:
+    for name, value in result.items():
+      sums[name] = sums.get(name, 0.0) + np.asarray(value, np.float64)
+  count = np.maximum(sums.pop("count", 0.0), 1e-9)
+  return {name: value / count for name, value in sums.items()}
+
+
 # --- The backbone -------------------------------------------------------------------------
 
 # Model keys that say how the network runs, not what it is: this run's, not init_from's.
