@@ -82,6 +82,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.n_kv_head = None  # key/value heads (grouped-query attention; 1 = multi-query): n_head
   c.model.qk_norm = None  # RMSNorm over each head of q and k before attention (Qwen3): False
   c.model.dtype = "float32"  # compute dtype; parameters are always float32
+  # "bfloat16": every weight matmul takes bf16 operands and accumulates and returns float32,
+  # forward and backward (jaxllm/matmul.py); the rest stays float32. ~1.4x at GPT-2 small
+  # on CPUs with bf16 dot instructions; losses track float32's to ~1e-2.
+  c.model.matmul_dtype = "float32"
   # Std of the token and position embeddings at init: GPT-2's 0.02, or 1.0 for PyTorch's
   # nn.Embedding default (what "Build a Large Language Model (From Scratch)" trains with).
   c.model.embedding_init_std = 0.02
@@ -377,6 +381,7 @@ class ModelConfig:
   qkv_bias: bool = True
   tie_embeddings: bool = True
   dtype: str = "float32"
+  matmul_dtype: str = "float32"  # "bfloat16": bf16 operands, float32 products (jaxllm/matmul.py)
   layer_norm_epsilon: float = 1e-5
   embedding_init_std: float = 0.02
   remat: str = "none"  # "none" | "full" | "dots": what each block keeps for the backward pass
@@ -413,7 +418,7 @@ _GPT2 = dict(bias=True, tie_embeddings=True, norm="layernorm", layer_norm_epsilo
              mlp="gelu", mlp_hidden=0, n_kv_head=0, qk_norm=False)
 _CHOICES = {"norm": ("layernorm", "rmsnorm"), "position": ("learned", "rope"),
             "mlp": ("gelu", "swiglu"), "dtype": ("float32", "bfloat16"),
-            "remat": ("none", "full", "dots")}
+            "matmul_dtype": ("float32", "bfloat16"), "remat": ("none", "full", "dots")}
 
 
 def model_config(model: ml_collections.ConfigDict, vocab_size: int | None = None) -> ModelConfig:
@@ -452,7 +457,7 @@ def model_config(model: ml_collections.ConfigDict, vocab_size: int | None = None
     raise JaxllmError(f"model.dropout must be in [0, 1), got {model.dropout}")
   return ModelConfig(
       vocab_size=int(vocab), dropout=float(model.dropout), bias=bias, qkv_bias=bool(qkv_bias),
-      dtype=model.dtype, embedding_init_std=float(model.embedding_init_std),
+      dtype=model.dtype, matmul_dtype=model.matmul_dtype, embedding_init_std=float(model.embedding_init_std),
       remat=model.remat, scan_layers=bool(model.scan_layers),
       tie_embeddings=bool(arch["tie_embeddings"]),
       layer_norm_epsilon=float(arch["layer_norm_epsilon"]), norm=arch["norm"],

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxllm import matmul
 from jaxllm.config import ModelConfig
 
 # A KV cache: one {"k": BxSxGxK, "v": BxSxGxK} dict per layer.
@@ -64,6 +65,18 @@ def _norm(cfg: ModelConfig, name: str | None = None, axes=("embed",)) -> nn.Modu
   return nn.LayerNorm(
       epsilon=cfg.layer_norm_epsilon, use_bias=cfg.bias, dtype=cfg.dtype,
       scale_init=_ones(axes), bias_init=_zeros(axes), name=name)
+
+
+def _einsum(cfg: ModelConfig, *args, **kwargs) -> nn.Module:
+  """nn.Einsum, or its bf16-operand twin when `matmul_dtype` is bfloat16 (same parameters)."""
+  cls = matmul.Bf16Einsum if cfg.matmul_dtype == "bfloat16" else nn.Einsum
+  return cls(*args, dtype=cfg.dtype, **kwargs)
+
+
+def _dense(cfg: ModelConfig, *args, **kwargs) -> nn.Module:
+  if cfg.matmul_dtype == "bfloat16":
+    kwargs["dot_general"] = matmul.dot_general
+  return nn.Dense(*args, dtype=cfg.dtype, **kwargs)
 
 
 def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
@@ -101,19 +114,19 @@ class CausalSelfAttention(nn.Module):
     # nn.Einsum, not nn.DenseGeneral: DenseGeneral initializes a flattened kernel and
     # reshapes it, which breaks its logical-axis metadata under a mesh (flax 0.12).
     if g == h:
-      qkv_BxLx3xHxK = nn.Einsum(
-          (d, 3, h, k), "bld,dthk->blthk", use_bias=cfg.qkv_bias, dtype=cfg.dtype,
+      qkv_BxLx3xHxK = _einsum(
+          cfg, (d, 3, h, k), "bld,dthk->blthk", use_bias=cfg.qkv_bias,
           kernel_init=_init(0.02, ("embed", None, "heads", "kv")),
           bias_init=_zeros((None, "heads", "kv")), name="qkv")(x_BxLxD)
       qkv_BxLx3xHxK = nn.with_logical_constraint(
           qkv_BxLx3xHxK, ("batch", "sequence", None, "heads", "kv"))
       return tuple(qkv_BxLx3xHxK[:, :, i] for i in range(3))
-    q_BxLxHxK = nn.Einsum(
-        (d, h, k), "bld,dhk->blhk", use_bias=cfg.qkv_bias, dtype=cfg.dtype,
+    q_BxLxHxK = _einsum(
+        cfg, (d, h, k), "bld,dhk->blhk", use_bias=cfg.qkv_bias,
         kernel_init=_init(0.02, ("embed", "heads", "kv")), bias_init=_zeros(("heads", "kv")),
         name="q")(x_BxLxD)
-    kv_BxLx2xGxK = nn.Einsum(
-        (d, 2, g, k), "bld,dtgk->bltgk", use_bias=cfg.qkv_bias, dtype=cfg.dtype,
+    kv_BxLx2xGxK = _einsum(
+        cfg, (d, 2, g, k), "bld,dtgk->bltgk", use_bias=cfg.qkv_bias,
         kernel_init=_init(0.02, ("embed", None, "kv_heads", "kv")),
         bias_init=_zeros((None, "kv_heads", "kv")), name="kv")(x_BxLxD)
     return q_BxLxHxK, kv_BxLx2xGxK[:, :, 0], kv_BxLx2xGxK[:, :, 1]
@@ -148,9 +161,9 @@ class CausalSelfAttention(nn.Module):
           mask=mask_BxLxS[:, None])
       new_cache = {"k": k_BxSxGxK, "v": v_BxSxGxK}
 
-    out_BxLxD = nn.Einsum(
-        (cfg.n_head, cfg.head_dim, cfg.d_model), "blhk,hkd->bld", use_bias=cfg.bias,
-        dtype=cfg.dtype, kernel_init=_init(residual_std, ("heads", "kv", "embed")),
+    out_BxLxD = _einsum(
+        cfg, (cfg.n_head, cfg.head_dim, cfg.d_model), "blhk,hkd->bld", use_bias=cfg.bias,
+        kernel_init=_init(residual_std, ("heads", "kv", "embed")),
         bias_init=_zeros(("embed",)), name="out")(out_BxLxHxK)
     return out_BxLxD, new_cache
 
@@ -167,8 +180,8 @@ class MLP(nn.Module):
     x_NxD = x_BxLxD.reshape(-1, cfg.d_model)
 
     def dense(width, axes, std, name):
-      return nn.Dense(width, use_bias=cfg.bias, dtype=cfg.dtype, kernel_init=_init(std, axes),
-                      bias_init=_zeros(axes[-1:]), name=name)
+      return _dense(cfg, width, use_bias=cfg.bias, kernel_init=_init(std, axes),
+                    bias_init=_zeros(axes[-1:]), name=name)
 
     if cfg.mlp == "swiglu":  # down(silu(gate(x)) * up(x))
       gate_NxF = dense(cfg.hidden, ("embed", "mlp"), 0.02, "gate")(x_NxD)
@@ -230,8 +243,8 @@ class GPT(nn.Module):
     self.blocks = _blocks(cfg)
     self.ln_f = _norm(cfg)
     if not cfg.tie_embeddings:
-      self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype,
-                              kernel_init=_init(0.02, ("embed", "vocab")))
+      self.lm_head = _dense(cfg, cfg.vocab_size, use_bias=False,
+                            kernel_init=_init(0.02, ("embed", "vocab")))
 
   def encode(self, tokens_BxL, positions_BxL=None, cache: KVCache | None = None,
              deterministic: bool = True):
@@ -269,7 +282,11 @@ class GPT(nn.Module):
 
   def logits(self, hidden_BxLxD):
     """The LM head: float32 logits, BxLxV."""
-    if self.config.tie_embeddings:
+    if self.config.tie_embeddings and self.config.matmul_dtype == "bfloat16":
+      hidden_NxD = hidden_BxLxD.reshape(-1, hidden_BxLxD.shape[-1])
+      logits_BxLxV = matmul.bf16_matmul(hidden_NxD, self.wte.embedding, True).reshape(
+          hidden_BxLxD.shape[:-1] + (-1,))
+    elif self.config.tie_embeddings:
       logits_BxLxV = self.wte.attend(hidden_BxLxD)
     else:
       logits_BxLxV = self.lm_head(hidden_BxLxD)

@@ -170,7 +170,7 @@ def describe(setup: Setup, state: train_lib.TrainState, peak_flops: float,
   log(setup, f"model: {count_params(state.params):,} parameters ({cfg.n_layer} layers, "
              f"{cfg.n_head} heads{kv}, d_model {cfg.d_model}, context {cfg.context_length}, "
              f"vocab {cfg.vocab_size}, {cfg.norm}, {cfg.position} positions, {cfg.mlp}, "
-             f"{cfg.dtype}); task {train.task}"
+             f"{cfg.dtype}, {cfg.matmul_dtype} matmuls); task {train.task}"
              f"{', from ' + train.init_from if train.init_from else ''}")
   log(setup, f"data: {setup.task.description}")
   mib = {name: sharding.bytes_per_device(getattr(state, name), getattr(setup.shardings, name))
@@ -283,7 +283,9 @@ def train_loop(setup: Setup, state, start_step: int, progress: bool,
   eval_fn = sharding.jit_eval_step(task.eval_fn, setup.shardings.params, setup.mesh, setup.rules)
   n_params = count_params(sharding.model_axes(task.model)[0])
   flops_per_token = train_lib.flops_per_token(task.model, n_params)
-  peak_flops = train.peak_flops or metrics_lib.measure_peak_flops(task.model.config.dtype)
+  cfg = task.model.config  # bf16 operands either way: the bf16 matmul's peak
+  matmul_dtype = "bfloat16" if "bfloat16" in (cfg.dtype, cfg.matmul_dtype) else "float32"
+  peak_flops = train.peak_flops or metrics_lib.measure_peak_flops(matmul_dtype)
   describe(setup, state, peak_flops, flops_per_token)
   run = Progress(_metrics_writer(setup, start_step), Meter(setup, flops_per_token, peak_flops),
                  evaluate(setup, eval_fn, state.params))
