@@ -45,6 +45,7 @@ def _gpt2_small_shapes(matmul_dtype):
   c = default_config()
   c.model.preset = "gpt2-small"
   c.model.context_length = 64
+  c.model.scan_layers = True  # compiles one block, not twelve
   c.model.matmul_dtype = matmul_dtype
   return GPT(model_config(c.model, vocab_size=50257)), c.train
 
@@ -59,6 +60,7 @@ def test_gpt2_small_shapes_train_like_float32():
     model, train = _gpt2_small_shapes(dtype)
     train.learning_rate, train.warmup_steps = 3e-4, 0
     params = init_params(model, jax.random.key(0))
+    assert params["blocks"]["mlp"]["fc"]["kernel"].shape == (12, 768, 3072)
     optimizer = train_lib.make_optimizer(train, total_steps=3)
     state = train_lib.create_train_state(params, optimizer, seed=0)
     step = jax.jit(functools.partial(train_lib.train_step, optimizer=optimizer,

@@ -82,6 +82,20 @@ def test_weight_decay_only_on_matrices():
   assert decayed == 32 * 32 + 16 * 32 + 2 * (32 * 96 + 32 * 32 + 2 * 32 * 128)
 
 
+@pytest.mark.parametrize("max_norm", [0.5, 100.0])
+def test_clipping_matches_optax_up_to_rounding(max_norm):
+  grads = {"a": jax.random.normal(jax.random.key(0), (64, 32)),
+           "b": jax.random.normal(jax.random.key(1), (32,))}
+  ours, _ = train_lib.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
+  theirs, _ = optax.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
+  if max_norm == 100.0:  # below the threshold: untouched, bit for bit
+    assert all(bool((ours[k] == grads[k]).all()) for k in grads)
+  else:  # one scalar factor instead of a division per element: rounding apart
+    assert float(optax.tree.norm(ours)) == pytest.approx(max_norm, rel=1e-6)
+  for k in grads:
+    np.testing.assert_allclose(ours[k], theirs[k], rtol=1e-6, atol=0)
+
+
 def test_learning_rate_schedule_follows_nanogpt():
   train = _train_config(learning_rate=1e-3, min_learning_rate=1e-4, warmup_steps=100,
                         decay_steps=2000)
