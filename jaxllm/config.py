@@ -83,8 +83,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.qk_norm = None  # RMSNorm over each head of q and k before attention (Qwen3): False
   c.model.dtype = "float32"  # compute dtype; parameters are always float32
   # "bfloat16": every weight matmul takes bf16 operands and accumulates and returns float32,
-  # forward and backward (jaxllm/matmul.py); the rest stays float32. ~1.4x at GPT-2 small
-  # on CPUs with bf16 dot instructions; losses track float32's to ~1e-2.
+  # forward and backward (jaxllm/matmul.py); the rest stays float32. 1.33x at GPT-2 small's
+  # shapes on a CPU with bf16 dot instructions; losses within ~2e-3 of float32's.
   c.model.matmul_dtype = "float32"
   # Std of the token and position embeddings at init: GPT-2's 0.02, or 1.0 for PyTorch's
   # nn.Embedding default (what "Build a Large Language Model (From Scratch)" trains with).
@@ -457,7 +457,8 @@ def model_config(model: ml_collections.ConfigDict, vocab_size: int | None = None
     raise JaxllmError(f"model.dropout must be in [0, 1), got {model.dropout}")
   return ModelConfig(
       vocab_size=int(vocab), dropout=float(model.dropout), bias=bias, qkv_bias=bool(qkv_bias),
-      dtype=model.dtype, matmul_dtype=model.matmul_dtype, embedding_init_std=float(model.embedding_init_std),
+      dtype=model.dtype, matmul_dtype=model.matmul_dtype,
+      embedding_init_std=float(model.embedding_init_std),
       remat=model.remat, scan_layers=bool(model.scan_layers),
       tie_embeddings=bool(arch["tie_embeddings"]),
       layer_norm_epsilon=float(arch["layer_norm_epsilon"]), norm=arch["norm"],

@@ -7,11 +7,12 @@ token embedding (or not). Llama-family models switch, by config: RMSNorm (`norm`
 position embeddings with Llama 3's frequency scaling (`position`, `rope_*`), a SwiGLU MLP
 with its own width (`mlp`, `mlp_hidden`), grouped-query attention with fewer key/value heads
 (`n_kv_head`; the KV cache holds only those), biases per kind of layer (`bias`, `qkv_bias`)
-and Qwen3's QK-norm (`qk_norm`). Parameters are float32 whatever the compute dtype. Every
-parameter names its logical axes ("vocab", "embed", "heads", "kv_heads", "mlp", ...) and a
-few activations name theirs ("batch", "sequence", ...), so sharding is a table of rules
-(jaxllm/sharding.py), not model code; outside an `nn.logical_axis_rules` context the
-activation constraints do nothing.
+and Qwen3's QK-norm (`qk_norm`). Parameters are float32 whatever the compute dtype;
+`matmul_dtype=bfloat16` sends every weight matmul through jaxllm/matmul.py (bf16 operands,
+float32 products, the same parameters). Every parameter names its logical axes ("vocab",
+"embed", "heads", "kv_heads", "mlp", ...) and a few activations name theirs ("batch",
+"sequence", ...), so sharding is a table of rules (jaxllm/sharding.py), not model code;
+outside an `nn.logical_axis_rules` context the activation constraints do nothing.
 
 Two options change how the blocks run, not what they compute: `remat` recomputes each block's
 activations in the backward pass, and `scan_layers` stacks the blocks' parameters (one "blocks"
