@@ -125,6 +125,11 @@ def main():
         scanned, (2, 2, 2), stacked, opt)
   result["layout"]["scan (2, 2, 2)"] = {"params": layout(state.params)}
 
+  # bf16-operand matmuls (model.matmul_dtype): their 2-D reshapes shard like the einsums.
+  bf16 = GPT(dataclasses.replace(CONFIG, matmul_dtype="bfloat16"))
+  for shape in ((1, 1, 1), (2, 2, 2), (1, 2, 4)):
+    result["losses"][f"bf16 {shape}"], _, _ = train_losses(bf16, shape, params, opt)
+
   llama = GPT(LLAMA)
   llama_params = init_params(llama, jax.random.key(0))
   for shape in MESHES:
