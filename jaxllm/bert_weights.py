@@ -1,0 +1,209 @@
+"""BERT weights in and out: Hugging Face `BertModel`, `BertForMaskedLM` and
+`BertForSequenceClassification` folders (`config.json` + `model.safetensors`) as
+jaxllm/encoder.py parameters, and back.
+
+Every encoder parameter is a transpose and reshape of Hugging Face tensors ([out, in] Linear
+weights); a layer's query, key and value form one fused qkv kernel (D, 3, H, K), its
+attention output dense the out kernel (H, K, D). The masked-LM decoder is tied to the word
+embeddings in every BERT checkpoint, so only its bias (`cls.predictions.bias`) is stored. A
+classifier's Linear on the pooled state becomes a head `{"kernel": DxC, "bias": C}` beside
+the encoder's parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import numpy as np
+
+from jaxllm.encoder import EncoderConfig
+from jaxllm.errors import JaxllmError
+
+ARCHITECTURES = ("BertModel", "BertForMaskedLM", "BertForSequenceClassification")
+
+
+def is_bert_folder(folder: pathlib.Path) -> bool:
+  config = pathlib.Path(folder) / "config.json"
+  try:
+    return json.loads(config.read_text()).get("model_type") == "bert"
+  except (OSError, json.JSONDecodeError):
+    return False
+
+
+def encoder_config(hf: dict, source: str) -> EncoderConfig:
+  """The EncoderConfig of a Hugging Face BertConfig (config.json)."""
+  if hf.get("model_type") != "bert":
+    raise JaxllmError(f"{source}: model_type is '{hf.get('model_type')}', not 'bert'")
+  if hf.get("hidden_act", "gelu") != "gelu":
+    raise JaxllmError(f"{source}: hidden_act '{hf['hidden_act']}' is not supported (BERT's "
+                      f"exact 'gelu' is)")
+  if hf.get("position_embedding_type", "absolute") != "absolute":
+    raise JaxllmError(f"{source}: position_embedding_type "
+                      f"'{hf['position_embedding_type']}' is not supported ('absolute' is)")
+  return EncoderConfig(
+      vocab_size=int(hf["vocab_size"]), context_length=int(hf["max_position_embeddings"]),
+      n_layer=int(hf["num_hidden_layers"]), n_head=int(hf["num_attention_heads"]),
+      d_model=int(hf["hidden_size"]), mlp_hidden=int(hf["intermediate_size"]),
+      type_vocab_size=int(hf.get("type_vocab_size", 2)),
+      layer_norm_epsilon=float(hf.get("layer_norm_eps", 1e-12)),
+      pad_id=int(hf.get("pad_token_id") or 0))
+
+
+def _linear(tensors, name):
+  return {"kernel": tensors[f"{name}.weight"].T, "bias": tensors[f"{name}.bias"]}
+
+
+def _norm(tensors, name):
+  return {"scale": tensors[f"{name}.weight"], "bias": tensors[f"{name}.bias"]}
+
+
+def to_params(cfg: EncoderConfig, tensors: dict[str, np.ndarray]) -> tuple[dict, dict | None]:
+  """(encoder params, classifier head or None) from a folder's tensors (any prefix "bert.").
+
+  Heads the checkpoint does not have (BertModel: no MLM head; BertForMaskedLM: no pooler)
+  are left out; `complete` fills them in from a fresh init.
+  """
+  t = {name.removeprefix("bert."): np.asarray(value, np.float32)
+       for name, value in tensors.items()}
+  d, h, k = cfg.d_model, cfg.n_head, cfg.head_dim
+  params: dict[str, Any] = {
+      "wte": {"embedding": t["embeddings.word_embeddings.weight"]},
+      "wpe": {"embedding": t["embeddings.position_embeddings.weight"]},
+      "wtt": {"embedding": t["embeddings.token_type_embeddings.weight"]},
+      "ln_embed": _norm(t, "embeddings.LayerNorm")}
+  for i in range(cfg.n_layer):
+    p = f"encoder.layer.{i}."
+    qkv = [t[f"{p}attention.self.{n}.weight"].T.reshape(d, h, k) for n in ("query", "key", "value")]
+    qkv_bias = [t[f"{p}attention.self.{n}.bias"].reshape(h, k) for n in ("query", "key", "value")]
+    params[f"blocks_{i}"] = {
+        "attn": {"qkv": {"kernel": np.stack(qkv, axis=1), "bias": np.stack(qkv_bias)},
+                 "out": {"kernel": t[f"{p}attention.output.dense.weight"].T.reshape(h, k, d),
+                         "bias": t[f"{p}attention.output.dense.bias"]}},
+        "ln_1": _norm(t, f"{p}attention.output.LayerNorm"),
+        "fc": _linear(t, f"{p}intermediate.dense"),
+        "proj": _linear(t, f"{p}output.dense"),
+        "ln_2": _norm(t, f"{p}output.LayerNorm")}
+  if "cls.predictions.bias" in t:
+    params["mlm_transform"] = _linear(t, "cls.predictions.transform.dense")
+    params["mlm_ln"] = _norm(t, "cls.predictions.transform.LayerNorm")
+    params["mlm_bias"] = t["cls.predictions.bias"]
+  if "pooler.dense.weight" in t:
+    params["pooler"] = _linear(t, "pooler.dense")
+  head = _linear(t, "classifier") if "classifier.weight" in t else None
+  return params, head
+
+
+def from_params(cfg: EncoderConfig, params: dict, head: dict | None,
+                architecture: str) -> dict[str, np.ndarray]:
+  """Hugging Face tensors of `architecture` (one of ARCHITECTURES) from encoder params."""
+  d = cfg.d_model
+  prefix = "" if architecture == "BertModel" else "bert."
+  p = {k: np.asarray(v, np.float32) for k, v in _flatten(params).items()}
+  out = {f"{prefix}embeddings.word_embeddings.weight": p["wte/embedding"],
+         f"{prefix}embeddings.position_embeddings.weight": p["wpe/embedding"],
+         f"{prefix}embeddings.token_type_embeddings.weight": p["wtt/embedding"],
+         f"{prefix}embeddings.LayerNorm.weight": p["ln_embed/scale"],
+         f"{prefix}embeddings.LayerNorm.bias": p["ln_embed/bias"]}
+
+  def linear(name, ours):
+    out[f"{name}.weight"] = np.ascontiguousarray(p[f"{ours}/kernel"].T)
+    out[f"{name}.bias"] = p[f"{ours}/bias"]
+
+  def norm(name, ours):
+    out[f"{name}.weight"], out[f"{name}.bias"] = p[f"{ours}/scale"], p[f"{ours}/bias"]
+
+  for i in range(cfg.n_layer):
+    hf, ours = f"{prefix}encoder.layer.{i}.", f"blocks_{i}/"
+    qkv, qkv_bias = p[f"{ours}attn/qkv/kernel"], p[f"{ours}attn/qkv/bias"]
+    for j, name in enumerate(("query", "key", "value")):
+      out[f"{hf}attention.self.{name}.weight"] = np.ascontiguousarray(qkv[:, j].reshape(d, d).T)
+      out[f"{hf}attention.self.{name}.bias"] = qkv_bias[j].reshape(d)
+    out[f"{hf}attention.output.dense.weight"] = np.ascontiguousarray(
+        p[f"{ours}attn/out/kernel"].reshape(d, d).T)
+    out[f"{hf}attention.output.dense.bias"] = p[f"{ours}attn/out/bias"]
+    norm(f"{hf}attention.output.LayerNorm", f"{ours}ln_1")
+    linear(f"{hf}intermediate.dense", f"{ours}fc")
+    linear(f"{hf}output.dense", f"{ours}proj")
+    norm(f"{hf}output.LayerNorm", f"{ours}ln_2")
+  if architecture == "BertForMaskedLM":
+    linear("cls.predictions.transform.dense", "mlm_transform")
+    norm("cls.predictions.transform.LayerNorm", "mlm_ln")
+    out["cls.predictions.bias"] = p["mlm_bias"]
+  else:
+    linear(f"{prefix}pooler.dense", "pooler")
+  if architecture == "BertForSequenceClassification":
+    if head is None:
+      raise JaxllmError("BertForSequenceClassification needs a classifier head")
+    out["classifier.weight"] = np.ascontiguousarray(np.asarray(head["kernel"], np.float32).T)
+    out["classifier.bias"] = np.asarray(head["bias"], np.float32)
+  return out
+
+
+def complete(params: dict, fresh: dict) -> dict:
+  """`params` with the top-level entries it lacks (a head the checkpoint did not have) taken
+  from `fresh` (encoder.init_params of the same config)."""
+  return {**fresh, **params}
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f"{prefix}{key}/"))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def hf_config(cfg: EncoderConfig, architecture: str, num_labels: int = 2) -> dict:
+  """A config.json that transformers' BertConfig reads back as `cfg`."""
+  config = {"architectures": [architecture], "model_type": "bert",
+            "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
+            "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
+            "intermediate_size": cfg.hidden, "hidden_act": "gelu",
+            "max_position_embeddings": cfg.context_length,
+            "type_vocab_size": cfg.type_vocab_size, "layer_norm_eps": cfg.layer_norm_epsilon,
+            "pad_token_id": cfg.pad_id, "position_embedding_type": "absolute",
+            "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}
+  if architecture == "BertForSequenceClassification":
+    config["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}
+    config["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
+  return config
+
+
+def read_folder(folder: str | pathlib.Path) -> tuple[EncoderConfig, dict, dict | None, str]:
+  """(config, encoder params, classifier head or None, architecture) of a Hugging Face BERT
+  folder."""
+  from safetensors.numpy import load_file
+  folder = pathlib.Path(folder)
+  config_path, weights = folder / "config.json", folder / "model.safetensors"
+  for path in (config_path, weights):
+    if not path.is_file():
+      raise JaxllmError(f"{path} not found (a Hugging Face BERT folder holds config.json and "
+                        f"model.safetensors)")
+  try:
+    hf = json.loads(config_path.read_text())
+  except json.JSONDecodeError as e:
+    raise JaxllmError(f"{config_path} is not valid JSON ({e})") from None
+  cfg = encoder_config(hf, str(folder))
+  params, head = to_params(cfg, load_file(str(weights)))
+  architecture = (hf.get("architectures") or ["BertModel"])[0]
+  return cfg, params, head, architecture
+
+
+def write_folder(folder: str | pathlib.Path, cfg: EncoderConfig, params: dict,
+                 head: dict | None = None, architecture: str = "BertForMaskedLM") -> None:
+  """A Hugging Face folder (config.json + model.safetensors) of `architecture`."""
+  from safetensors.numpy import save_file
+  if architecture not in ARCHITECTURES:
+    raise JaxllmError(f"unknown BERT architecture '{architecture}' (one of "
+                      f"{', '.join(ARCHITECTURES)})")
+  folder = pathlib.Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  num_labels = 2 if head is None else int(np.asarray(head["bias"]).shape[0])
+  (folder / "config.json").write_text(
+      json.dumps(hf_config(cfg, architecture, num_labels), indent=1))
+  save_file(from_params(cfg, params, head, architecture), str(folder / "model.safetensors"),
+            metadata={"format": "pt"})

@@ -1,0 +1,207 @@
+"""The BERT-style encoder (jaxllm/encoder.py) against Hugging Face transformers' BERT, and
+its weights in and out (jaxllm/bert_weights.py)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxllm import bert_weights
+from jaxllm import encoder as encoder_lib
+from jaxllm.errors import JaxllmError
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+LENGTHS = [12, 7, 3]
+
+
+def _hf_config(**extra):
+  return transformers.BertConfig(
+      vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+      intermediate_size=64, max_position_embeddings=40, type_vocab_size=2, num_labels=3,
+      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **extra)
+
+
+def _randomised(model):
+  """Every tensor random (biases and LayerNorms too), so a misplaced one shows."""
+  torch.manual_seed(0)
+  with torch.no_grad():
+    for tensor in model.state_dict().values():
+      if tensor.dtype.is_floating_point:
+        tensor.copy_(torch.randn_like(tensor) * 0.2 + (1.0 if tensor.dim() == 1 else 0.0) * 0.1)
+  return model.eval()
+
+
+def _batch():
+  """Three rows right-padded with id 0, segment ids 0 then 1, and the mask of real tokens."""
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(1, 97, (3, 12))
+  mask = np.arange(12)[None] < np.array(LENGTHS)[:, None]
+  tokens = np.where(mask, tokens, 0)
+  types = np.where(np.arange(12)[None] >= 4, 1, 0) * mask
+  return tokens, mask, types
+
+
+def _torch_run(model, tokens, mask, types, **kwargs):
+  with torch.no_grad():
+    return model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask.astype(np.int64)),
+                 token_type_ids=torch.tensor(types), **kwargs)
+
+
+def _ours(folder):
+  cfg, params, head, architecture = bert_weights.read_folder(folder)
+  model = encoder_lib.Encoder(cfg)
+  params = bert_weights.complete(params, encoder_lib.init_params(model, jax.random.key(0)))
+  return model, params, head, architecture
+
+
+def _apply(model, params, tokens, mask, types, method):
+  return np.asarray(model.apply({"params": params}, jnp.asarray(tokens), jnp.asarray(mask),
+                                jnp.asarray(types), method=method))
+
+
+def test_masked_lm_logits_match_transformers_and_export_round_trips(tmp_path):
+  hf = _randomised(transformers.BertForMaskedLM(_hf_config()))
+  hf.save_pretrained(tmp_path / "hf")
+  tokens, mask, types = _batch()
+  expected = _torch_run(hf, tokens, mask, types).logits.numpy()
+  model, params, head, architecture = _ours(tmp_path / "hf")
+  assert architecture == "BertForMaskedLM" and head is None
+
+  def logits(params):
+    hidden = model.apply({"params": params}, jnp.asarray(tokens), jnp.asarray(mask),
+                         jnp.asarray(types), method=model.encode)
+    return np.asarray(model.apply({"params": params}, hidden, method=model.mlm_logits))
+
+  ours = logits(params)
+  assert ours.shape == (3, 12, 97)
+  np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-4)  # padding positions too
+
+  bert_weights.write_folder(tmp_path / "out", model.config, params, None, "BertForMaskedLM")
+  reloaded = transformers.BertForMaskedLM.from_pretrained(tmp_path / "out").eval()
+  np.testing.assert_allclose(_torch_run(reloaded, tokens, mask, types).logits.numpy(), expected,
+                             rtol=0, atol=1e-4)
+
+
+def test_classifier_and_bare_model_match_transformers_and_round_trip(tmp_path):
+  hf = _randomised(transformers.BertForSequenceClassification(_hf_config()))
+  hf.save_pretrained(tmp_path / "hf")
+  tokens, mask, types = _batch()
+  expected = _torch_run(hf, tokens, mask, types).logits.numpy()
+  model, params, head, architecture = _ours(tmp_path / "hf")
+  assert architecture == "BertForSequenceClassification" and head["kernel"].shape == (32, 3)
+
+  hidden = model.apply({"params": params}, jnp.asarray(tokens), jnp.asarray(mask),
+                       jnp.asarray(types), method=model.encode)
+  pooled = model.apply({"params": params}, hidden, method=model.pool)
+  ours = np.asarray(pooled @ head["kernel"] + head["bias"])
+  np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-4)
+
+  bert_weights.write_folder(tmp_path / "cls", model.config, params, head,
+                            "BertForSequenceClassification")
+  reloaded = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "cls")
+  np.testing.assert_allclose(_torch_run(reloaded.eval(), tokens, mask, types).logits.numpy(),
+                             expected, rtol=0, atol=1e-4)
+
+  # The bare BertModel: hidden states and the pooler, keys without the "bert." prefix.
+  bert_weights.write_folder(tmp_path / "bare", model.config, params, None, "BertModel")
+  bare = transformers.BertModel.from_pretrained(tmp_path / "bare").eval()
+  out = _torch_run(bare, tokens, mask, types)
+  real = mask.astype(bool)
+  np.testing.assert_allclose(np.asarray(hidden)[real], out.last_hidden_state.numpy()[real],
+                             rtol=0, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(pooled), out.pooler_output.numpy(), rtol=0, atol=1e-4)
+
+
+def test_padding_changes_no_real_position():
+  cfg = encoder_lib.EncoderConfig(vocab_size=50, context_length=24, n_layer=2, n_head=2,
+                                  d_model=16)
+  model = encoder_lib.Encoder(cfg)
+  params = encoder_lib.init_params(model, jax.random.key(0))
+  tokens = np.random.default_rng(1).integers(1, 50, (2, 9))
+  encode = jax.jit(lambda x, m: model.apply({"params": params}, x, m, method=model.encode))
+
+  def hidden(width, pad_ids):
+    padded = np.concatenate([tokens, np.full((2, width - 9), pad_ids)], axis=1)
+    mask = np.arange(width)[None] < 9
+    return np.asarray(encode(jnp.asarray(padded), jnp.asarray(np.repeat(mask, 2, 0))))[:, :9]
+
+  reference = hidden(9, 0)
+  for width, pad_ids in ((12, 0), (24, 0), (16, 7), (24, 49)):
+    np.testing.assert_allclose(hidden(width, pad_ids), reference, rtol=0, atol=1e-6)
+
+
+def test_mean_pooling_counts_real_tokens_only():
+  hidden = jnp.arange(24.0).reshape(2, 3, 4)
+  mask = jnp.array([[1, 1, 0], [1, 0, 0]])
+  np.testing.assert_allclose(encoder_lib.mean_pool(hidden, mask),
+                             [[2.0, 3.0, 4.0, 5.0], [12.0, 13.0, 14.0, 15.0]])
+
+
+def test_one_line_errors(tmp_path):
+  with pytest.raises(JaxllmError, match=r"model.safetensors not found"):
+    (tmp_path / "config.json").write_text(json.dumps(_hf_config().to_dict()))
+    bert_weights.read_folder(tmp_path)
+  with pytest.raises(JaxllmError, match=r"model_type is 'gpt2', not 'bert'"):
+    bert_weights.encoder_config({"model_type": "gpt2"}, "x")
+  cfg = encoder_lib.EncoderConfig(vocab_size=10, context_length=8, n_layer=1, n_head=1,
+                                  d_model=8)
+  model = encoder_lib.Encoder(cfg)
+  params = encoder_lib.init_params(model, jax.random.key(0))
+  with pytest.raises(ValueError, match="sequence length 9 exceeds max_position_embeddings 8"):
+    model.apply({"params": params}, jnp.ones((1, 9), jnp.int32), method=model.encode)
+
+
+def test_masking_schedule_is_berts_and_a_function_of_seed_and_step():
+  from jaxllm.tasks import mlm
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(5, 1000, (10_000, 32))
+  lengths = rng.integers(4, 33, 10_000)
+  real = np.arange(32)[None] < lengths[:, None]
+  maskable = real & (np.arange(32)[None] > 0)  # position 0 holds [CLS]
+  tokens = np.where(real, tokens, 0)
+  inputs, selected = (np.asarray(x) for x in mlm.mask_tokens(
+      mlm.step_key(7, 3), jnp.asarray(tokens), jnp.asarray(maskable), mask_id=4,
+      vocab_size=1000))
+  assert not selected[~maskable].any()  # padding and specials never selected
+  assert (inputs[~selected] == tokens[~selected]).all()
+  assert abs(selected.sum() / maskable.sum() - 0.15) <= 0.005
+  n = selected.sum()
+  masked = (inputs == 4) & selected
+  kept = (inputs == tokens) & selected
+  randomised = selected & ~masked & ~kept
+  assert abs(masked.sum() / n - 0.8) <= 0.01
+  assert abs(randomised.sum() / n - 0.1) <= 0.01
+  assert abs(kept.sum() / n - 0.1) <= 0.01  # (includes the 1-in-1000 random draws of itself)
+  again = mlm.mask_tokens(mlm.step_key(7, 3), jnp.asarray(tokens), jnp.asarray(maskable),
+                          mask_id=4, vocab_size=1000)
+  assert (np.asarray(again[0]) == inputs).all()  # equal (seed, step): equal masks
+  other = mlm.mask_tokens(mlm.step_key(7, 4), jnp.asarray(tokens), jnp.asarray(maskable),
+                          mask_id=4, vocab_size=1000)
+  assert (np.asarray(other[1]) != selected).any()
+
+
+def test_masked_lm_loss_counts_selected_positions_only():
+  from jaxllm.tasks import mlm
+  cfg = encoder_lib.EncoderConfig(vocab_size=20, context_length=8, n_layer=1, n_head=2,
+                                  d_model=8)
+  model = encoder_lib.Encoder(cfg)
+  params = encoder_lib.init_params(model, jax.random.key(0))
+  tokens = jnp.asarray(np.random.default_rng(0).integers(1, 20, (2, 8)))
+  selected = jnp.zeros((2, 8), bool).at[0, 2].set(True).at[1, 5].set(True)
+  batch = {"inputs": tokens, "targets": tokens, "mask": jnp.ones((2, 8), bool),
+           "selected": selected}
+  loss, aux = mlm.masked_lm_loss(params, batch, model=model)
+  logits = model.apply({"params": params}, model.apply({"params": params}, tokens,
+                                                       method=model.encode),
+                       method=model.mlm_logits)
+  log_probs = jax.nn.log_softmax(logits)
+  expected = -(log_probs[0, 2, tokens[0, 2]] + log_probs[1, 5, tokens[1, 5]]) / 2
+  assert float(loss) == pytest.approx(float(expected), rel=1e-6)
+  # Unselected targets are ignored: changing them changes nothing.
+  other = {**batch, "targets": batch["targets"].at[0, 0].set(3)}
+  assert float(mlm.masked_lm_loss(params, other, model=model)[0]) == float(loss)
+  assert 0.0 <= float(aux["accuracy"]) <= 1.0
