@@ -1,4 +1,5 @@
-"""Tokenizers behind one interface: tiktoken BPE encodings (GPT-2's by default) and characters.
+"""Tokenizers behind one interface: tiktoken BPE encodings (GPT-2's by default), characters,
+Hugging Face tokenizer.json files and BERT's WordPiece vocabularies.
 
 Both know `<|endoftext|>`: tiktoken as its special token, the character tokenizer as one
 extra id after the characters of its corpus.
@@ -169,9 +170,93 @@ class HFTokenizer(Tokenizer):
     return {"kind": "hf", "eot": self.eot, "tokenizer": json.loads(self._spec)}
 
 
+class WordPieceTokenizer(Tokenizer):
+  """BERT's WordPiece vocabulary (a `vocab.txt`, or a `tokenizer.json` whose model is
+  WordPiece) through the `tokenizers` library, with its special tokens: `encode` gives the
+  word pieces alone; `encode_for_model` adds [CLS] ... [SEP] (and a second segment after the
+  first [SEP]) with the segment ids. [SEP] serves as the end-of-text id."""
+
+  name = "wordpiece"
+  SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+  def __init__(self, spec: str):
+    from tokenizers import Tokenizer as HfTokenizer  # deferred: the hf extra brings it
+
+    self._spec = spec
+    self._tokenizer = HfTokenizer.from_str(spec)
+    vocab = self._tokenizer.get_vocab(with_added_tokens=True)
+    missing = [t for t in self.SPECIALS if t not in vocab]
+    if missing:
+      raise JaxllmError(f"the WordPiece vocabulary lacks {', '.join(missing)} (BERT's "
+                        f"special tokens {', '.join(self.SPECIALS)} must all be in it)")
+    self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+    self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (
+        vocab[t] for t in self.SPECIALS)
+    self.eot_id = self.sep_id
+    if self._tokenizer.post_processor is None:  # a tokenizer.json saved without BERT's template
+      from tokenizers.processors import BertProcessing
+      self._tokenizer.post_processor = BertProcessing(("[SEP]", self.sep_id),
+                                                      ("[CLS]", self.cls_id))
+
+  @classmethod
+  def from_path(cls, path: str | pathlib.Path, lowercase: bool | None = None
+                ) -> "WordPieceTokenizer":
+    """A folder holding tokenizer.json or vocab.txt (a BERT checkpoint's), or either file.
+    For a vocab.txt, `lowercase` (default: tokenizer_config.json's do_lower_case, else True)."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+      found = [path / f for f in ("tokenizer.json", "vocab.txt") if (path / f).is_file()]
+      if not found:
+        raise JaxllmError(f"{path} holds neither tokenizer.json nor vocab.txt (a BERT "
+                          f"tokenizer needs one of them)")
+      path = found[0]
+    if not path.is_file():
+      raise JaxllmError(f"tokenizer file {path} not found (a BERT tokenizer is a "
+                        f"tokenizer.json or a vocab.txt)")
+    if path.suffix == ".json":
+      return cls(path.read_text(encoding="utf-8"))
+    from tokenizers import BertWordPieceTokenizer
+
+    words = set(path.read_text(encoding="utf-8").splitlines())
+    missing = [t for t in cls.SPECIALS if t not in words]
+    if missing:
+      raise JaxllmError(f"{path} lacks {', '.join(missing)} (BERT's special tokens "
+                        f"{', '.join(cls.SPECIALS)} must all be in the vocabulary)")
+    if lowercase is None:
+      settings = path.parent / "tokenizer_config.json"
+      lowercase = (json.loads(settings.read_text()).get("do_lower_case", True)
+                   if settings.is_file() else True)
+    return cls(BertWordPieceTokenizer(str(path), lowercase=lowercase).to_str())
+
+  def encode(self, text: str) -> list[int]:
+    return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+  def encode_for_model(self, text: str, pair: str | None = None
+                       ) -> tuple[list[int], list[int]]:
+    """(ids with [CLS] text [SEP] (pair [SEP]), segment ids 0 ... 0 (1 ... 1))."""
+    encoding = self._tokenizer.encode(text, pair, add_special_tokens=True)
+    return encoding.ids, encoding.type_ids
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+
+  def to_json(self) -> dict:
+    return {"kind": "wordpiece", "tokenizer": json.loads(self._spec)}
+
+
+def _is_wordpiece_json(path: str) -> bool:
+  try:
+    spec = json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
+  except (OSError, json.JSONDecodeError):
+    return False
+  return (spec.get("model") or {}).get("type") == "WordPiece"
+
+
 def get_tokenizer(name: str, corpus: str | None = None) -> Tokenizer:
-  """`"char"` (built from `corpus`), a Hugging Face tokenizer.json path, or a tiktoken
-  encoding name."""
+  """`"char"` (built from `corpus`), a Hugging Face tokenizer.json path (WordPiece ones as
+  BERT's), a BERT vocab.txt, or a tiktoken encoding name."""
+  if name.endswith("vocab.txt") or (name.endswith(".json") and _is_wordpiece_json(name)):
+    return WordPieceTokenizer.from_path(name)
   if name.endswith(".json"):
     return HFTokenizer.from_file(name)
   if name == "char":
@@ -188,4 +273,6 @@ def from_json(spec: dict) -> Tokenizer:
     return TiktokenTokenizer(spec["name"])
   if spec.get("kind") == "hf":
     return HFTokenizer(json.dumps(spec["tokenizer"]), spec.get("eot"))
+  if spec.get("kind") == "wordpiece":
+    return WordPieceTokenizer(json.dumps(spec["tokenizer"]))
   raise JaxllmError(f"unrecognised tokenizer description {json.dumps(spec)[:80]}")

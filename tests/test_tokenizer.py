@@ -57,3 +57,52 @@ def test_encode_array_equals_encode(shared_data):
     np.testing.assert_array_equal(ids, tok.encode(text))
   with pytest.raises(JaxllmError, match="character 'é' is not in the character vocabulary"):
     tokenizer_lib.CharTokenizer("abc").encode_array("abé")
+
+
+@pytest.fixture(scope="module")
+def wordpiece_folder(tmp_path_factory, shared_data):
+  """A WordPiece vocabulary trained here with `tokenizers` on Tiny Shakespeare, saved both
+  ways a BERT checkpoint ships it (vocab.txt and tokenizer.json)."""
+  tokenizers = pytest.importorskip("tokenizers")
+  folder = tmp_path_factory.mktemp("wordpiece")
+  trainer = tokenizers.BertWordPieceTokenizer(lowercase=True)
+  text = (shared_data / "tinyshakespeare.txt").read_text()[:200_000]
+  trainer.train_from_iterator(text.splitlines(), vocab_size=400,
+                              special_tokens=list(tokenizer_lib.WordPieceTokenizer.SPECIALS))
+  trainer.save_model(str(folder))  # vocab.txt
+  trainer.save(str(folder / "tokenizer.json"))
+  return folder
+
+
+def test_wordpiece_from_vocab_txt_and_tokenizer_json_agree_with_transformers(wordpiece_folder):
+  transformers = pytest.importorskip("transformers")
+  from_txt = tokenizer_lib.get_tokenizer(str(wordpiece_folder / "vocab.txt"))
+  from_json = tokenizer_lib.get_tokenizer(str(wordpiece_folder / "tokenizer.json"))
+  assert isinstance(from_json, tokenizer_lib.WordPieceTokenizer)
+  text, pair = "To be, or not to be: that is the question.", "Whether 'tis nobler"
+  ids, types = from_txt.encode_for_model(text, pair)
+  assert (ids, types) == from_json.encode_for_model(text, pair)
+  words = (wordpiece_folder / "vocab.txt").read_text().splitlines()
+  reference = transformers.BertTokenizerFast(vocab={w: i for i, w in enumerate(words)})
+  expected = reference(text, pair)
+  assert ids == expected["input_ids"] and types == expected["token_type_ids"]
+  assert ids[0] == from_txt.cls_id and ids.count(from_txt.sep_id) == 2
+  first_sep = ids.index(from_txt.sep_id)
+  assert types == [0] * (first_sep + 1) + [1] * (len(ids) - first_sep - 1)
+  assert from_txt.encode(text) == ids[1:ids.index(from_txt.sep_id)]  # no specials
+  assert from_txt.decode(from_txt.encode(text)) == "to be, or not to be : that is the question."
+  assert [from_txt.pad_id, from_txt.unk_id, from_txt.cls_id, from_txt.sep_id,
+          from_txt.mask_id] == [0, 1, 2, 3, 4]
+  assert from_txt.vocab_size == 400
+  again = tokenizer_lib.from_json(from_txt.to_json())  # stored with a run
+  assert again.encode_for_model(text, pair) == (ids, types)
+
+
+def test_wordpiece_errors_name_the_files(tmp_path, wordpiece_folder):
+  with pytest.raises(JaxllmError, match="holds neither tokenizer.json nor vocab.txt"):
+    tokenizer_lib.WordPieceTokenizer.from_path(tmp_path)
+  with pytest.raises(JaxllmError, match="tokenizer file .*vocab.txt not found"):
+    tokenizer_lib.get_tokenizer(str(tmp_path / "vocab.txt"))
+  (tmp_path / "vocab.txt").write_text("a\nb\n[PAD]\n")
+  with pytest.raises(JaxllmError, match=r"lacks \[UNK\], \[CLS\], \[SEP\], \[MASK\]"):
+    tokenizer_lib.get_tokenizer(str(tmp_path / "vocab.txt"))
