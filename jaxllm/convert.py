@@ -96,6 +96,14 @@ def read_hf(folder: pathlib.Path) -> tuple[dict, dict[str, np.ndarray]]:
 
   config = _read_json(folder / "config.json", "a Hugging Face GPT-2 folder holds config.json "
                       "beside model.safetensors; copy it from the model's page")
+  model_type = config.get("model_type", "gpt2")
+  if model_type == "bert":
+    raise JaxllmError(f"{folder} is a BERT (encoder) folder; jaxllm convert makes GPT-2 and "
+                      f"Llama-family runs, and encoder runs are not supported yet (in Python: "
+                      f"jaxllm.bert_weights.read_folder)")
+  if model_type != "gpt2":
+    raise JaxllmError(f"{folder / 'config.json'}: model_type '{model_type}' is not one jaxllm "
+                      f"converts (gpt2, llama, qwen2, mistral)")
   activation = config.get("activation_function", "gelu_new")
   if activation not in ("gelu_new", "gelu_pytorch_tanh"):
     raise JaxllmError(f"{folder / 'config.json'}: activation_function '{activation}' is not "

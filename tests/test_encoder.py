@@ -141,6 +141,17 @@ def test_mean_pooling_counts_real_tokens_only():
                              [[2.0, 3.0, 4.0, 5.0], [12.0, 13.0, 14.0, 15.0]])
 
 
+def test_a_bert_folder_given_to_convert_is_a_one_line_error(tmp_path, capsys):
+  from jaxllm import cli
+  transformers.BertForMaskedLM(_hf_config()).save_pretrained(tmp_path / "bert")
+  capsys.readouterr()
+  assert cli.main(["convert", "--from", str(tmp_path / "bert"), "--out",
+                   str(tmp_path / "run")]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "is a BERT (encoder) folder" in err[0], err
+  assert not (tmp_path / "run").exists()
+
+
 def test_one_line_errors(tmp_path):
   with pytest.raises(JaxllmError, match=r"model.safetensors not found"):
     (tmp_path / "config.json").write_text(json.dumps(_hf_config().to_dict()))
