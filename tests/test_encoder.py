@@ -51,51 +51,39 @@ def _torch_run(model, tokens, mask, types, **kwargs):
                  token_type_ids=torch.tensor(types), **kwargs)
 
 
-def _ours(folder):
-  cfg, params, head, architecture = bert_weights.read_folder(folder)
-  model = encoder_lib.Encoder(cfg)
-  params = bert_weights.complete(params, encoder_lib.init_params(model, jax.random.key(0)))
-  return model, params, head, architecture
-
-
-def _apply(model, params, tokens, mask, types, method):
-  return np.asarray(model.apply({"params": params}, jnp.asarray(tokens), jnp.asarray(mask),
-                                jnp.asarray(types), method=method))
-
-
-def test_masked_lm_logits_match_transformers_and_export_round_trips(tmp_path):
-  hf = _randomised(transformers.BertForMaskedLM(_hf_config()))
+def _converted(tmp_path, hf_class):
+  """A randomised transformers model of `hf_class` saved and converted: (its logits on
+  _batch(), the batch, our model, params, head, architecture, hidden states)."""
+  hf = _randomised(hf_class(_hf_config()))
   hf.save_pretrained(tmp_path / "hf")
   tokens, mask, types = _batch()
   expected = _torch_run(hf, tokens, mask, types).logits.numpy()
-  model, params, head, architecture = _ours(tmp_path / "hf")
+  cfg, params, head, architecture = bert_weights.read_folder(tmp_path / "hf")
+  model = encoder_lib.Encoder(cfg)
+  params = bert_weights.complete(params, encoder_lib.init_params(model, jax.random.key(0)))
+  hidden = model.apply({"params": params}, jnp.asarray(tokens), jnp.asarray(mask),
+                       jnp.asarray(types), method=model.encode)
+  return expected, (tokens, mask, types), model, params, head, architecture, hidden
+
+
+def test_masked_lm_logits_match_transformers_and_export_round_trips(tmp_path):
+  expected, batch, model, params, head, architecture, hidden = _converted(
+      tmp_path, transformers.BertForMaskedLM)
   assert architecture == "BertForMaskedLM" and head is None
-
-  def logits(params):
-    hidden = model.apply({"params": params}, jnp.asarray(tokens), jnp.asarray(mask),
-                         jnp.asarray(types), method=model.encode)
-    return np.asarray(model.apply({"params": params}, hidden, method=model.mlm_logits))
-
-  ours = logits(params)
+  ours = np.asarray(model.apply({"params": params}, hidden, method=model.mlm_logits))
   assert ours.shape == (3, 12, 97)
   np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-4)  # padding positions too
 
   bert_weights.write_folder(tmp_path / "out", model.config, params, None, "BertForMaskedLM")
   reloaded = transformers.BertForMaskedLM.from_pretrained(tmp_path / "out").eval()
-  np.testing.assert_allclose(_torch_run(reloaded, tokens, mask, types).logits.numpy(), expected,
+  np.testing.assert_allclose(_torch_run(reloaded, *batch).logits.numpy(), expected,
                              rtol=0, atol=1e-4)
 
 
 def test_classifier_and_bare_model_match_transformers_and_round_trip(tmp_path):
-  hf = _randomised(transformers.BertForSequenceClassification(_hf_config()))
-  hf.save_pretrained(tmp_path / "hf")
-  tokens, mask, types = _batch()
-  expected = _torch_run(hf, tokens, mask, types).logits.numpy()
-  model, params, head, architecture = _ours(tmp_path / "hf")
+  expected, batch, model, params, head, architecture, hidden = _converted(
+      tmp_path, transformers.BertForSequenceClassification)
   assert architecture == "BertForSequenceClassification" and head["kernel"].shape == (32, 3)
-
-  hidden = model.apply({"params": params}, jnp.asarray(tokens), jnp.asarray(mask),
-                       jnp.asarray(types), method=model.encode)
   pooled = model.apply({"params": params}, hidden, method=model.pool)
   ours = np.asarray(pooled @ head["kernel"] + head["bias"])
   np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-4)
@@ -103,14 +91,14 @@ def test_classifier_and_bare_model_match_transformers_and_round_trip(tmp_path):
   bert_weights.write_folder(tmp_path / "cls", model.config, params, head,
                             "BertForSequenceClassification")
   reloaded = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "cls")
-  np.testing.assert_allclose(_torch_run(reloaded.eval(), tokens, mask, types).logits.numpy(),
+  np.testing.assert_allclose(_torch_run(reloaded.eval(), *batch).logits.numpy(),
                              expected, rtol=0, atol=1e-4)
 
   # The bare BertModel: hidden states and the pooler, keys without the "bert." prefix.
   bert_weights.write_folder(tmp_path / "bare", model.config, params, None, "BertModel")
   bare = transformers.BertModel.from_pretrained(tmp_path / "bare").eval()
-  out = _torch_run(bare, tokens, mask, types)
-  real = mask.astype(bool)
+  out = _torch_run(bare, *batch)
+  real = batch[1].astype(bool)
   np.testing.assert_allclose(np.asarray(hidden)[real], out.last_hidden_state.numpy()[real],
                              rtol=0, atol=1e-4)
   np.testing.assert_allclose(np.asarray(pooled), out.pooler_output.numpy(), rtol=0, atol=1e-4)
