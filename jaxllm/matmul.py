@@ -36,8 +36,9 @@ def _nt(a_NxK, b_MxK):
 
 
 def _tn(a_NxK, b_NxM):
-  """a.T @ b: contracts the rows, a dim no layout makes contiguous for both operands; XLA:CPU
-  runs it at about the float32 rate (the weight gradients)."""
+  """a.T @ b, the weight gradients: it contracts the rows (tokens), and XLA:CPU widens that
+  form to float32 whatever the operands' layout (a materialised transpose, a barrier, a
+  dot_general over dims 0: all 25-31 against 12 ms for 3072x1024x768 in canonical form)."""
   return _nn(a_NxK.T, b_NxM)
 
 
