@@ -14,27 +14,21 @@ losses at every step: prefetching changes when batches are made, never which.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import statistics
-import subprocess
 import sys
 import tempfile
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from shakespeare_run import train_shakespeare
 
 
 def train(workdir: pathlib.Path, prefetch: int, steps: int) -> dict:
-  command = [sys.executable, "-m", "jaxllm.cli", "train", "--config",
-             str(REPO / "experiments" / "shakespeare_char.py"), "--workdir", str(workdir),
-             f"--config.data.prefetch={prefetch}", f"--config.train.steps={steps}",
-             f"--config.train.decay_steps={steps}", "--config.checkpoint.every_steps=0"]
-  subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  figures = json.loads((workdir / "eval.json").read_text())
-  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-  losses = {r["step"]: r["loss"] for r in records if "loss" in r}
-  return {"ms_per_step": 1000 * figures["train_seconds"] / steps,
-          "input_wait": figures["input_wait"], "losses": losses}
+  result = train_shakespeare(workdir, f"--config.data.prefetch={prefetch}",
+                             f"--config.train.steps={steps}",
+                             f"--config.train.decay_steps={steps}",
+                             "--config.checkpoint.every_steps=0")
+  return {"ms_per_step": 1000 * result["figures"]["train_seconds"] / steps,
+          "input_wait": result["figures"]["input_wait"], "losses": result["losses"]}
 
 
 def main(argv=None) -> int:

@@ -11,32 +11,20 @@ final validation loss (which must not change).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import pathlib
-import subprocess
 import sys
 import tempfile
-import time
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from shakespeare_run import train_shakespeare
 
 
 def run(workdir: pathlib.Path, tuning: str, steps: int) -> dict:
-  command = [sys.executable, "-m", "jaxllm.cli", "train", "--config",
-             str(REPO / "experiments" / "shakespeare_char.py"), "--workdir", str(workdir),
-             f"--config.train.steps={steps}", f"--config.train.decay_steps={steps}",
-             "--config.checkpoint.every_steps=0", "--no-progress"]
-  start = time.perf_counter()
-  child = subprocess.Popen(command, env={**os.environ, "JAXLLM_MALLOC_TUNING": tuning},
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  _, status, usage = os.wait4(child.pid, 0)
-  if status:
-    raise SystemExit(f"training failed (status {status}): {' '.join(command)}")
-  figures = json.loads((workdir / "eval.json").read_text())
-  return {"ms_per_step": 1000 * figures["train_seconds"] / steps, "val_loss": figures["val_loss"],
-          "user_s": usage.ru_utime, "sys_s": usage.ru_stime, "wall_s": time.perf_counter() - start,
-          "peak_rss_mb": usage.ru_maxrss / 1024}
+  result = train_shakespeare(workdir, f"--config.train.steps={steps}",
+                             f"--config.train.decay_steps={steps}",
+                             "--config.checkpoint.every_steps=0",
+                             env={"JAXLLM_MALLOC_TUNING": tuning})
+  return {"ms_per_step": 1000 * result["figures"]["train_seconds"] / steps,
+          "val_loss": result["figures"]["val_loss"], **result}
 
 
 def main(argv=None) -> int:

@@ -34,6 +34,7 @@ import tempfile
 import time
 
 import numpy as np
+from shakespeare_run import train_shakespeare
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHAPES = {
@@ -181,15 +182,19 @@ def _report(row: str, runs: dict, key: str, unit: str, scale: float, higher: boo
   for label, result in runs.items():
     print(f"  {label:24s} {result[key] * scale:10.2f} {unit}   peak RSS "
           f"{result['peak_rss_gb']:.2f} GB")
+
+  def speed(jax_value, torch_value):  # > 1: jaxllm faster
+    return jax_value / torch_value if higher else torch_value / jax_value
+
   jax_label, jax_value = _fastest(runs, "jaxllm", key, higher)
   torch_label, torch_value = _fastest(runs, "torch", key, higher)
-  speed = jax_value / torch_value if higher else torch_value / jax_value
-  print(f"  -> jaxllm ({jax_label}) {speed:.2f}x the speed of PyTorch's best ({torch_label})")
-  figures = {"speed_ratio": speed, "jaxllm_best": jax_label, "torch_best": torch_label}
-  f32 = [label for label in runs if label in ("jaxllm float32", "torch float32")]
-  if len(f32) == 2:
-    j, t = (runs[label] for label in f32)
-    figures["f32_speed_ratio"] = t[key] / j[key] if not higher else j[key] / t[key]
+  figures = {"speed_ratio": speed(jax_value, torch_value), "jaxllm_best": jax_label,
+             "torch_best": torch_label}
+  print(f"  -> jaxllm ({jax_label}) {figures['speed_ratio']:.2f}x the speed of PyTorch's best "
+        f"({torch_label})")
+  j, t = runs.get("jaxllm float32"), runs.get("torch float32")
+  if j and t:
+    figures["f32_speed_ratio"] = speed(j[key], t[key])
     figures["f32_memory_ratio"] = j["peak_rss_gb"] / t["peak_rss_gb"]
     print(f"  -> float32 to float32: {figures['f32_speed_ratio']:.2f}x the speed; peak RSS "
           f"{j['peak_rss_gb']:.2f} against {t['peak_rss_gb']:.2f} GB "
@@ -203,21 +208,14 @@ def _shakespeare(root: pathlib.Path) -> dict:
   if text is None or not text.exists():
     sys.exit("the shakespeare row needs $JAXLLM_SHARED_DATA/tinyshakespeare.txt (see "
              "scripts/setup.sh)")
-  command = [sys.executable, "-m", "jaxllm.cli", "train", "--config",
-             str(REPO / "experiments" / "shakespeare_char.py"), "--no-progress"]
   # Each side's data prepared once (nanoGPT's prepare.py is a step of its own): a 1-step run.
-  subprocess.run(command + ["--workdir", str(root / "warm"), "--config.train.steps=1"],
-                 check=True, capture_output=True)
+  train_shakespeare(root / "warm", "--config.train.steps=1")
   runs = {}
   for label, extra in (("jaxllm float32", []),
                        ("jaxllm bf16 matmuls", ["--config.model.matmul_dtype=bfloat16"])):
-    workdir = root / label.replace(" ", "-")
-    start = time.perf_counter()
-    subprocess.run(command + ["--workdir", str(workdir), *extra], check=True,
-                   capture_output=True)
-    wall = time.perf_counter() - start
-    figures = json.loads((workdir / "eval.json").read_text())
-    runs[label] = {"wall_s": wall, "val_loss": figures["val_loss"], "peak_rss_gb": float("nan")}
+    run = train_shakespeare(root / label.replace(" ", "-"), *extra)
+    runs[label] = {"wall_s": run["wall_s"], "val_loss": run["figures"]["val_loss"],
+                   "peak_rss_gb": run["peak_rss_mb"] / 1024}
     print(f"  {label}: {json.dumps(runs[label])}", flush=True)
   (root / "torch").mkdir()
   torch_run = measure("torch_shakespeare", text=str(text), workdir=str(root / "torch"))
