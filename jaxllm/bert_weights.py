@@ -17,6 +17,7 @@ import pathlib
 from typing import Any
 
 import numpy as np
+from flax import traverse_util
 
 from jaxllm.encoder import EncoderConfig
 from jaxllm.errors import JaxllmError
@@ -100,7 +101,8 @@ def from_params(cfg: EncoderConfig, params: dict, head: dict | None,
   """Hugging Face tensors of `architecture` (one of ARCHITECTURES) from encoder params."""
   d = cfg.d_model
   prefix = "" if architecture == "BertModel" else "bert."
-  p = {k: np.asarray(v, np.float32) for k, v in _flatten(params).items()}
+  p = {k: np.asarray(v, np.float32)
+       for k, v in traverse_util.flatten_dict(params, sep="/").items()}
   out = {f"{prefix}embeddings.word_embeddings.weight": p["wte/embedding"],
          f"{prefix}embeddings.position_embeddings.weight": p["wpe/embedding"],
          f"{prefix}embeddings.token_type_embeddings.weight": p["wtt/embedding"],
@@ -145,16 +147,6 @@ def complete(params: dict, fresh: dict) -> dict:
   """`params` with the top-level entries it lacks (a head the checkpoint did not have) taken
   from `fresh` (encoder.init_params of the same config)."""
   return {**fresh, **params}
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flatten(value, f"{prefix}{key}/"))
-    else:
-      flat[f"{prefix}{key}"] = value
-  return flat
 
 
 def hf_config(cfg: EncoderConfig, architecture: str, num_labels: int = 2) -> dict:

@@ -28,6 +28,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+# The decoder's initialisers (normal, zeros, ones with logical axes): BERT's std is GPT-2's.
+from jaxllm.model import _init, _ones, _zeros
+
+STD = 0.02
+
 
 @dataclasses.dataclass(frozen=True)
 class EncoderConfig:
@@ -55,23 +60,13 @@ class EncoderConfig:
     return self.mlp_hidden or 4 * self.d_model
 
 
-def _init(axes, std=0.02):
-  return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), axes)
-
-
-def _zeros(axes):
-  return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
-
-
 def _layer_norm(cfg: EncoderConfig, name: str) -> nn.LayerNorm:
   return nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, dtype=cfg.dtype, name=name,
-                      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(),
-                                                              ("embed",)),
-                      bias_init=_zeros(("embed",)))
+                      scale_init=_ones(("embed",)), bias_init=_zeros(("embed",)))
 
 
 def _dense(cfg: EncoderConfig, features: int, axes, name: str) -> nn.Dense:
-  return nn.Dense(features, dtype=cfg.dtype, kernel_init=_init(axes),
+  return nn.Dense(features, dtype=cfg.dtype, kernel_init=_init(STD, axes),
                   bias_init=_zeros(axes[-1:]), name=name)
 
 
@@ -84,7 +79,7 @@ class SelfAttention(nn.Module):
     d, h, k = cfg.d_model, cfg.n_head, cfg.head_dim
     qkv_BxLx3xHxK = nn.Einsum(
         (d, 3, h, k), "bld,dthk->blthk", dtype=cfg.dtype, name="qkv",
-        kernel_init=_init(("embed", None, "heads", "kv")),
+        kernel_init=_init(STD, ("embed", None, "heads", "kv")),
         bias_init=_zeros((None, "heads", "kv")))(x_BxLxD)
     q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (qkv_BxLx3xHxK[:, :, i] for i in range(3))
     # Every query attends to every real key; padded keys are masked out.
@@ -99,7 +94,7 @@ class SelfAttention(nn.Module):
       out_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK,
                                                  mask=mask_BxL[:, None, None, :])
     return nn.Einsum((h, k, d), "blhk,hkd->bld", dtype=cfg.dtype, name="out",
-                     kernel_init=_init(("heads", "kv", "embed")),
+                     kernel_init=_init(STD, ("heads", "kv", "embed")),
                      bias_init=_zeros(("embed",)))(out_BxLxHxK)
 
 
@@ -136,11 +131,11 @@ class Encoder(nn.Module):
   def setup(self):
     cfg = self.config
     self.wte = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype,
-                        embedding_init=_init(("vocab", "embed")))
+                        embedding_init=_init(STD, ("vocab", "embed")))
     self.wpe = nn.Embed(cfg.context_length, cfg.d_model, dtype=cfg.dtype,
-                        embedding_init=_init((None, "embed")))
+                        embedding_init=_init(STD, (None, "embed")))
     self.wtt = nn.Embed(cfg.type_vocab_size, cfg.d_model, dtype=cfg.dtype,
-                        embedding_init=_init((None, "embed")))
+                        embedding_init=_init(STD, (None, "embed")))
     self.ln_embed = _layer_norm(cfg, "ln_embed")
     self.drop = nn.Dropout(cfg.dropout)
     self.blocks = [Block(cfg, name=f"blocks_{i}") for i in range(cfg.n_layer)]

@@ -283,7 +283,7 @@ def train_loop(setup: Setup, state, start_step: int, progress: bool,
   eval_fn = sharding.jit_eval_step(task.eval_fn, setup.shardings.params, setup.mesh, setup.rules)
   n_params = count_params(sharding.model_axes(task.model)[0])
   flops_per_token = train_lib.flops_per_token(task.model, n_params)
-  cfg = task.model.config  # bf16 operands either way: the bf16 matmul's peak
+  cfg = task.model.config  # bf16 operands (either key): MFU against the bf16 matmul's peak
   matmul_dtype = "bfloat16" if "bfloat16" in (cfg.dtype, cfg.matmul_dtype) else "float32"
   peak_flops = train.peak_flops or metrics_lib.measure_peak_flops(matmul_dtype)
   describe(setup, state, peak_flops, flops_per_token)

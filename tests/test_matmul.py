@@ -1,13 +1,13 @@
 """The bf16-operand matmul option (model.matmul_dtype = "bfloat16"): exact products, the same
 parameters as float32, and training losses that track float32's."""
 
-import functools
 import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_train import _lm_step
 
 from jaxllm import cli, matmul
 from jaxllm import train as train_lib
@@ -63,8 +63,7 @@ def test_gpt2_small_shapes_train_like_float32():
     assert params["blocks"]["mlp"]["fc"]["kernel"].shape == (12, 768, 3072)
     optimizer = train_lib.make_optimizer(train, total_steps=3)
     state = train_lib.create_train_state(params, optimizer, seed=0)
-    step = jax.jit(functools.partial(train_lib.train_step, optimizer=optimizer,
-                                     loss_fn=functools.partial(train_lib.lm_loss, model=model)))
+    step = _lm_step(model, optimizer)
     losses[dtype] = []
     for _ in range(3):
       state, metrics = step(state, batch)
