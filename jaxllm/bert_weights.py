@@ -149,8 +149,10 @@ def complete(params: dict, fresh: dict) -> dict:
   return {**fresh, **params}
 
 
-def hf_config(cfg: EncoderConfig, architecture: str, num_labels: int = 2) -> dict:
-  """A config.json that transformers' BertConfig reads back as `cfg`."""
+def hf_config(cfg: EncoderConfig, architecture: str, num_labels: int = 2,
+              labels: list[str] | None = None) -> dict:
+  """A config.json that transformers' BertConfig reads back as `cfg` (a classifier's classes
+  named `labels`, else LABEL_0, LABEL_1, ...)."""
   config = {"architectures": [architecture], "model_type": "bert",
             "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
             "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
@@ -160,8 +162,9 @@ def hf_config(cfg: EncoderConfig, architecture: str, num_labels: int = 2) -> dic
             "pad_token_id": cfg.pad_id, "position_embedding_type": "absolute",
             "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}
   if architecture == "BertForSequenceClassification":
-    config["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}
-    config["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
+    names = labels or [f"LABEL_{i}" for i in range(num_labels)]
+    config["id2label"] = {str(i): name for i, name in enumerate(names)}
+    config["label2id"] = {name: i for i, name in enumerate(names)}
   return config
 
 
@@ -186,7 +189,8 @@ def read_folder(folder: str | pathlib.Path) -> tuple[EncoderConfig, dict, dict |
 
 
 def write_folder(folder: str | pathlib.Path, cfg: EncoderConfig, params: dict,
-                 head: dict | None = None, architecture: str = "BertForMaskedLM") -> None:
+                 head: dict | None = None, architecture: str = "BertForMaskedLM",
+                 labels: list[str] | None = None) -> None:
   """A Hugging Face folder (config.json + model.safetensors) of `architecture`."""
   from safetensors.numpy import save_file
   if architecture not in ARCHITECTURES:
@@ -196,6 +200,95 @@ def write_folder(folder: str | pathlib.Path, cfg: EncoderConfig, params: dict,
   folder.mkdir(parents=True, exist_ok=True)
   num_labels = 2 if head is None else int(np.asarray(head["bias"]).shape[0])
   (folder / "config.json").write_text(
-      json.dumps(hf_config(cfg, architecture, num_labels), indent=1))
+      json.dumps(hf_config(cfg, architecture, num_labels, labels), indent=1))
   save_file(from_params(cfg, params, head, architecture), str(folder / "model.safetensors"),
             metadata={"format": "pt"})
+
+
+# --- Run directories ----------------------------------------------------------------------
+
+
+def run_config(cfg: EncoderConfig, hf: dict, head: dict | None):
+  """The jaxllm config of a converted BERT: its sizes (bert-base's preset when they match);
+  a classifier folder's run is a classify run with its labels and [CLS] pooling."""
+  from jaxllm import config as config_lib
+
+  config = config_lib.default_config()
+  model = config.model
+  sizes = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, d_model=cfg.d_model,
+               context_length=cfg.context_length)
+  model.preset = next((name for name, preset in config_lib.PRESETS.items()
+                       if preset.get("architecture") == "bert"
+                       and {k: preset[k] for k in sizes} == sizes), "")
+  with model.ignore_type():
+    model.architecture = "bert"
+    for key, value in sizes.items():
+      model[key] = value
+    model.vocab_size = cfg.vocab_size
+    model.mlp_hidden = cfg.hidden
+    model.type_vocab_size = cfg.type_vocab_size
+    model.layer_norm_epsilon = cfg.layer_norm_epsilon
+    model.pre_norm = False
+  config.data.tokenizer = "wordpiece"
+  if head is not None:
+    id2label = hf.get("id2label") or {}
+    count = int(np.asarray(head["bias"]).shape[0])
+    config.train.task = "classify"
+    config.classifier.labels = ",".join(str(id2label.get(str(i), f"LABEL_{i}"))
+                                        for i in range(count))
+    config.classifier.pooling = "cls"
+  return config
+
+
+def sizes(cfg: EncoderConfig) -> dict:
+  return {"n_layer": cfg.n_layer, "n_head": cfg.n_head, "d_model": cfg.d_model,
+          "context_length": cfg.context_length, "vocab_size": cfg.vocab_size}
+
+
+def import_bert(source: str | pathlib.Path, out: str | pathlib.Path) -> dict:
+  """A Hugging Face BERT folder (config.json, model.safetensors, and tokenizer.json or
+  vocab.txt) as a jaxllm encoder run directory: params/ (heads the folder lacks freshly
+  initialised: BertModel has no masked-LM head, BertForMaskedLM no pooler) and, for a
+  BertForSequenceClassification, head/ as a classify run's. Returns the sizes."""
+  import jax
+
+  from jaxllm import checkpoint as checkpoint_lib
+  from jaxllm import convert, run_io
+  from jaxllm import encoder as encoder_lib
+  from jaxllm.tokenizer import WordPieceTokenizer
+
+  folder = pathlib.Path(source)
+  cfg, params, head, _ = read_folder(folder)
+  tokenizer = WordPieceTokenizer.from_path(folder)
+  fresh = jax.device_get(encoder_lib.init_params(encoder_lib.Encoder(cfg), jax.random.key(0)))
+  params = complete(params, fresh)
+  checkpoint_lib.check_matches(params, fresh, f"the converted BERT in {folder}",
+                               f"{folder / 'config.json'} and its tensors disagree")
+  config = run_config(cfg, json.loads((folder / "config.json").read_text()), head)
+  convert.write_run(out, config, params, tokenizer.to_json())
+  if head is not None:
+    run_io.save_params(pathlib.Path(out), head, name="head")
+  return sizes(cfg)
+
+
+def export_bert(config, model, params: dict, tokenizer, workdir: str | pathlib.Path,
+                out: str | pathlib.Path) -> dict:
+  """An encoder run as a Hugging Face folder: BertForSequenceClassification for a classify
+  run with [CLS] pooling, else BertForMaskedLM; tokenizer.json beside for WordPiece."""
+  import jax
+
+  from jaxllm import run_io
+
+  head, architecture, labels = None, "BertForMaskedLM", None
+  if config.train.task == "classify":
+    if config.classifier.pooling != "cls":
+      raise JaxllmError(f"{workdir}: a classifier with {config.classifier.pooling} pooling has "
+                        f"no Hugging Face counterpart (BertForSequenceClassification reads the "
+                        f"pooler: classifier.pooling=cls)")
+    head = jax.device_get(run_io.load_finetuned(workdir)[2]["head"])
+    architecture, labels = "BertForSequenceClassification", config.classifier.labels.split(",")
+  write_folder(out, model.config, jax.device_get(params), head, architecture, labels)
+  spec = tokenizer.to_json()
+  if spec.get("kind") == "wordpiece":
+    (pathlib.Path(out) / "tokenizer.json").write_text(json.dumps(spec["tokenizer"]) + "\n")
+  return sizes(model.config)

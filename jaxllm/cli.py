@@ -90,15 +90,18 @@ def _parser() -> argparse.ArgumentParser:
   evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
 
   convert = commands.add_parser(
-      "convert", help="import GPT-2 / Llama / Qwen2 / Mistral weights as a run directory, "
-                      "or export one",
+      "convert", help="import GPT-2 / Llama / Qwen2 / Mistral / BERT weights as a run "
+                      "directory, or export one",
       description="--to jaxllm (default): a GPT-2 checkpoint folder (Hugging Face "
                   "model.safetensors + config.json, or OpenAI's model.ckpt.* + hparams.json), a "
                   "Hugging Face Llama, Qwen2 or Mistral folder (config.json, model.safetensors "
                   "or sharded with an index, tokenizer.json), or a name (gpt2, gpt2-medium, "
-                  "gpt2-large, gpt2-xl: downloaded once), into a run directory that generate, "
-                  "eval and train.init_from read. --to hf: a run directory into a Hugging Face "
-                  "folder (GPT-2, or Llama / Qwen2 for a run with Llama's components).")
+                  "gpt2-large, gpt2-xl: downloaded once), or a Hugging Face BERT folder "
+                  "(BertModel, BertForMaskedLM, BertForSequenceClassification, with "
+                  "tokenizer.json or vocab.txt), into a run directory that generate, eval and "
+                  "train.init_from read. --to hf: a run directory into a Hugging Face folder "
+                  "(GPT-2, Llama / Qwen2 for a run with Llama's components, BERT for an "
+                  "encoder run).")
   convert.add_argument("--from", dest="source", required=True, help="folder or GPT-2 name")
   convert.add_argument("--out", required=True, help="the folder to write")
   convert.add_argument("--to", choices=("jaxllm", "hf"), default="jaxllm")
@@ -167,7 +170,8 @@ def _eval(args, overrides: list[str]) -> None:
   from jaxllm.data import classification
 
   if args.text:
-    _, model, params, tokenizer = run_io.load_run(args.workdir)
+    _, model, params, tokenizer = run_io.load_run(args.workdir,
+                                                   decoder_for="next-token perplexity")
     tokens = np.asarray(tokenizer.encode(classification.read_utf8(args.text)), np.int32)
     figures = evaluate.perplexity(model, params, tokens, args.batch_size,
                                   progress=not args.no_progress)
@@ -229,7 +233,7 @@ def _generate(args) -> None:
   from jaxllm import run_io
   from jaxllm.errors import JaxllmError
 
-  _, model, params, tokenizer = run_io.load_run(args.workdir)
+  _, model, params, tokenizer = run_io.load_run(args.workdir, decoder_for="generating text")
   prompt = args.prompt.encode("latin-1", "backslashreplace").decode("unicode_escape")
   if not prompt:
     raise JaxllmError("--prompt is empty (give at least one character)")

@@ -47,6 +47,12 @@ PRESETS: dict[str, dict[str, Any]] = {
                          rope_scaling_factor=32.0, rope_low_freq_factor=1.0,
                          rope_high_freq_factor=4.0, rope_original_context=8192,
                          **{**_LLAMA, "tie_embeddings": True}),
+    # Encoders (model.architecture=bert, jaxllm/encoder.py). bert-nano: gpt-nano's sizes with
+    # a longer context; bert-base: Devlin et al.'s 110M model with its WordPiece vocabulary.
+    "bert-nano": dict(architecture="bert", n_layer=4, n_head=4, d_model=128,
+                      context_length=128),
+    "bert-base": dict(architecture="bert", n_layer=12, n_head=12, d_model=768,
+                      context_length=512, vocab_size=30522, layer_norm_epsilon=1e-12),
 }
 # The architecture used when neither a preset nor explicit sizes are given.
 DEFAULT_PRESET = "gpt-nano"
@@ -58,6 +64,9 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.preset = ""  # a key of PRESETS; explicit sizes below override it
+  # "gpt" (a causal decoder, jaxllm/model.py) or "bert" (a bidirectional encoder,
+  # jaxllm/encoder.py: tasks mlm and classify). None: the preset's, else gpt.
+  c.model.architecture = None
   c.model.n_layer = None
   c.model.n_head = None
   c.model.d_model = None
@@ -81,6 +90,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.mlp_hidden = None  # MLP hidden units: 4 * d_model (gelu); required for swiglu
   c.model.n_kv_head = None  # key/value heads (grouped-query attention; 1 = multi-query): n_head
   c.model.qk_norm = None  # RMSNorm over each head of q and k before attention (Qwen3): False
+  # Encoders only. Segment (token-type) embeddings: 2; LayerNorm before each sublayer, with a
+  # final one (GPT-2's order), instead of BERT's after each residual sum: False.
+  c.model.type_vocab_size = None
+  c.model.pre_norm = None
   c.model.dtype = "float32"  # compute dtype; parameters are always float32
   # "bfloat16": every weight matmul takes bf16 operands and accumulates and returns float32,
   # forward and backward (jaxllm/matmul.py); the rest stays float32. 1.33x at GPT-2 small's
@@ -132,8 +145,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.peak_flops = 0.0  # per-device FLOP/s for MFU; 0 = measure a matmul at start-up
   c.train.sample_prompt = "\n"
   c.train.sample_tokens = 200
-  # What the trainer optimises (jaxllm/tasks/): "lm" (next-token pretraining), "classify",
-  # "instruct" (Alpaca-style instruction tuning) or "dpo" (preference tuning).
+  # What the trainer optimises (jaxllm/tasks/): "lm" (next-token pretraining), "mlm" (an
+  # encoder's masked-token pretraining), "classify", "instruct" (Alpaca-style instruction
+  # tuning) or "dpo" (preference tuning).
   c.train.task = "lm"
   # A run directory (of `jaxllm train`, or made by `jaxllm convert` from GPT-2 weights) whose
   # parameters start this run; its config.json gives the architecture and its tokenizer.json
@@ -178,6 +192,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.classifier.max_length = 0  # pad/truncate to this many tokens; 0 = longest training text
   c.classifier.pad_id = -1  # -1 = the tokenizer's <|endoftext|> (50256 for gpt2)
   c.classifier.seed = 123  # balancing and splitting (the book's random_state)
+  # The hidden state the head reads: "last" real token (a decoder's: its causal attention has
+  # seen the whole text), "cls" (an encoder's first token through its pooler, as BERT) or
+  # "mean" over the real tokens. "" = last for GPT, cls for encoders.
+  c.classifier.pooling = ""
 
   c.instruct = ml_collections.ConfigDict()
   c.instruct.template = "alpaca"  # prompt template: alpaca (the book's) or phi3
@@ -295,12 +313,14 @@ def _parse_value(text: str, current: Any, name: str) -> Any:
 # A value of the type each key defaulting to None takes, so overrides of it parse and check
 # like any other key's ("model.bias=maybe" is an error, "model.n_kv_head=2" an integer).
 _NONE_KEY_TYPES = {
-    **{f"model.{k}": False for k in ("bias", "qkv_bias", "tie_embeddings", "qk_norm")},
+    **{f"model.{k}": False for k in ("bias", "qkv_bias", "tie_embeddings", "qk_norm",
+                                     "pre_norm")},
     **{f"model.{k}": 0 for k in ("n_layer", "n_head", "d_model", "context_length", "vocab_size",
-                                 "mlp_hidden", "n_kv_head", "rope_original_context")},
+                                 "mlp_hidden", "n_kv_head", "rope_original_context",
+                                 "type_vocab_size")},
     **{f"model.{k}": 0.0 for k in ("layer_norm_epsilon", "rope_theta", "rope_scaling_factor",
                                    "rope_low_freq_factor", "rope_high_freq_factor")},
-    **{f"model.{k}": "" for k in ("norm", "position", "mlp")},
+    **{f"model.{k}": "" for k in ("norm", "position", "mlp", "architecture")},
 }
 
 
@@ -421,11 +441,9 @@ _CHOICES = {"norm": ("layernorm", "rmsnorm"), "position": ("learned", "rope"),
             "matmul_dtype": ("float32", "bfloat16"), "remat": ("none", "full", "dots")}
 
 
-def model_config(model: ml_collections.ConfigDict, vocab_size: int | None = None) -> ModelConfig:
-  """Resolves config.model into a ModelConfig: an explicit key, else the preset's value, else
-  GPT-2's. The vocabulary: model.vocab_size, else `vocab_size` (the tokenizer's), else the
-  preset's."""
-  preset_name = model.preset or DEFAULT_PRESET
+def _preset(model: ml_collections.ConfigDict) -> tuple[str, dict[str, Any]]:
+  preset_name = model.preset or (
+      "bert-nano" if model.get("architecture") == "bert" else DEFAULT_PRESET)
   if preset_name not in PRESETS:
     raise JaxllmError(
         f"unknown preset '{model.preset}' (model.preset takes one of: {', '.join(PRESETS)})")
@@ -434,6 +452,44 @@ def model_config(model: ml_collections.ConfigDict, vocab_size: int | None = None
   if unknown:
     raise JaxllmError(f"preset '{preset_name}' sets unknown model key(s) {unknown} (a bug in "
                       f"jaxllm.config.PRESETS)")
+  return preset_name, preset
+
+
+ARCHITECTURES = ("gpt", "bert")
+
+
+def architecture(model: ml_collections.ConfigDict) -> str:
+  """model.architecture, else the preset's, else gpt."""
+  value = model.get("architecture") or _preset(model)[1].get("architecture", "gpt")
+  if value not in ARCHITECTURES:
+    raise JaxllmError(f"model.architecture must be one of {', '.join(ARCHITECTURES)}, got "
+                      f"'{value}'")
+  return value
+
+
+def architecture_of(cfg: "ModelConfig | EncoderConfig") -> str:
+  return "bert" if isinstance(cfg, EncoderConfig) else "gpt"
+
+
+def resolve(model: ml_collections.ConfigDict, vocab_size: int | None = None
+            ) -> "ModelConfig | EncoderConfig":
+  """config.model as the architecture it names: `model_config` or `encoder_config`."""
+  if architecture(model) == "bert":
+    return encoder_config(model, vocab_size)
+  return model_config(model, vocab_size)
+
+
+def model_config(model: ml_collections.ConfigDict, vocab_size: int | None = None) -> ModelConfig:
+  """Resolves config.model into a ModelConfig: an explicit key, else the preset's value, else
+  GPT-2's. The vocabulary: model.vocab_size, else `vocab_size` (the tokenizer's), else the
+  preset's."""
+  _, preset = _preset(model)
+  if architecture(model) != "gpt":
+    raise JaxllmError(f"model.architecture is '{architecture(model)}', an encoder: a GPT "
+                      f"(decoder) is needed here (set model.architecture=gpt)")
+  for key in _ENCODER_ONLY:
+    if model.get(key) is not None:
+      raise JaxllmError(f"model.{key} applies to encoders (model.architecture=bert) only")
 
   def pick(key):
     if key in model and model[key] is not None:
@@ -469,6 +525,83 @@ def model_config(model: ml_collections.ConfigDict, vocab_size: int | None = None
       rope_original_context=int(arch["rope_original_context"]), mlp=arch["mlp"],
       mlp_hidden=int(arch["mlp_hidden"]), n_kv_head=int(arch["n_kv_head"]),
       qk_norm=bool(arch["qk_norm"]), **sizes)
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+  """A resolved BERT-style encoder (jaxllm/encoder.py); Hugging Face's BertConfig names in
+  comments."""
+
+  vocab_size: int  # vocab_size
+  context_length: int  # max_position_embeddings
+  n_layer: int  # num_hidden_layers
+  n_head: int  # num_attention_heads
+  d_model: int  # hidden_size
+  mlp_hidden: int = 0  # intermediate_size; 0 = 4 * d_model
+  type_vocab_size: int = 2  # segments (sentence A / B)
+  layer_norm_epsilon: float = 1e-12
+  dropout: float = 0.0  # hidden_dropout_prob and attention_probs_dropout_prob
+  pre_norm: bool = False
+  pad_id: int = 0  # pad_token_id: what `Encoder.encode` masks out when given no mask
+  dtype: str = "float32"
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.n_head
+
+  @property
+  def hidden(self) -> int:
+    return self.mlp_hidden or 4 * self.d_model
+
+
+# Model keys an encoder has, beyond the sizes, and their BERT values.
+_BERT = dict(mlp_hidden=0, type_vocab_size=2, layer_norm_epsilon=1e-12, pre_norm=False)
+_ENCODER_ONLY = ("type_vocab_size", "pre_norm")
+# Decoder keys an encoder does not have, and the values that mean "not used".
+_DECODER_ONLY = dict(bias=None, qkv_bias=None, tie_embeddings=None, norm=None, position=None,
+                     rope_theta=None, rope_scaling_factor=None, rope_low_freq_factor=None,
+                     rope_high_freq_factor=None, rope_original_context=None, mlp=None,
+                     n_kv_head=None, qk_norm=None, matmul_dtype="float32",
+                     embedding_init_std=0.02, remat="none", scan_layers=False)
+
+
+def encoder_config(model: ml_collections.ConfigDict, vocab_size: int | None = None
+                   ) -> EncoderConfig:
+  """Resolves config.model (model.architecture=bert) into an EncoderConfig: an explicit key,
+  else the preset's value, else BERT's. The vocabulary as in `model_config`."""
+  preset_name, preset = _preset(model)
+  for key, unused in _DECODER_ONLY.items():
+    if model.get(key) != unused:
+      raise JaxllmError(f"model.{key}={model.get(key)} applies to GPT decoders; this model is "
+                        f"an encoder (model.architecture=bert): leave it unset")
+  if preset.get("architecture", "gpt") != "bert" and model.preset:
+    raise JaxllmError(f"model.preset '{preset_name}' is a GPT; for an encoder take a bert-* "
+                      f"preset or give the sizes (model.n_layer, n_head, d_model, "
+                      f"context_length)")
+
+  def pick(key):
+    if model.get(key) is not None:
+      return model[key]
+    return preset.get(key, _BERT.get(key))
+
+  sizes = {k: int(pick(k)) for k in ("n_layer", "n_head", "d_model", "context_length")}
+  vocab = next((v for v in (model.vocab_size, vocab_size, preset.get("vocab_size"))
+                if v is not None), None)
+  if vocab is None:
+    raise JaxllmError("model.vocab_size is unknown (set it, or build the model from a tokenizer)")
+  if sizes["d_model"] % sizes["n_head"]:
+    raise JaxllmError(f"model.d_model={sizes['d_model']} is not divisible by "
+                      f"model.n_head={sizes['n_head']}")
+  if model.dtype not in _CHOICES["dtype"]:
+    raise JaxllmError(f"model.dtype must be one of {', '.join(_CHOICES['dtype'])}, got "
+                      f"'{model.dtype}'")
+  if not 0.0 <= model.dropout < 1.0:
+    raise JaxllmError(f"model.dropout must be in [0, 1), got {model.dropout}")
+  return EncoderConfig(
+      vocab_size=int(vocab), mlp_hidden=int(pick("mlp_hidden")),
+      type_vocab_size=int(pick("type_vocab_size")),
+      layer_norm_epsilon=float(pick("layer_norm_epsilon")), dropout=float(model.dropout),
+      pre_norm=bool(pick("pre_norm")), dtype=model.dtype, **sizes)
 
 
 def _check_shapes(sizes: dict, arch: dict) -> None:

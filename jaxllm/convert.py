@@ -1,5 +1,6 @@
 """GPT-2 weights in and out: OpenAI's checkpoints as jaxllm run directories, and back.
-(Llama-family checkpoints: jaxllm/llama_weights.py; `import_checkpoint` takes either.)
+(Llama-family checkpoints: jaxllm/llama_weights.py, BERT encoders: jaxllm/bert_weights.py;
+`import_checkpoint` and `export_hf` take any of them.)
 
 Reads the two formats OpenAI's GPT-2 is found in, and never unpickles anything:
 
@@ -31,6 +32,7 @@ import jax
 import numpy as np
 
 from jaxllm import checkpoint as checkpoint_lib
+from jaxllm import bert_weights
 from jaxllm import config as config_lib
 from jaxllm import llama_weights
 from jaxllm import run_io
@@ -98,9 +100,8 @@ def read_hf(folder: pathlib.Path) -> tuple[dict, dict[str, np.ndarray]]:
                       "beside model.safetensors; copy it from the model's page")
   model_type = config.get("model_type", "gpt2")
   if model_type == "bert":
-    raise JaxllmError(f"{folder} is a BERT (encoder) folder; jaxllm convert makes GPT-2 and "
-                      f"Llama-family runs, and encoder runs are not supported yet (in Python: "
-                      f"jaxllm.bert_weights.read_folder)")
+    raise JaxllmError(f"{folder} is a BERT (encoder) folder, not GPT-2: import it with "
+                      f"`jaxllm convert --from {folder}` (an encoder run), not as a GPT")
   if model_type != "gpt2":
     raise JaxllmError(f"{folder / 'config.json'}: model_type '{model_type}' is not one jaxllm "
                       f"converts (gpt2, llama, qwen2, mistral)")
@@ -272,6 +273,8 @@ def import_checkpoint(source: str | pathlib.Path, out: str | pathlib.Path) -> di
   folder as a jaxllm run directory; returns its sizes."""
   if llama_weights.is_llama_folder(pathlib.Path(source)):
     return llama_weights.import_llama(source, out)
+  if bert_weights.is_bert_folder(pathlib.Path(source)):
+    return bert_weights.import_bert(source, out)
   return import_gpt2(source, out)
 
 
@@ -282,6 +285,8 @@ def export_hf(workdir: str | pathlib.Path, out: str | pathlib.Path) -> dict:
 
   config, model, params, tokenizer = run_io.load_run(workdir)
   cfg = model.config
+  if isinstance(cfg, config_lib.EncoderConfig):
+    return bert_weights.export_bert(config, model, params, tokenizer, workdir, out)
   if cfg.norm == "rmsnorm" or cfg.position == "rope" or cfg.mlp == "swiglu":
     return llama_weights.export_llama(cfg, params, tokenizer, workdir, out)
   if not (cfg.bias and cfg.qkv_bias and cfg.tie_embeddings):

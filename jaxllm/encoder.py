@@ -21,43 +21,17 @@ V vocabulary.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxllm.config import EncoderConfig
 # The decoder's initialisers (normal, zeros, ones with logical axes): BERT's std is GPT-2's.
 from jaxllm.model import _init, _ones, _zeros
 
 STD = 0.02
-
-
-@dataclasses.dataclass(frozen=True)
-class EncoderConfig:
-  """The resolved encoder architecture (Hugging Face's BertConfig names in comments)."""
-
-  vocab_size: int  # vocab_size
-  context_length: int  # max_position_embeddings
-  n_layer: int  # num_hidden_layers
-  n_head: int  # num_attention_heads
-  d_model: int  # hidden_size
-  mlp_hidden: int = 0  # intermediate_size; 0 = 4 * d_model
-  type_vocab_size: int = 2  # segments (sentence A / B)
-  layer_norm_epsilon: float = 1e-12
-  dropout: float = 0.0  # hidden_dropout_prob and attention_probs_dropout_prob
-  pre_norm: bool = False
-  pad_id: int = 0
-  dtype: str = "float32"
-
-  @property
-  def head_dim(self) -> int:
-    return self.d_model // self.n_head
-
-  @property
-  def hidden(self) -> int:
-    return self.mlp_hidden or 4 * self.d_model
 
 
 def _layer_norm(cfg: EncoderConfig, name: str) -> nn.LayerNorm:
@@ -180,6 +154,29 @@ class Encoder(nn.Module):
                deterministic: bool = True):
     hidden_BxLxD = self.encode(tokens_BxL, mask_BxL, token_types_BxL, deterministic)
     return self.mlm_logits(hidden_BxLxD), self.pool(hidden_BxLxD)
+
+
+def mask_id(tokenizer) -> int:
+  """[MASK]'s id: the tokenizer's own (WordPiece), else one id past its vocabulary."""
+  return getattr(tokenizer, "mask_id", tokenizer.vocab_size)
+
+
+def vocab_size(tokenizer) -> int:
+  """An encoder's vocabulary over `tokenizer`: its ids, plus [MASK] where it has none."""
+  return max(tokenizer.vocab_size, mask_id(tokenizer) + 1)
+
+
+def pad_id(tokenizer) -> int:
+  """[PAD] (WordPiece), else the end-of-text id: what classification pads with."""
+  return getattr(tokenizer, "pad_id", tokenizer.eot_id)
+
+
+def special_ids(tokenizer) -> tuple[int, ...]:
+  """Ids masked-LM never selects: WordPiece's [PAD], [CLS], [SEP] and [MASK]; the end-of-text
+  id of other tokenizers."""
+  if hasattr(tokenizer, "cls_id"):
+    return (tokenizer.pad_id, tokenizer.cls_id, tokenizer.sep_id, tokenizer.mask_id)
+  return (tokenizer.eot_id,)
 
 
 def init_params(model: Encoder, rng: jax.Array):

@@ -64,16 +64,17 @@ def perplexity(model: GPT, params: Any, tokens: np.ndarray, batch_size: int = 8,
 # --- Classifiers --------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("backbone", "lora_scale"))
-def _classify_batch(params, batch, *, backbone: GPT, lora_scale: float):
-  logits_BxC = loss_lib.classifier_logits(params, batch, backbone=backbone, lora_scale=lora_scale)
+@functools.partial(jax.jit, static_argnames=("backbone", "lora_scale", "pooling"))
+def _classify_batch(params, batch, *, backbone, lora_scale: float, pooling: str):
+  logits_BxC = loss_lib.classifier_logits(params, batch, backbone=backbone, lora_scale=lora_scale,
+                                          pooling=pooling)
   losses_B = optax.softmax_cross_entropy_with_integer_labels(logits_BxC, batch["label_B"])
   return jnp.argmax(logits_BxC, axis=-1), losses_B
 
 
 def classify_split(params: Any, split: dict[str, np.ndarray], batch_size: int, *,
-                   backbone: GPT, lora_scale: float = 0.0, max_batches: int = 0
-                   ) -> dict[str, Any]:
+                   backbone, lora_scale: float = 0.0, max_batches: int = 0,
+                   pooling: str = "last") -> dict[str, Any]:
   """Predictions, mean loss and accuracy over a split (or its first `max_batches` batches)."""
   predicted, losses, labels = [], [], []
   for i, batch in enumerate(classification.batches(split, batch_size)):
@@ -84,7 +85,7 @@ def classify_split(params: Any, split: dict[str, np.ndarray], batch_size: int, *
     full = {k: np.concatenate([v, np.repeat(v[:1], batch_size - n, axis=0)])
             for k, v in batch.items()}
     predicted_B, losses_B = _classify_batch(params, full, backbone=backbone,
-                                            lora_scale=float(lora_scale))
+                                            lora_scale=float(lora_scale), pooling=pooling)
     predicted.append(np.asarray(predicted_B)[:n])
     losses.append(np.asarray(losses_B)[:n])
     labels.append(batch["label_B"])
@@ -251,7 +252,8 @@ def _classify_figures(config, model, params, tokenizer, workdir, progress) -> di
                              model.config.context_length)
   figures: dict[str, Any] = {}
   for split in classification.SPLITS:
-    result = classify_split(params, data.splits[split], config.train.batch_size, backbone=model)
+    result = classify_split(params, data.splits[split], config.train.batch_size, backbone=model,
+                            pooling=loss_lib.pooling(config.classifier, model))
     report = classification_metrics(result["predicted"], result["label"], data.labels)
     figures[f"{split}_accuracy"] = report["accuracy"]
     figures[f"{split}_loss"] = result["loss"]

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 from typing import Any
@@ -23,11 +24,27 @@ import orbax.checkpoint as ocp
 
 from jaxllm import checkpoint as checkpoint_lib
 from jaxllm import config as config_lib
+from jaxllm import encoder as encoder_lib
 from jaxllm import tokenizer as tokenizer_lib
 from jaxllm.errors import JaxllmError
 from jaxllm.model import GPT, abstract_variables
 
 import flax.linen as nn
+
+
+def resolve_model(model: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Tokenizer
+                  ) -> config_lib.ModelConfig | config_lib.EncoderConfig:
+  """config.model over `tokenizer`: a GPT's ModelConfig, or an encoder's EncoderConfig (its
+  vocabulary holding a [MASK] id, its padding the tokenizer's)."""
+  if config_lib.architecture(model) == "bert":
+    cfg = config_lib.encoder_config(model, encoder_lib.vocab_size(tokenizer))
+    return dataclasses.replace(cfg, pad_id=encoder_lib.pad_id(tokenizer))
+  return config_lib.model_config(model, tokenizer.vocab_size)
+
+
+def build_model(cfg: config_lib.ModelConfig | config_lib.EncoderConfig
+                ) -> GPT | encoder_lib.Encoder:
+  return encoder_lib.Encoder(cfg) if isinstance(cfg, config_lib.EncoderConfig) else GPT(cfg)
 
 
 def save_run_files(workdir: pathlib.Path, config: ml_collections.ConfigDict,
@@ -54,8 +71,9 @@ def save_params(workdir: pathlib.Path, params: Any, name: str = "params") -> pat
   return path
 
 
-def load_run(workdir: str | pathlib.Path):
-  """(config, model, params, tokenizer) of a finished training run."""
+def load_run(workdir: str | pathlib.Path, decoder_for: str = ""):
+  """(config, model, params, tokenizer) of a finished training run. `decoder_for` names what
+  needs a GPT (e.g. "generating text"): an encoder run is then a JaxllmError."""
   workdir = pathlib.Path(workdir)
   for name in ("config.json", "tokenizer.json", "params"):
     if not (workdir / name).exists():
@@ -63,7 +81,10 @@ def load_run(workdir: str | pathlib.Path):
                         f"`jaxllm train` run?)")
   config = config_lib.from_dict(json.loads((workdir / "config.json").read_text()))
   tokenizer = tokenizer_lib.from_json(json.loads((workdir / "tokenizer.json").read_text()))
-  model = GPT(config_lib.model_config(config.model, tokenizer.vocab_size))
+  model = build_model(resolve_model(config.model, tokenizer))
+  if decoder_for and isinstance(model, encoder_lib.Encoder):
+    raise JaxllmError(f"{workdir} holds an encoder (model.architecture=bert); {decoder_for} "
+                      f"needs a GPT (decoder) run")
   target = on_one_device(nn.unbox(abstract_variables(model)["params"]))
   params = load_params(workdir, target, fix=f"{workdir / 'config.json'} and the parameters "
                                             f"disagree (was the folder edited by hand?)")

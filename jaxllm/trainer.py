@@ -29,6 +29,7 @@ import optax
 from tqdm.auto import tqdm
 
 from jaxllm import checkpoint as checkpoint_lib
+from jaxllm import config as config_lib
 from jaxllm import evaluate as evaluate_lib
 from jaxllm import metrics as metrics_lib
 from jaxllm import multihost
@@ -166,11 +167,17 @@ def describe(setup: Setup, state: train_lib.TrainState, peak_flops: float,
              flops_per_token: float) -> None:
   """The start-up lines: model, data, mesh and memory per device, batch, MFU's yardstick."""
   cfg, train, mesh = setup.task.model.config, setup.config.train, setup.mesh
-  kv = f" ({cfg.kv_heads} kv)" if cfg.kv_heads != cfg.n_head else ""
+  kv = ""
+  if isinstance(cfg, config_lib.EncoderConfig):
+    kind = (f"bidirectional encoder, {'pre' if cfg.pre_norm else 'post'}-LayerNorm, "
+            f"{cfg.type_vocab_size} segments, {cfg.dtype}")
+  else:
+    kv = f" ({cfg.kv_heads} kv)" if cfg.kv_heads != cfg.n_head else ""
+    kind = (f"{cfg.norm}, {cfg.position} positions, {cfg.mlp}, {cfg.dtype}, "
+            f"{cfg.matmul_dtype} matmuls")
   log(setup, f"model: {count_params(state.params):,} parameters ({cfg.n_layer} layers, "
              f"{cfg.n_head} heads{kv}, d_model {cfg.d_model}, context {cfg.context_length}, "
-             f"vocab {cfg.vocab_size}, {cfg.norm}, {cfg.position} positions, {cfg.mlp}, "
-             f"{cfg.dtype}, {cfg.matmul_dtype} matmuls); task {train.task}"
+             f"vocab {cfg.vocab_size}, {kind}); task {train.task}"
              f"{', from ' + train.init_from if train.init_from else ''}")
   log(setup, f"data: {setup.task.description}")
   mib = {name: sharding.bytes_per_device(getattr(state, name), getattr(setup.shardings, name))
@@ -284,7 +291,8 @@ def train_loop(setup: Setup, state, start_step: int, progress: bool,
   n_params = count_params(sharding.model_axes(task.model)[0])
   flops_per_token = train_lib.flops_per_token(task.model, n_params)
   cfg = task.model.config  # bf16 operands (either key): MFU against the bf16 matmul's peak
-  matmul_dtype = "bfloat16" if "bfloat16" in (cfg.dtype, cfg.matmul_dtype) else "float32"
+  dtypes = (cfg.dtype, getattr(cfg, "matmul_dtype", cfg.dtype))
+  matmul_dtype = "bfloat16" if "bfloat16" in dtypes else "float32"
   peak_flops = train.peak_flops or metrics_lib.measure_peak_flops(matmul_dtype)
   describe(setup, state, peak_flops, flops_per_token)
   run = Progress(_metrics_writer(setup, start_step), Meter(setup, flops_per_token, peak_flops),

@@ -83,9 +83,38 @@ def test_every_preset_resolves_with_its_own_values():
   for name, preset in config_lib.PRESETS.items():
     config = config_lib.default_config()
     config.model.preset = name
-    resolved = config_lib.model_config(config.model, vocab_size=100)
+    resolved = config_lib.resolve(config.model, vocab_size=100)
     for key, value in preset.items():
-      if key != "vocab_size":  # the tokenizer's (100) takes its place
+      if key not in ("vocab_size", "architecture"):  # the tokenizer's (100) takes its place
         assert getattr(resolved, key) == value, (name, key)
+    assert config_lib.architecture_of(resolved) == preset.get("architecture", "gpt")
   config.model.preset = "qwen2.5-0.5b"
   assert config_lib.model_config(config.model).layer_norm_epsilon == 1e-6
+
+
+def test_encoder_keys_resolve_and_decoder_keys_are_refused():
+  config = config_lib.default_config()
+  config_lib.apply_overrides(config, ["model.architecture=bert", "model.n_layer=2",
+                                      "model.pre_norm=true", "model.type_vocab_size=3"])
+  resolved = config_lib.resolve(config.model, vocab_size=67)
+  assert isinstance(resolved, config_lib.EncoderConfig)
+  # No preset: bert-nano's sizes, BERT's epsilon.
+  assert (resolved.n_layer, resolved.n_head, resolved.d_model, resolved.context_length) == (
+      2, 4, 128, 128)
+  assert (resolved.pre_norm, resolved.type_vocab_size, resolved.layer_norm_epsilon,
+          resolved.vocab_size) == (True, 3, 1e-12, 67)
+  with pytest.raises(JaxllmError, match="an encoder: a GPT .decoder. is needed"):
+    config_lib.model_config(config.model, vocab_size=67)
+  for override, message in [
+      ("model.position=rope", r"model.position=rope applies to GPT decoders"),
+      ("model.matmul_dtype=bfloat16", r"model.matmul_dtype=bfloat16 applies to GPT decoders"),
+      ("model.preset=gpt2-small", r"model.preset 'gpt2-small' is a GPT"),
+      ("model.architecture=t5", r"model.architecture must be one of gpt, bert, got 't5'")]:
+    bad = config_lib.from_dict(config.to_dict())
+    config_lib.apply_overrides(bad, [override])
+    with pytest.raises(JaxllmError, match=message):
+      config_lib.resolve(bad.model, vocab_size=67)
+  gpt = config_lib.default_config()
+  gpt.model.pre_norm = True
+  with pytest.raises(JaxllmError, match="model.pre_norm applies to encoders"):
+    config_lib.resolve(gpt.model, vocab_size=67)

@@ -2,6 +2,7 @@
 its weights in and out (jaxllm/bert_weights.py)."""
 
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -129,15 +130,50 @@ def test_mean_pooling_counts_real_tokens_only():
                              [[2.0, 3.0, 4.0, 5.0], [12.0, 13.0, 14.0, 15.0]])
 
 
-def test_a_bert_folder_given_to_convert_is_a_one_line_error(tmp_path, capsys):
+def _one_line_error(capsys, argv):
   from jaxllm import cli
-  transformers.BertForMaskedLM(_hf_config()).save_pretrained(tmp_path / "bert")
   capsys.readouterr()
-  assert cli.main(["convert", "--from", str(tmp_path / "bert"), "--out",
-                   str(tmp_path / "run")]) == 2
+  assert cli.main(argv) == 2
   err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1 and "is a BERT (encoder) folder" in err[0], err
-  assert not (tmp_path / "run").exists()
+  assert len(err) == 1, err
+  return err[0]
+
+
+def test_convert_makes_encoder_runs_and_exports_them_back(tmp_path, capsys):
+  from jaxllm import cli, convert, run_io
+  from jaxllm.tasks import losses
+
+  tokens, mask, _ = _batch()
+  types = np.zeros_like(tokens)  # classification feeds one segment
+  vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(92)]
+  for hf_class in (transformers.BertForSequenceClassification, transformers.BertForMaskedLM):
+    folder, run, back = (tmp_path / hf_class.__name__ / name for name in ("hf", "run", "back"))
+    hf = _randomised(hf_class(_hf_config()))
+    hf.save_pretrained(folder)
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    expected = _torch_run(hf, tokens, mask, types).logits.numpy()
+    assert cli.main(["convert", "--from", str(folder), "--out", str(run)]) == 0
+
+    config, model, params, tokenizer = run_io.load_finetuned(run)
+    assert (config.model.architecture, tokenizer.name) == ("bert", "wordpiece")
+    if hf_class is transformers.BertForSequenceClassification:
+      assert (config.train.task, config.classifier.pooling) == ("classify", "cls")
+      ours = losses.classifier_logits(params, {"tokens_BxL": tokens, "length_B": mask.sum(1)},
+                                      backbone=model, pooling="cls")
+      np.testing.assert_allclose(np.asarray(ours), expected, rtol=0, atol=1e-4)
+    assert cli.main(["convert", "--from", str(run), "--out", str(back), "--to", "hf"]) == 0
+    reloaded = hf_class.from_pretrained(back).eval()
+    np.testing.assert_allclose(_torch_run(reloaded, tokens, mask, types).logits.numpy(),
+                               expected, rtol=0, atol=1e-4)
+    assert json.loads((back / "tokenizer.json").read_text())["model"]["type"] == "WordPiece"
+
+  assert "holds an encoder (model.architecture=bert); generating text needs a GPT" in (
+      _one_line_error(capsys, ["generate", "--workdir", str(run)]))
+  with pytest.raises(JaxllmError, match="is a BERT .encoder. folder, not GPT-2"):
+    convert.import_gpt2(folder, tmp_path / "as_gpt")
+  (folder / "vocab.txt").unlink()
+  assert "holds neither tokenizer.json nor vocab.txt" in _one_line_error(
+      capsys, ["convert", "--from", str(folder), "--out", str(tmp_path / "no_vocab")])
 
 
 def test_one_line_errors(tmp_path):
@@ -204,3 +240,69 @@ def test_masked_lm_loss_counts_selected_positions_only():
   other = {**batch, "targets": batch["targets"].at[0, 0].set(3)}
   assert float(mlm.masked_lm_loss(params, other, model=model)[0]) == float(loss)
   assert 0.0 <= float(aux["accuracy"]) <= 1.0
+
+
+def test_unigram_baseline_by_hand():
+  from jaxllm.tasks import mlm
+  # Vocabulary of 4, id 3 special. Train counts of ids 0, 1, 2: 3, 1, 0; add-one: 4, 2, 1.
+  baseline = mlm.unigram_baseline(np.array([0, 0, 0, 1, 3, 3]), np.array([0, 2, 3, 1]),
+                                  vocab_size=4, special=(3,))
+  expected_loss = -np.mean(np.log([4 / 7, 1 / 7, 2 / 7]))  # val's 0, 2, 1 (3 left out)
+  assert baseline["unigram_loss"] == pytest.approx(expected_loss, rel=1e-12)
+  assert baseline["unigram_accuracy"] == pytest.approx(1 / 3)  # the guess: id 0
+
+
+def _mlm_config(shared_data, steps):
+  from jaxllm import config as config_lib
+  config = config_lib.default_config()
+  config_lib.apply_overrides(config, [
+      "model.architecture=bert", "model.n_layer=1", "model.n_head=2", "model.d_model=32",
+      "model.context_length=32", "data.dataset=text", "data.tokenizer=char",
+      f"data.path={shared_data / 'the-verdict.txt'}", "train.task=mlm", f"train.steps={steps}",
+      "train.batch_size=4", "train.schedule=constant", "train.warmup_steps=0",
+      "train.log_every=1", "train.eval_every=3", "train.eval_batches=2",
+      "train.peak_flops=1e11", "checkpoint.every_steps=3"])
+  return config
+
+
+def test_mlm_task_resumes_exactly_and_reports_its_baseline(tmp_path, shared_data, capsys):
+  from jaxllm import trainer
+
+  def losses(workdir):
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: (r.get("loss"), r.get("val_loss"), r.get("val_accuracy"))
+            for r in records}
+
+  figures = trainer.run(_mlm_config(shared_data, 6), tmp_path / "whole", progress=False)
+  # The same run from its step-3 checkpoint: the copy without the later one resumes there.
+  shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
+  shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "6")
+  capsys.readouterr()
+  trainer.run(_mlm_config(shared_data, 6), tmp_path / "resumed", progress=False)
+  assert "resuming from step 3" in capsys.readouterr().out
+  whole, resumed = losses(tmp_path / "whole"), losses(tmp_path / "resumed")
+  assert resumed == whole and len(whole) == 7  # the masks of steps 4-6 too: exact
+  assert 0.0 <= figures["val_accuracy"] <= 1.0
+  # The Verdict's characters, guessed by frequency: about the share of spaces.
+  assert 2.5 < figures["unigram_loss"] < 4.0 and 0.1 < figures["unigram_accuracy"] < 0.25
+  saved = json.loads((tmp_path / "whole" / "eval.json").read_text())
+  assert saved["unigram_loss"] == figures["unigram_loss"]
+
+
+def test_tasks_refuse_the_other_architecture(tmp_path, shared_data):
+  from jaxllm import tasks
+  config = _mlm_config(shared_data, 1)
+  config.train.task = "lm"
+  with pytest.raises(JaxllmError, match="train.task=lm needs a GPT .*train.task=mlm"):
+    tasks.build(config)
+  config = _mlm_config(shared_data, 1)
+  config.model.architecture = "gpt"
+  with pytest.raises(JaxllmError, match="train.task=mlm trains an encoder"):
+    tasks.build(config)
+  config = _mlm_config(shared_data, 1)
+  config.train.task, config.classifier.pooling = "classify", "last"
+  config.data.update(path=str(shared_data / "SMSSpamCollection"), tokenizer="gpt2")
+  config.classifier.update(text_column="1", label_column="0", labels="ham,spam")
+  with pytest.raises(JaxllmError, match="classifier.pooling='last' does not apply to an "
+                                        "encoder: take cls or mean"):
+    tasks.build(config)

@@ -147,17 +147,21 @@ def test_finetune_resumes_exactly_after_sigkill_and_sigterm(tmp_path, shared_dat
             == json.loads((reference / "eval.json").read_text())["test_accuracy"])
 
 
-@pytest.mark.parametrize("task", ["instruct", "classify", "dpo"])
+@pytest.mark.parametrize("task", ["instruct", "classify", "dpo", "mlm-bert", "classify-bert"])
 def test_gradient_accumulation_gives_the_whole_batch_gradient(tmp_path, shared_data, task):
   # Microbatches of one batch weigh by their items (tokens of uneven, loss-masked lengths for
-  # instruct and dpo): two of them give the gradient of the whole batch.
+  # instruct and dpo, masked positions for mlm): two of them give the whole batch's gradient.
   config = config_lib.default_config()
+  task, _, architecture = task.partition("-")
   config.train.task, config.train.seed, config.train.batch_size = task, 3, 8
+  config.model.architecture = architecture or None
   config.model.n_layer, config.model.n_head, config.model.d_model = 1, 2, 32
   config.model.context_length = 128
   config.classifier.update(text_column="1", label_column="0", labels="ham,spam", max_length=64)
+  if task == "mlm":  # The Verdict's characters
+    config.data.update(dataset="text", tokenizer="char")
   file = {"classify": "SMSSpamCollection", "instruct": "instruction-data.json",
-          "dpo": "instruction-data-with-preference.json"}[task]
+          "dpo": "instruction-data-with-preference.json", "mlm": "the-verdict.txt"}[task]
   if task == "dpo":  # a run to start from: the same tiny model, untrained
     run = tmp_path / "start"
     run.mkdir()

@@ -188,12 +188,18 @@ def load(classifier: ml_collections.ConfigDict, path: str, tokenizer: tokenizer_
   if min(len(v) for v in parts.values()) == 0:
     raise JaxllmError(f"{len(keep)} examples leave an empty split; use more data or other "
                       f"classifier fractions")
-  encoded = {name: [tokenizer.encode(texts[i]) for i in keep[idx]] for name, idx in parts.items()}
+  # BERT's WordPiece: [CLS] text [SEP], as its classifiers were trained on.
+  encode = (tokenizer.encode if not hasattr(tokenizer, "encode_for_model")
+            else lambda text: tokenizer.encode_for_model(text)[0])
+  encoded = {name: [encode(texts[i]) for i in keep[idx]] for name, idx in parts.items()}
   max_length = classifier.max_length or min(max(map(len, encoded["train"])), context_length)
   if max_length > context_length:
     raise JaxllmError(f"classifier.max_length={max_length} exceeds the model's context length "
-                      f"{context_length}")
-  pad_id = tokenizer.eot_id if classifier.pad_id < 0 else int(classifier.pad_id)
+                      f"{context_length} (model.context_length; a BERT's "
+                      f"max_position_embeddings): lower classifier.max_length")
+  # The tokenizer's [PAD] (WordPiece), else its end-of-text id.
+  pad_id = (getattr(tokenizer, "pad_id", tokenizer.eot_id) if classifier.pad_id < 0
+            else int(classifier.pad_id))
   splits = {}
   for name, idx in parts.items():
     tokens_NxL, length_N = pad(encoded[name], max_length, pad_id)

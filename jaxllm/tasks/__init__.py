@@ -1,7 +1,8 @@
 """What the one trainer (jaxllm/trainer.py) trains: a task is data and pure functions.
 
     lm         next-token pretraining on a corpus (jaxllm/tasks/lm.py)
-    classify   a class head on the last real token (jaxllm/tasks/classify.py)
+    mlm        masked-token pretraining of an encoder (jaxllm/tasks/mlm.py)
+    classify   a class head on a GPT's last token or an encoder's pooled state (classify.py)
     instruct   Alpaca-style instruction tuning (jaxllm/tasks/instruct.py)
     dpo        preference tuning against a frozen reference (jaxllm/tasks/dpo.py)
 
@@ -18,7 +19,7 @@ import ml_collections
 from jaxllm.errors import JaxllmError
 from jaxllm.tasks.common import Task, eval_means
 
-NAMES = ("lm", "classify", "instruct", "dpo")
+NAMES = ("lm", "mlm", "classify", "instruct", "dpo")
 
 
 def build(config: ml_collections.ConfigDict) -> Task:

@@ -1,4 +1,5 @@
-"""Classification: a GPT backbone, a class head on the last real token, labelled texts.
+"""Classification: a class head on a GPT's last real token or an encoder's pooled state
+(classifier.pooling), over labelled texts.
 
 The book's ch. 6 recipe: labelled texts from data.path (classes balanced, a seeded 70/10/20
 split, right-padded), batches shuffled per epoch with drop_last; periodic figures are loss
@@ -21,11 +22,13 @@ from jaxllm.tasks import common, losses
 def make_task(config: ml_collections.ConfigDict) -> common.Task:
   train = config.train
   model, tokenizer = common.backbone(config)
+  pooling = losses.pooling(config.classifier, model)
   data = classification.load(config.classifier, config.data.path, tokenizer,
                              model.config.context_length)
   with config.ignore_type():  # config.json records what ran: the classes and the length
     config.classifier.labels = ",".join(data.labels)
     config.classifier.max_length = data.max_length
+    config.classifier.pooling = pooling
   head_init = functools.partial(heads.classifier_init, d_model=model.config.d_model,
                                 num_classes=len(data.labels))
   params = common.finetuned_params(config, model, (head_init, common.HEAD_AXES))
@@ -53,14 +56,14 @@ def make_task(config: ml_collections.ConfigDict) -> common.Task:
   return common.Task(
       model=model, tokenizer=tokenizer, init_params=params.init, param_axes=params.axes,
       loss_fn=functools.partial(losses.classification_loss, backbone=model,
-                                lora_scale=params.lora_scale,
+                                lora_scale=params.lora_scale, pooling=pooling,
                                 deterministic=model.config.dropout == 0.0),
       eval_fn=functools.partial(losses.classification_sums, backbone=model,
-                                lora_scale=params.lora_scale),
+                                lora_scale=params.lora_scale, pooling=pooling),
       train_batch=train_batch, eval_batches=eval_batches, token_key="tokens_BxL",
       export=functools.partial(common.export_finetuned, lora_scale=params.lora_scale),
       report=common.finetuned_report(config, model, tokenizer), trainable=params.trainable,
       pretrained_into=(("backbone",),),
       batches_per_epoch=batches_per_epoch,
       description=(f"{sizes} examples, classes {data.labels}, padded to {data.max_length} "
-                   f"tokens (pad id {data.pad_id}); {params.description}"))
+                   f"tokens (pad id {data.pad_id}), {pooling} pooling; {params.description}"))

@@ -1,7 +1,7 @@
 """What every task is made of: the `Task` record, the backbone and its starting weights, the
 finetuning parameter tree with its logical axes and trainable mask, and batch helpers.
 
-A finetuned model's parameters are one pytree `{"backbone": GPT, "head": head}`, plus
+A finetuned model's parameters are one pytree `{"backbone": GPT or encoder, "head": head}`, plus
 `"lora"` with adapters and `"reference"` (a frozen copy of the starting backbone) for DPO.
 Which leaves train is an optax mask over that tree (`trainable_mask`), never a code change.
 """
@@ -9,6 +9,7 @@ Which leaves train is an optax mask over that tree (`trainable_mask`), never a c
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 import re
@@ -20,9 +21,13 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jaxllm import config as config_lib
+from jaxllm import data as data_lib
 from jaxllm import lora
+from jaxllm import multihost
+from jaxllm import run_io
 from jaxllm import tokenizer as tokenizer_lib
 from jaxllm import train as train_lib
+from jaxllm.encoder import Encoder
 from jaxllm.errors import JaxllmError
 from jaxllm.model import GPT, init_params, logical_axes
 from jaxllm.tasks import losses
@@ -43,7 +48,7 @@ class Task:
   every evaluation sees.
   """
 
-  model: GPT  # the backbone, whose config goes into config.json
+  model: Backbone  # a GPT or an encoder, whose config goes into config.json
   tokenizer: tokenizer_lib.Tokenizer
   init_params: Callable[[], Params]  # fresh parameters; traced, so created in their shards
   param_axes: Params  # logical axes (PartitionSpecs) like the parameters
@@ -78,9 +83,12 @@ def eval_means(results: Iterable[dict[str, Any]]) -> dict[str, np.ndarray]:
 # Model keys that say how the network runs, not what it is: this run's, not init_from's.
 _RUNTIME_KEYS = ("dropout", "dtype", "remat")
 
+Backbone = GPT | Encoder
+BackboneConfig = config_lib.ModelConfig | config_lib.EncoderConfig
+
 
 def pretrained_run(config: ml_collections.ConfigDict
-                   ) -> tuple[config_lib.ModelConfig, tokenizer_lib.Tokenizer] | None:
+                   ) -> tuple[BackboneConfig, tokenizer_lib.Tokenizer] | None:
   """train.init_from's architecture and tokenizer (from its config.json and tokenizer.json)."""
   if not config.train.init_from:
     return None
@@ -91,32 +99,54 @@ def pretrained_run(config: ml_collections.ConfigDict
                       f"from scratch)")
   run_config = config_lib.from_dict(json.loads((path / "config.json").read_text()))
   tokenizer = tokenizer_lib.from_json(json.loads((path / "tokenizer.json").read_text()))
-  return config_lib.model_config(run_config.model, tokenizer.vocab_size), tokenizer
+  return run_io.resolve_model(run_config.model, tokenizer), tokenizer
 
 
 def backbone(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Tokenizer | None = None
-             ) -> tuple[GPT, tokenizer_lib.Tokenizer]:
-  """The GPT to train and its tokenizer: train.init_from's, or `config.model` over
-  `tokenizer` (default: data.tokenizer). config.model and data.tokenizer then record them."""
+             ) -> tuple[Backbone, tokenizer_lib.Tokenizer]:
+  """The GPT or encoder (model.architecture) to train and its tokenizer: train.init_from's,
+  or `config.model` over `tokenizer` (default: data.tokenizer). config.model and
+  data.tokenizer then record them."""
   run = pretrained_run(config)
   if run is not None:
     architecture, tokenizer = run
-    runtime = config_lib.model_config(config.model, architecture.vocab_size)
-    model_config = dataclasses.replace(
-        architecture, **{key: getattr(runtime, key) for key in _RUNTIME_KEYS})
+    runtime = {key: config.model[key] for key in _RUNTIME_KEYS
+               if hasattr(architecture, key)}
+    model_config = dataclasses.replace(architecture, **runtime)
+    config_lib.resolve(config.model, architecture.vocab_size)  # this run's keys are valid
   else:
     if tokenizer is None:
       if config.data.tokenizer == "char":
         raise JaxllmError("a character tokenizer is built from a corpus: start from a run "
                           "(train.init_from) or set data.tokenizer to a tiktoken encoding")
       tokenizer = tokenizer_lib.get_tokenizer(config.data.tokenizer)
-    model_config = config_lib.model_config(config.model, tokenizer.vocab_size)
+    model_config = run_io.resolve_model(config.model, tokenizer)
   with config.ignore_type():
+    config.model.architecture = config_lib.architecture_of(model_config)
     for field in dataclasses.fields(model_config):
       if field.name in config.model:
         config.model[field.name] = getattr(model_config, field.name)
     config.data.tokenizer = tokenizer.name
-  return GPT(model_config), tokenizer
+  return run_io.build_model(model_config), tokenizer
+
+
+def require_decoder(model: Backbone, task: str, instead: str = "") -> None:
+  if isinstance(model, Encoder):
+    other = f" (an encoder trains with train.task={instead})" if instead else ""
+    raise JaxllmError(f"train.task={task} needs a GPT (decoder), but model.architecture is "
+                      f"bert{other}")
+
+
+def token_data(config: ml_collections.ConfigDict) -> data_lib.TokenData:
+  """The corpus's tokens (lm and mlm). Process 0 tokenizes and caches first, so processes
+  sharing a disk never write one cache at once."""
+  run = pretrained_run(config)
+  context_length = (run[0] if run else config_lib.resolve(config.model, 1)).context_length
+  load = functools.partial(data_lib.load_token_data, config.data, context_length,
+                           tokenizer=run[1] if run else None)
+  tokens = load() if multihost.is_main() else None
+  multihost.sync("jaxllm: tokens cached")
+  return tokens if tokens is not None else load()
 
 
 # --- Finetuning parameters ----------------------------------------------------------------
@@ -128,7 +158,7 @@ def _groups(n_layer: int) -> dict[str, str]:
       "all": r"^(?!reference/)",
       "backbone": r"^backbone/",
       "head": r"^head/|^backbone/lm_head/",
-      "embeddings": r"^backbone/(wte|wpe)/",
+      "embeddings": r"^backbone/(wte|wpe|wtt)/",
       "final_norm": r"^backbone/ln_f/",
       "last_block": rf"^backbone/blocks_{n_layer - 1}/",
       "lora": r"^lora/",
@@ -181,12 +211,13 @@ class Finetuned:
   description: str
 
 
-def finetuned_params(config: ml_collections.ConfigDict, model: GPT,
+def finetuned_params(config: ml_collections.ConfigDict, model: Backbone,
                      head: tuple[Callable[[jax.Array], Params], Params] | None = None,
                      reference: bool = False) -> Finetuned:
   """{"backbone", "head"} (+ "lora", + "reference"): `head` is (init(rng), logical axes)."""
   seed, cfg = config.train.seed, model.config
-  if cfg.scan_layers and (config.lora.rank > 0 or "last_block" in config.train.trainable):
+  scanned = getattr(cfg, "scan_layers", False)  # encoders never scan
+  if scanned and (config.lora.rank > 0 or "last_block" in config.train.trainable):
     raise JaxllmError("LoRA and trainable=last_block need per-layer parameters: set "
                       "model.scan_layers=false")
   targets = lora.parse_targets(config.lora.targets) if config.lora.rank > 0 else ()
@@ -230,7 +261,7 @@ def export_finetuned(params: Params, lora_scale: float) -> dict[str, Params]:
   return out
 
 
-def finetuned_report(config: ml_collections.ConfigDict, model: GPT,
+def finetuned_report(config: ml_collections.ConfigDict, model: Backbone,
                      tokenizer: tokenizer_lib.Tokenizer) -> Callable:
   """A finetuning task's final report: `evaluate.evaluate_finetuned` on the saved model, as
   `jaxllm eval` runs it later, with training's figures."""

@@ -59,6 +59,7 @@ def make_task(config: ml_collections.ConfigDict) -> common.Task:
     raise JaxllmError("train.task=dpo tunes a model against itself: set train.init_from to "
                       "its run directory (e.g. an instruct_alpaca run)")
   model, tokenizer = common.backbone(config)
+  common.require_decoder(model, "dpo")
   records, pairs = load(config, tokenizer)
   shape = batch_shape(config, model, tokenizer)
   pair_lengths = {k: np.maximum(v.lengths[0::2], v.lengths[1::2]) for k, v in pairs.items()}

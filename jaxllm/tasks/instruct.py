@@ -20,6 +20,7 @@ from jaxllm.tasks import common, losses
 def make_task(config: ml_collections.ConfigDict) -> common.Task:
   train = config.train
   model, tokenizer = common.backbone(config)
+  common.require_decoder(model, "instruct")
   records, encoded = instruction.load(config.instruct, config.data.path, tokenizer, train.seed)
   shape = instruction.batch_options(config.instruct, model.config.context_length,
                                     tokenizer.eot_id)

@@ -13,32 +13,19 @@ import pathlib
 import jax
 import ml_collections
 
-from jaxllm import config as config_lib
 from jaxllm import data as data_lib
 from jaxllm import generate as generate_lib
-from jaxllm import multihost
 from jaxllm import train as train_lib
 from jaxllm.model import init_params, logical_axes
 from jaxllm.tasks import common
 
 
-def _token_data(config: ml_collections.ConfigDict) -> data_lib.TokenData:
-  """The corpus's tokens. Process 0 tokenizes and caches first, so processes sharing a disk
-  never write one cache at once."""
-  run = common.pretrained_run(config)
-  context_length = (run[0] if run else config_lib.model_config(config.model, 1)).context_length
-  load = functools.partial(data_lib.load_token_data, config.data, context_length,
-                           tokenizer=run[1] if run else None)
-  tokens = load() if multihost.is_main() else None
-  multihost.sync("jaxllm: tokens cached")
-  return tokens if tokens is not None else load()
-
-
 def make_task(config: ml_collections.ConfigDict) -> common.Task:
   common.check_lm_options(config)
   train = config.train
-  tokens = _token_data(config)
+  tokens = common.token_data(config)
   model, tokenizer = common.backbone(config, tokens.tokenizer)
+  common.require_decoder(model, "lm", "mlm")
   context_length = model.config.context_length
   batches = data_lib.train_batches(tokens.train, config.data, train.batch_size, context_length,
                                    seed=train.seed, microbatches=train.grad_accum)

@@ -5,7 +5,8 @@ plus, with LoRA, `"lora": adapters`, merged into the weights at the top of every
 pass (`effective_params`), so the gradient reaches the adapters and nothing else needs to
 know about them; DPO adds `"reference"`, a frozen copy of the starting backbone.
 
-- classification: GPT hidden states -> the last real token -> a class head.
+- classification: GPT hidden states -> the last real token -> a class head; or an encoder's
+  hidden states -> its pooler on the first token, or their mean -> a class head.
 - instruction: GPT hidden states -> the LM head -> next-token cross-entropy weighted by
   `weights_BxL` (0 on padding and, optionally, on the prompt).
 - preference (DPO): the policy's and the reference's log-probabilities of a chosen and a
@@ -26,8 +27,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxllm import encoder as encoder_lib
 from jaxllm import heads
 from jaxllm import lora
+from jaxllm.encoder import Encoder
+from jaxllm.errors import JaxllmError
 from jaxllm.model import GPT
 
 Params = dict[str, Any]
@@ -49,32 +53,69 @@ def hidden_states(backbone: GPT, backbone_params: Params, tokens_BxL: jax.Array,
   return hidden_BxLxD
 
 
+POOLINGS = ("last", "cls", "mean")
+
+
+def pooled(backbone: GPT | Encoder, backbone_params: Params, batch: dict[str, jax.Array],
+           rng: jax.Array | None = None, deterministic: bool = True,
+           pooling: str = "last") -> jax.Array:
+  """One hidden state per row of {"tokens_BxL", "length_B"}, BxD: a GPT's at the last real
+  token ("last"), or an encoder's over its real tokens (padding masked out as keys) through
+  its pooler at the first token ("cls") or averaged ("mean")."""
+  if not isinstance(backbone, Encoder):
+    hidden_BxLxD = hidden_states(backbone, backbone_params, batch["tokens_BxL"], rng,
+                                 deterministic)
+    return heads.last_token(hidden_BxLxD, batch["length_B"])
+  tokens_BxL = batch["tokens_BxL"]
+  mask_BxL = jnp.arange(tokens_BxL.shape[1])[None, :] < batch["length_B"][:, None]
+  variables = {"params": backbone_params}
+  hidden_BxLxD = backbone.apply(variables, tokens_BxL, mask_BxL, deterministic=deterministic,
+                                rngs=None if deterministic else {"dropout": rng},
+                                method=backbone.encode)
+  if pooling == "cls":
+    return backbone.apply(variables, hidden_BxLxD, method=backbone.pool)
+  return encoder_lib.mean_pool(hidden_BxLxD, mask_BxL)
+
+
+def pooling(classifier, backbone: GPT | Encoder) -> str:
+  """classifier.pooling for this backbone: "" means last for a GPT, cls for an encoder."""
+  encoder = isinstance(backbone, Encoder)
+  value = classifier.pooling or ("cls" if encoder else "last")
+  allowed = POOLINGS[1:] if encoder else POOLINGS[:1]
+  if value not in allowed:
+    kind = "an encoder" if encoder else "a GPT (its causal attention sees the whole text " \
+                                        "at the last token only)"
+    raise JaxllmError(f"classifier.pooling='{value}' does not apply to {kind}: take "
+                      f"{' or '.join(allowed)}")
+  return value
+
+
 def classifier_logits(params: Params, batch: dict[str, jax.Array], rng: jax.Array | None = None,
-                      *, backbone: GPT, lora_scale: float = 0.0,
-                      deterministic: bool = True) -> jax.Array:
-  """Class logits BxC from the last real token of each row of {"tokens_BxL", "length_B"}."""
+                      *, backbone: GPT | Encoder, lora_scale: float = 0.0,
+                      deterministic: bool = True, pooling: str = "last") -> jax.Array:
+  """Class logits BxC from each row's pooled state (`pooled`) of {"tokens_BxL", "length_B"}."""
   params = effective_params(params, lora_scale)
-  hidden_BxLxD = hidden_states(backbone, params["backbone"], batch["tokens_BxL"], rng,
-                               deterministic)
-  last_BxD = heads.last_token(hidden_BxLxD, batch["length_B"])
-  return heads.classifier_apply(params["head"], last_BxD)
+  return heads.classifier_apply(params["head"], pooled(
+      backbone, params["backbone"], batch, rng, deterministic, pooling))
 
 
 def classification_loss(params: Params, batch: dict[str, jax.Array], rng: jax.Array | None = None,
-                        *, backbone: GPT, lora_scale: float = 0.0, deterministic: bool = True
+                        *, backbone: GPT | Encoder, lora_scale: float = 0.0,
+                        deterministic: bool = True, pooling: str = "last"
                         ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Mean cross-entropy of the class head, and the batch's correct predictions."""
   logits_BxC = classifier_logits(params, batch, rng, backbone=backbone, lora_scale=lora_scale,
-                                 deterministic=deterministic)
+                                 deterministic=deterministic, pooling=pooling)
   loss = optax.softmax_cross_entropy_with_integer_labels(logits_BxC, batch["label_B"]).mean()
   accuracy = jnp.mean(jnp.argmax(logits_BxC, axis=-1) == batch["label_B"])
   return loss, {"accuracy": accuracy}
 
 
-def classification_sums(params: Params, batch: dict[str, jax.Array], *, backbone: GPT,
-                        lora_scale: float = 0.0) -> dict[str, jax.Array]:
+def classification_sums(params: Params, batch: dict[str, jax.Array], *, backbone: GPT | Encoder,
+                        lora_scale: float = 0.0, pooling: str = "last") -> dict[str, jax.Array]:
   """Summed loss and correct predictions over the rows whose weight_B is 1 (not padding)."""
-  logits_BxC = classifier_logits(params, batch, backbone=backbone, lora_scale=lora_scale)
+  logits_BxC = classifier_logits(params, batch, backbone=backbone, lora_scale=lora_scale,
+                                 pooling=pooling)
   losses_B = optax.softmax_cross_entropy_with_integer_labels(logits_BxC, batch["label_B"])
   correct_B = jnp.argmax(logits_BxC, axis=-1) == batch["label_B"]
   weight_B = batch["weight_B"]
