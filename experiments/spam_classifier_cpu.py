@@ -19,7 +19,7 @@ CPU = True
 DATA = "SMSSpamCollection"
 
 # jaxllm, 2-core CPU: see README "Finetuning" for the measured figures.
-EXPECTED = {"test_accuracy": (">=", 0.95, "jaxllm, 2-core CPU: 0.980 (seeds 1, 2: 0.973, 0.980)")}
+EXPECTED = {"test_accuracy": (">=", 0.95, "jaxllm, 2-core CPU: 0.963 (seeds 1, 2: 0.973, 0.980)")}
 
 
 def get_config():

@@ -479,6 +479,27 @@ def resolve(model: ml_collections.ConfigDict, vocab_size: int | None = None
   return model_config(model, vocab_size)
 
 
+def _picker(model: ml_collections.ConfigDict, preset: dict, defaults: dict):
+  """A key's value: explicit in config.model, else the preset's, else `defaults`'."""
+  def pick(key):
+    if model.get(key) is not None:
+      return model[key]
+    return preset.get(key, defaults.get(key))
+  return pick
+
+
+def _sizes(pick) -> dict[str, int]:
+  return {k: int(pick(k)) for k in ("n_layer", "n_head", "d_model", "context_length")}
+
+
+def _vocab(model: ml_collections.ConfigDict, vocab_size: int | None, preset: dict) -> int:
+  vocab = next((v for v in (model.vocab_size, vocab_size, preset.get("vocab_size"))
+                if v is not None), None)
+  if vocab is None:
+    raise JaxllmError("model.vocab_size is unknown (set it, or build the model from a tokenizer)")
+  return vocab
+
+
 def model_config(model: ml_collections.ConfigDict, vocab_size: int | None = None) -> ModelConfig:
   """Resolves config.model into a ModelConfig: an explicit key, else the preset's value, else
   GPT-2's. The vocabulary: model.vocab_size, else `vocab_size` (the tokenizer's), else the
@@ -491,16 +512,8 @@ def model_config(model: ml_collections.ConfigDict, vocab_size: int | None = None
     if model.get(key) is not None:
       raise JaxllmError(f"model.{key} applies to encoders (model.architecture=bert) only")
 
-  def pick(key):
-    if key in model and model[key] is not None:
-      return model[key]
-    return preset.get(key, _GPT2.get(key))
-
-  sizes = {k: int(pick(k)) for k in ("n_layer", "n_head", "d_model", "context_length")}
-  vocab = next((v for v in (model.vocab_size, vocab_size, preset.get("vocab_size"))
-                if v is not None), None)
-  if vocab is None:
-    raise JaxllmError("model.vocab_size is unknown (set it, or build the model from a tokenizer)")
+  pick = _picker(model, preset, _GPT2)
+  sizes, vocab = _sizes(pick), _vocab(model, vocab_size, preset)
   arch = {k: pick(k) for k in _GPT2}
   bias = bool(arch.pop("bias"))
   qkv_bias = model.qkv_bias if model.qkv_bias is not None else preset.get("qkv_bias", bias)
@@ -579,16 +592,8 @@ def encoder_config(model: ml_collections.ConfigDict, vocab_size: int | None = No
                       f"preset or give the sizes (model.n_layer, n_head, d_model, "
                       f"context_length)")
 
-  def pick(key):
-    if model.get(key) is not None:
-      return model[key]
-    return preset.get(key, _BERT.get(key))
-
-  sizes = {k: int(pick(k)) for k in ("n_layer", "n_head", "d_model", "context_length")}
-  vocab = next((v for v in (model.vocab_size, vocab_size, preset.get("vocab_size"))
-                if v is not None), None)
-  if vocab is None:
-    raise JaxllmError("model.vocab_size is unknown (set it, or build the model from a tokenizer)")
+  pick = _picker(model, preset, _BERT)
+  sizes, vocab = _sizes(pick), _vocab(model, vocab_size, preset)
   if sizes["d_model"] % sizes["n_head"]:
     raise JaxllmError(f"model.d_model={sizes['d_model']} is not divisible by "
                       f"model.n_head={sizes['n_head']}")

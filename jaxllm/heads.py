@@ -7,7 +7,8 @@ train is an optax mask over that tree (see `jaxllm/tasks/common.py`), never a co
 
 - LM head: next-token logits; tied to the token embedding (GPT-2) or its own kernel.
 - Classification head: a Linear on the last real (non-padding) token, the one whose causal
-  attention has seen the whole text (the book's ch. 6 head, minus its padding blind spot).
+  attention has seen the whole text (the book's ch. 6 head, minus its padding blind spot);
+  on an encoder, on its pooled state instead (`tasks.losses.pooled`).
 - Reward head: one scalar per sequence from the same last token, for preference models.
 
 Shapes are in the names: B batch, L sequence, D d_model, V vocabulary, C classes.

@@ -141,7 +141,8 @@ def _one_line_error(capsys, argv):
 
 def test_convert_makes_encoder_runs_and_exports_them_back(tmp_path, capsys):
   from jaxllm import cli, convert, run_io
-  from jaxllm.tasks import losses
+  from jaxllm import config as config_lib
+  from jaxllm.tasks import common, losses
 
   tokens, mask, _ = _batch()
   types = np.zeros_like(tokens)  # classification feeds one segment
@@ -169,6 +170,12 @@ def test_convert_makes_encoder_runs_and_exports_them_back(tmp_path, capsys):
 
   assert "holds an encoder (model.architecture=bert); generating text needs a GPT" in (
       _one_line_error(capsys, ["generate", "--workdir", str(run)]))
+  config = config_lib.default_config()
+  config.train.update(task="mlm", init_from=str(run))
+  config.model.architecture = "gpt"
+  with pytest.raises(JaxllmError, match="model.architecture=gpt, but train.init_from .* holds "
+                                        "a bert model"):
+    common.backbone(config)
   with pytest.raises(JaxllmError, match="is a BERT .encoder. folder, not GPT-2"):
     convert.import_gpt2(folder, tmp_path / "as_gpt")
   (folder / "vocab.txt").unlink()
@@ -305,4 +312,9 @@ def test_tasks_refuse_the_other_architecture(tmp_path, shared_data):
   config.classifier.update(text_column="1", label_column="0", labels="ham,spam")
   with pytest.raises(JaxllmError, match="classifier.pooling='last' does not apply to an "
                                         "encoder: take cls or mean"):
+    tasks.build(config)
+  config.classifier.update(pooling="cls", max_length=64)  # context_length is 32
+  with pytest.raises(JaxllmError, match="max_length=64 exceeds the model's context length 32 "
+                                        r"\(model.context_length; a BERT's "
+                                        r"max_position_embeddings\): lower"):
     tasks.build(config)

@@ -110,6 +110,11 @@ def backbone(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Tokeniz
   run = pretrained_run(config)
   if run is not None:
     architecture, tokenizer = run
+    kind = config_lib.architecture_of(architecture)
+    if config.model.architecture not in (None, kind):
+      raise JaxllmError(f"model.architecture={config.model.architecture}, but train.init_from "
+                        f"{config.train.init_from} holds a {kind} model (its architecture is "
+                        f"the run's: leave model.architecture unset)")
     runtime = {key: config.model[key] for key in _RUNTIME_KEYS
                if hasattr(architecture, key)}
     model_config = dataclasses.replace(architecture, **runtime)
@@ -122,7 +127,7 @@ def backbone(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Tokeniz
       tokenizer = tokenizer_lib.get_tokenizer(config.data.tokenizer)
     model_config = run_io.resolve_model(config.model, tokenizer)
   with config.ignore_type():
-    config.model.architecture = config_lib.architecture_of(model_config)
+    config.model.architecture = config_lib.architecture_of(model_config)  # what ran
     for field in dataclasses.fields(model_config):
       if field.name in config.model:
         config.model[field.name] = getattr(model_config, field.name)
