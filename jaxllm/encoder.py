@@ -131,8 +131,17 @@ class Encoder(nn.Module):
       mask_BxL = tokens_BxL != self.config.pad_id
     if token_types_BxL is None:
       token_types_BxL = jnp.zeros_like(tokens_BxL)
-    x_BxLxD = (self.wte(tokens_BxL) + self.wpe(jnp.arange(length))[None]
-               + self.wtt(token_types_BxL))
+    # Rows looked up in tables whose d_model side is whole, as GPT.encode does: a lookup into
+    # an FSDP-split table makes XLA replicate the result to split it by batch rows instead.
+    dtype = self.config.dtype
+
+    def lookup(table, ids, axes):
+      return jnp.take(nn.with_logical_constraint(table.embedding.astype(dtype), axes), ids,
+                      axis=0)
+
+    x_BxLxD = (lookup(self.wte, tokens_BxL, ("vocab", None))
+               + lookup(self.wpe, jnp.arange(length), (None, None))[None]
+               + lookup(self.wtt, token_types_BxL, (None, None)))
     x_BxLxD = self.drop(self.ln_embed(x_BxLxD), deterministic=deterministic)
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "sequence", "embed"))
     for block in self.blocks:

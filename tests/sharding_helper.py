@@ -21,11 +21,14 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxllm import config as config_lib  # noqa: E402
+from jaxllm import encoder as encoder_lib  # noqa: E402
 from jaxllm import sharding  # noqa: E402
 from jaxllm import train as train_lib  # noqa: E402
 from jaxllm.data.batches import RandomBatches  # noqa: E402
 from jaxllm.errors import JaxllmError  # noqa: E402
+from jaxllm.encoder import Encoder  # noqa: E402
 from jaxllm.model import GPT, init_params  # noqa: E402
+from jaxllm.tasks import mlm  # noqa: E402
 
 CONFIG = config_lib.ModelConfig(vocab_size=64, context_length=16, n_layer=2, n_head=4,
                                 d_model=32)
@@ -59,23 +62,45 @@ LLAMA = dataclasses.replace(CONFIG, n_kv_head=2, norm="rmsnorm", position="rope"
 REPLICATED_KV = sharding.logical_rules([("kv_heads", None)])
 
 
-def train_losses(model, shape, start_params, opt, rules=RULES):
-  """Losses of STEPS steps from `start_params` on the mesh `shape`, the final state, and the
-  temp bytes per device XLA assigned to the step."""
+# A BERT-style encoder of the same size, on masked-LM batches of the same stream (ids below 63;
+# 63 is [MASK]).
+BERT = config_lib.EncoderConfig(vocab_size=64, context_length=16, n_layer=2, n_head=4,
+                                d_model=32)
+
+
+def mlm_batches():
+  data = batches()
+  corrupt = jax.jit(functools.partial(mlm.mask_tokens, mask_id=63, vocab_size=63))
+
+  def batch(step):
+    windows = data.batch(step)["inputs"] % 63
+    inputs, selected = corrupt(mlm.step_key(0, step), windows, np.ones(windows.shape, bool))
+    return {"inputs": np.asarray(inputs), "targets": windows,
+            "selected": np.asarray(selected, np.float32)}
+  return batch
+
+
+def train_losses(model, shape, start_params, opt, rules=RULES, task="lm"):
+  """Losses of STEPS steps (of `task`: lm or mlm) from `start_params` on the mesh `shape`, the
+  final state, and the temp bytes per device XLA assigned to the step."""
   mesh = mesh_of(shape)
   sharding.check_divisible(*sharding.model_axes(model), mesh, rules)
   shardings = sharding.state_shardings(*sharding.model_axes(model), opt, mesh, rules)
   # From host copies: the step donates the state, which must not take `start_params` with it.
   state = jax.device_put(train_lib.create_train_state(jax.device_get(start_params), opt, seed=1),
                          shardings)
-  loss_fn = functools.partial(train_lib.lm_loss, model=model)
+  if task == "mlm":
+    kind = dict(loss_fn=functools.partial(mlm.masked_lm_loss, model=model),
+                weight_fn=mlm.selected_count)
+    next_batch = mlm_batches()
+  else:
+    kind = dict(loss_fn=functools.partial(train_lib.lm_loss, model=model))
+    next_batch = batches().batch
   step = sharding.jit_train_step(
-      functools.partial(train_lib.train_step, loss_fn=loss_fn, optimizer=opt), shardings, mesh,
-      rules)
-  data = batches()
+      functools.partial(train_lib.train_step, optimizer=opt, **kind), shardings, mesh, rules)
   losses = []
   for i in range(STEPS):
-    batch = jax.device_put(data.batch(i), sharding.batch_sharding(mesh, rules, leading_axes=1))
+    batch = jax.device_put(next_batch(i), sharding.batch_sharding(mesh, rules, leading_axes=1))
     state, metrics = step(state, batch)
     losses.append(float(metrics["loss"]))
   compiled = step.lower(state, batch).compile()  # the executable the steps ran, from the cache
@@ -138,6 +163,14 @@ def main():
                                                                 rules)
     if shape in ((2, 2, 2), (1, 2, 4)):
       result["layout"][f"llama {shape}"] = {"params": layout(state.params)}
+
+  encoder = Encoder(BERT)
+  encoder_params = encoder_lib.init_params(encoder, jax.random.key(0))
+  for shape in ((1, 1, 1), (8, 1, 1), (2, 2, 2), (1, 2, 4)):
+    result["losses"][f"bert {shape}"], state, _ = train_losses(
+        encoder, shape, encoder_params, opt, task="mlm")
+    if shape == (2, 2, 2):
+      result["layout"]["bert (2, 2, 2)"] = {"params": layout(state.params)}
 
   mesh = mesh_of((2, 2, 2))
   result["errors"] = {

@@ -100,7 +100,7 @@ def test_every_mesh_gives_the_same_losses(eight_devices):
   assert reference[0] - reference[-1] > 0.5  # it learns, so a wrong gradient would show
   assert {"(8, 1, 1)", "(1, 8, 1)", "(2, 2, 2)", "(1, 2, 4)"} <= losses.keys()
   for name, values in losses.items():  # scanned and remat'd stacks too
-    if not name.startswith(("llama", "bf16")):
+    if not name.startswith(("llama", "bf16", "bert")):
       assert np.abs(values - reference).max() <= 1e-4, name
 
 
@@ -131,6 +131,20 @@ def test_llama_components_give_the_same_losses_on_every_mesh(eight_devices):
       "model.n_kv_head=2 is not divisible by mesh tensor=4 ('kv_heads' is split over tensor); "
       "replicate the kv heads (each device keeps all of them) with "
       "--config.mesh.rules=\"[('kv_heads', None)]\"")
+
+
+def test_encoder_gives_the_same_losses_on_every_mesh(eight_devices):
+  # Masked-LM steps of a BERT-style encoder: its logical axes split it like the GPT.
+  losses = {name: np.array(values) for name, values in eight_devices["losses"].items()
+            if name.startswith("bert")}
+  reference = losses["bert (1, 1, 1)"]
+  assert len(losses) == 4 and reference[0] - reference[-1] > 0.1
+  for name, values in losses.items():
+    assert np.abs(values - reference).max() <= 1e-4, name
+  layout = eight_devices["layout"]["bert (2, 2, 2)"]["params"]
+  assert (layout["blocks_0/fc/kernel"]["spec"], layout["blocks_0/fc/kernel"]["shard_shape"]) == (
+      [["fsdp"], ["tensor"]], [16, 64])
+  assert layout["blocks_0/attn/qkv/kernel"]["spec"] == [["fsdp"], [], ["tensor"], []]
 
 
 def test_fsdp_divides_parameter_and_optimizer_bytes(eight_devices):
