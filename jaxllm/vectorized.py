@@ -7,8 +7,9 @@ scalars), so one compilation serves every value. All trials start from the same
 initialisation and see the same batches, as separate runs with the same seed do; each trial
 gets its own run directory (config.json, metrics.jsonl, TensorBoard events, eval.json,
 params/). For small models, which leave the hardware idle, K trials cost far less than K
-runs. Not yet: checkpoints and resume, the trial axis split over a mesh, seeds or model keys
-per trial.
+runs. With mesh.data = D devices the trial axis is split over them, K / D trials per device
+(each trial's model whole on its device; mesh.fsdp and mesh.tensor stay 1). Not yet:
+checkpoints and resume, seeds or model keys per trial.
 """
 
 from __future__ import annotations
@@ -22,10 +23,13 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxllm import evaluate as evaluate_lib
 from jaxllm import metrics as metrics_lib
 from jaxllm import run_io
+from jaxllm import sharding
 from jaxllm import tasks as tasks_lib
 from jaxllm import train as train_lib
 from jaxllm import trainer
@@ -82,20 +86,27 @@ def run(config: ml_collections.ConfigDict, trials: Sequence[dict],
                                 optimizer=_optimizer(train, total, task.trainable, hp),
                                 weight_fn=task.weight_fn, trainable=task.trainable)
 
-  step_fn = jax.jit(jax.vmap(trial_step, in_axes=(0, None, 0)), donate_argnums=0)
-  eval_fn = jax.jit(jax.vmap(task.eval_fn, in_axes=(0, None)))
+  split, whole = _trial_shardings(configs[0].mesh, count)
+  step_fn = jax.jit(jax.vmap(trial_step, in_axes=(0, None, 0)),
+                    in_shardings=(split, whole, split), out_shardings=split, donate_argnums=0)
+  eval_fn = jax.jit(jax.vmap(task.eval_fn, in_axes=(0, None)), in_shardings=(split, whole),
+                    out_shardings=split)
+  hp = jax.device_put(hp, split)
   params = jax.jit(task.init_params)()
-  state = jax.vmap(lambda _: train_lib.create_train_state(params, optimizer, train.seed + 1))(
-      jnp.arange(count))
+  state = jax.jit(jax.vmap(lambda _: train_lib.create_train_state(params, optimizer,
+                                                                  train.seed + 1)),
+                  out_shardings=split)(jnp.arange(count))
   writers = _open(configs, task, workdirs)
   last = _evaluate(task, eval_fn, state.params, count)
   for k, writer in enumerate(writers):
     writer.write({"step": 0, **last[k]})
+  devices = split.mesh.shape["data"]
   print(f"{count} vectorised trials of {', '.join(sorted(set().union(*trials)))}: "
-        f"{total} steps")
+        f"{total} steps" + (f", {count // devices} per device on {devices} devices"
+                            if devices > 1 else ""))
   train_start = time.perf_counter()
   for step in range(total):
-    state, metrics = step_fn(state, jax.tree.map(jnp.asarray, task.train_batch(step, None)), hp)
+    state, metrics = step_fn(state, task.train_batch(step, None), hp)
     done = step + 1
     is_eval = done % train.eval_every == 0 or done == total
     if done % train.log_every == 0 or is_eval:
@@ -110,6 +121,18 @@ def run(config: ml_collections.ConfigDict, trials: Sequence[dict],
                   {"steps": total, **last[k], "train_seconds": seconds, "vectorised_trials":
                    count, "wall_seconds": time.perf_counter() - start_time})
           for k, (writer, workdir) in enumerate(zip(writers, workdirs))]
+
+
+def _trial_shardings(mesh_config: ml_collections.ConfigDict, count: int):
+  """(the trial axis split over mesh.data, replicated): the state's and the batches'."""
+  if (mesh_config.fsdp, mesh_config.tensor) != (1, 1):
+    raise JaxllmError("vectorised trials split the trial axis over mesh.data only; set "
+                      "mesh.fsdp=1 and mesh.tensor=1")
+  mesh = sharding.make_mesh(mesh_config)
+  if count % mesh.shape["data"]:
+    raise JaxllmError(f"{count} vectorised trials do not split over mesh.data="
+                      f"{mesh.shape['data']} devices; make --vectorize a multiple of it")
+  return NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
 
 
 def _open(configs, task, workdirs) -> list[metrics_lib.MetricsWriter]:
@@ -127,8 +150,7 @@ def _evaluate(task: tasks_lib.Task, eval_fn, params, count: int) -> list[dict[st
   """Every trial's figures on the task's evaluation batches (sums / count, as the trainer)."""
   figures: list[dict[str, float]] = [{} for _ in range(count)]
   for split in ("train", "val"):
-    means = tasks_lib.eval_means(eval_fn(params, jax.tree.map(jnp.asarray, batch))
-                                 for batch in task.eval_batches(split))
+    means = tasks_lib.eval_means(eval_fn(params, batch) for batch in task.eval_batches(split))
     for k in range(count):
       figures[k].update({f"{split}_{name}": float(value[k]) for name, value in means.items()})
   return figures

@@ -36,10 +36,26 @@ def _metrics(workdir):
           [r["val_loss"] for r in records if "val_loss" in r])
 
 
+# The same trials with the trial axis split over 8 simulated devices (mesh.data=8): a fresh
+# process, as the device count is fixed when jax starts.
+SPLIT_RUN = """
+import json, os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+from jaxllm import config, vectorized
+vectorized.run(config.from_dict(json.loads(sys.argv[1])), json.loads(sys.argv[2]), sys.argv[3:])
+"""
+
+
 def test_eight_trials_at_once_equal_eight_runs(tmp_path, shared_data):
   config = _config(shared_data, tmp_path)
   trials = [{"train.learning_rate": lr, "train.weight_decay": 0.1 * (i % 2)}
             for i, lr in enumerate(LEARNING_RATES)]
+  split_config = config_lib.from_dict(config.to_dict())
+  split_config.mesh.data = 8
+  split = subprocess.Popen(  # runs beside the in-process trials below
+      [sys.executable, "-c", SPLIT_RUN, json.dumps(split_config.to_dict()), json.dumps(trials),
+       *[str(tmp_path / f"d{i}") for i in range(8)]], cwd=REPO, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True)
   together = vectorized.run(config, trials, [tmp_path / f"v{i}" for i in range(8)])
   for i, values in enumerate(trials):
     alone = config_lib.from_dict(config.to_dict())
@@ -53,11 +69,20 @@ def test_eight_trials_at_once_equal_eight_runs(tmp_path, shared_data):
     np.testing.assert_allclose(val_losses, ref_val, atol=1e-5, err_msg=str(values))
     assert together[i]["val_loss"] == pytest.approx(figures["val_loss"], abs=1e-5)
   assert len({round(f["val_loss"], 4) for f in together}) == 8  # eight different trials
+  out, err = split.communicate(timeout=300)
+  assert split.returncode == 0, err[-3000:]
+  assert "8 vectorised trials of train.learning_rate, train.weight_decay: 20 steps, 1 per " \
+         "device on 8 devices" in out
+  for i in range(8):
+    for on_8, on_1 in zip(_metrics(tmp_path / f"d{i}"), _metrics(tmp_path / f"v{i}")):
+      np.testing.assert_allclose(on_8, on_1, atol=1e-5)
 
 
-def test_only_optimizer_keys_vary(tmp_path, shared_data):
+def test_only_optimizer_keys_vary_and_trials_split_over_data_only(tmp_path, shared_data):
   with pytest.raises(JaxllmError, match="'model.n_layer' cannot vary across vectorised trials"):
     vectorized.run(_config(shared_data, tmp_path), [{"model.n_layer": 1}], [tmp_path / "x"])
+  with pytest.raises(JaxllmError, match="trial axis over mesh.data only; set mesh.fsdp=1"):
+    vectorized._trial_shardings(config_lib.from_dict({"mesh": {"fsdp": 2}}).mesh, 4)
 
 
 def test_a_vectorised_grid_sweep(tmp_path, shared_data):
