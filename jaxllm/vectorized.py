@@ -1,15 +1,18 @@
-"""Vectorised trials: K runs that differ only in optimizer hyperparameters, in one jitted step.
+"""Vectorised trials: K runs that differ only in optimizer hyperparameters and seeds, in one
+jitted step.
 
 `jax.vmap` runs the whole per-trial train step (loss, gradient, clipping, AdamW update) over
 a leading trial axis of parameters and optimizer state; the hyperparameters are traced arrays
 (a per-trial table of learning rates, one per step, and weight decay and Adam's betas as
-scalars), so one compilation serves every value. All trials start from the same
-initialisation and see the same batches, as separate runs with the same seed do; each trial
+scalars), so one compilation serves every value. Trials of one seed start from the same
+initialisation and see the same batches, as separate runs with that seed do; trials that
+differ in `train.seed` each have their own initialisation, batches and dropout, as their
+separate runs do (the batches then stacked along the trial axis too). Each trial
 gets its own run directory (config.json, metrics.jsonl, TensorBoard events, eval.json,
 params/). For small models, which leave the hardware idle, K trials cost far less than K
 runs. With mesh.data = D devices the trial axis is split over them, K / D trials per device
 (each trial's model whole on its device; mesh.fsdp and mesh.tensor stay 1). Not yet:
-checkpoints and resume, seeds or model keys per trial.
+checkpoints and resume, model keys per trial.
 """
 
 from __future__ import annotations
@@ -35,9 +38,10 @@ from jaxllm import train as train_lib
 from jaxllm import trainer
 from jaxllm.errors import JaxllmError
 
-# The keys trials may differ in: optimizer hyperparameters, traced inside the step.
+# The keys trials may differ in: optimizer hyperparameters, traced inside the step, and the
+# seed (each trial then has its own initialisation, batches, evaluation batches and dropout).
 KEYS = ("train.learning_rate", "train.min_learning_rate", "train.weight_decay",
-        "train.beta1", "train.beta2")
+        "train.beta1", "train.beta2", "train.seed")
 
 
 def _trial_config(config: ml_collections.ConfigDict, values: dict) -> ml_collections.ConfigDict:
@@ -47,7 +51,7 @@ def _trial_config(config: ml_collections.ConfigDict, values: dict) -> ml_collect
       raise JaxllmError(f"'{key}' cannot vary across vectorised trials (they can: "
                         f"{', '.join(KEYS)}); run the sweep without --vectorize")
     section, name = key.split(".")
-    trial[section][name] = float(value)
+    trial[section][name] = int(value) if name == "seed" else float(value)
   return trial
 
 
@@ -77,6 +81,9 @@ def run(config: ml_collections.ConfigDict, trials: Sequence[dict],
   configs = [_trial_config(config, values) for values in trials]
   task = tasks_lib.build(configs[0])
   train, count = configs[0].train, len(configs)
+  # Trials of other seeds: a task each (its own batches); else one task's batches for all.
+  seeded = len({c.train.seed for c in configs}) > 1
+  trial_tasks = [task, *map(tasks_lib.build, configs[1:])] if seeded else [task]
   total = trainer.total_steps(train, task)
   hp = _hyperparameters(configs, total)
   optimizer = train_lib.make_optimizer(train, total, task.trainable)  # the state's layout
@@ -87,17 +94,22 @@ def run(config: ml_collections.ConfigDict, trials: Sequence[dict],
                                 weight_fn=task.weight_fn, trainable=task.trainable)
 
   split, whole = _trial_shardings(configs[0].mesh, count)
-  step_fn = jax.jit(jax.vmap(trial_step, in_axes=(0, None, 0)),
-                    in_shardings=(split, whole, split), out_shardings=split, donate_argnums=0)
-  eval_fn = jax.jit(jax.vmap(task.eval_fn, in_axes=(0, None)), in_shardings=(split, whole),
-                    out_shardings=split)
+  batch_axis, batches = (0, split) if seeded else (None, whole)
+  step_fn = jax.jit(jax.vmap(trial_step, in_axes=(0, batch_axis, 0)),
+                    in_shardings=(split, batches, split), out_shardings=split, donate_argnums=0)
+  eval_fn = jax.jit(jax.vmap(task.eval_fn, in_axes=(0, batch_axis)),
+                    in_shardings=(split, batches), out_shardings=split)
   hp = jax.device_put(hp, split)
-  params = jax.jit(task.init_params)()
-  state = jax.jit(jax.vmap(lambda _: train_lib.create_train_state(params, optimizer,
-                                                                  train.seed + 1)),
-                  out_shardings=split)(jnp.arange(count))
+
+  def initial_state():
+    params = [t.init_params() for t in trial_tasks] * (1 if seeded else count)
+    seeds = jnp.asarray([c.train.seed + 1 for c in configs])
+    return jax.vmap(lambda p, seed: train_lib.create_train_state(p, optimizer, seed))(
+        jax.tree.map(lambda *xs: jnp.stack(xs), *params), seeds)
+
+  state = jax.jit(initial_state, out_shardings=split)()
   writers = _open(configs, task, workdirs)
-  last = _evaluate(task, eval_fn, state.params, count)
+  last = _evaluate(trial_tasks, eval_fn, state.params, count)
   for k, writer in enumerate(writers):
     writer.write({"step": 0, **last[k]})
   devices = split.mesh.shape["data"]
@@ -106,13 +118,14 @@ def run(config: ml_collections.ConfigDict, trials: Sequence[dict],
                             if devices > 1 else ""))
   train_start = time.perf_counter()
   for step in range(total):
-    state, metrics = step_fn(state, task.train_batch(step, None), hp)
+    state, metrics = step_fn(state, _stack([t.train_batch(step, None) for t in trial_tasks]),
+                             hp)
     done = step + 1
     is_eval = done % train.eval_every == 0 or done == total
     if done % train.log_every == 0 or is_eval:
       host = jax.device_get(metrics)
       if is_eval:
-        last = _evaluate(task, eval_fn, state.params, count)
+        last = _evaluate(trial_tasks, eval_fn, state.params, count)
       for k, writer in enumerate(writers):
         writer.write({"step": done, **{name: float(v[k]) for name, v in host.items()},
                       "lr": float(hp["lr_table"][k, step]), **(last[k] if is_eval else {})})
@@ -146,11 +159,19 @@ def _open(configs, task, workdirs) -> list[metrics_lib.MetricsWriter]:
   return writers
 
 
-def _evaluate(task: tasks_lib.Task, eval_fn, params, count: int) -> list[dict[str, float]]:
-  """Every trial's figures on the task's evaluation batches (sums / count, as the trainer)."""
+def _stack(trees: list) -> Any:
+  """One tree from one (a single trial's, shared by all) or from one per trial, stacked."""
+  return trees[0] if len(trees) == 1 else jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def _evaluate(trial_tasks: list[tasks_lib.Task], eval_fn, params, count: int
+              ) -> list[dict[str, float]]:
+  """Every trial's figures on its evaluation batches (sums / count, as the trainer)."""
   figures: list[dict[str, float]] = [{} for _ in range(count)]
   for split in ("train", "val"):
-    means = tasks_lib.eval_means(eval_fn(params, batch) for batch in task.eval_batches(split))
+    means = tasks_lib.eval_means(
+        eval_fn(params, _stack(list(batches)))
+        for batches in zip(*(t.eval_batches(split) for t in trial_tasks)))
     for k in range(count):
       figures[k].update({f"{split}_{name}": float(value[k]) for name, value in means.items()})
   return figures

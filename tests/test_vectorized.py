@@ -78,6 +78,24 @@ def test_eight_trials_at_once_equal_eight_runs(tmp_path, shared_data):
       np.testing.assert_allclose(on_8, on_1, atol=1e-5)
 
 
+def test_trials_of_other_seeds_equal_their_runs(tmp_path, shared_data):
+  # Each seed: its own initialisation, batches, evaluation batches and dropout.
+  config = _config(shared_data, tmp_path)
+  config.train.update(steps=10, eval_every=5)
+  config.model.dropout = 0.1
+  trials = [{"train.seed": 1, "train.learning_rate": 1e-3}, {"train.seed": 2,
+                                                             "train.learning_rate": 5e-4}]
+  vectorized.run(config, trials, [tmp_path / "v1", tmp_path / "v2"])
+  for i, values in enumerate(trials, 1):
+    alone = config_lib.from_dict(config.to_dict())
+    alone.train.seed, alone.train.learning_rate = values["train.seed"], values[
+        "train.learning_rate"]
+    trainer.run(alone, tmp_path / f"s{i}", progress=False)
+    for together, separate in zip(_metrics(tmp_path / f"v{i}"), _metrics(tmp_path / f"s{i}")):
+      np.testing.assert_allclose(together, separate, atol=1e-5, err_msg=str(values))
+  assert _metrics(tmp_path / "v1")[1][0] != _metrics(tmp_path / "v2")[1][0]  # other inits
+
+
 def test_only_optimizer_keys_vary_and_trials_split_over_data_only(tmp_path, shared_data):
   with pytest.raises(JaxllmError, match="'model.n_layer' cannot vary across vectorised trials"):
     vectorized.run(_config(shared_data, tmp_path), [{"model.n_layer": 1}], [tmp_path / "x"])
