@@ -144,8 +144,8 @@ def _parser() -> argparse.ArgumentParser:
   sweep.add_argument("--storage", default="", help="an Optuna storage URL, or journal:PATH")
   sweep.add_argument("--vectorize", type=int, metavar="K",
                      help="train K trials at once in one jitted step (trials that differ in "
-                          "learning rate, min learning rate, weight decay, betas, seed only; the "
-                          "trial axis split over mesh.data devices)")
+                          "learning rate and its warmup, weight decay, betas, seed, init scale "
+                          "only; the trial axis split over mesh.data devices)")
   sweep.add_argument("--grace-seconds", type=int,
                      help="a running trial silent this long is retried (default 30)")
   sweep.add_argument("--progress", action="store_true", help="progress bars for each trial")

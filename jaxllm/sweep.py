@@ -12,7 +12,7 @@ A sweep is data: an experiment file's `SWEEP` dict, or the command line.
         "pruner": "none",    # none, median or halving, on the evaluations during training
         "seed": 0,
         "grace_seconds": 30,  # a running trial silent this long is failed and retried
-        "vectorize": 1,      # > 1: train this many trials at once (optimizer keys, seed)
+        "vectorize": 1,      # > 1: train this many trials at once (vectorized.KEYS only)
     }
 
 The study lives in a real database: SQLite in the sweep directory by default, or any Optuna

@@ -1,13 +1,14 @@
-"""Vectorised trials: K runs that differ only in optimizer hyperparameters and seeds, in one
-jitted step.
+"""Vectorised trials: K runs that differ only in optimizer hyperparameters, seeds and init
+scale, in one jitted step.
 
 `jax.vmap` runs the whole per-trial train step (loss, gradient, clipping, AdamW update) over
 a leading trial axis of parameters and optimizer state; the hyperparameters are traced arrays
 (a per-trial table of learning rates, one per step, and weight decay and Adam's betas as
 scalars), so one compilation serves every value. Trials of one seed start from the same
 initialisation and see the same batches, as separate runs with that seed do; trials that
-differ in `train.seed` each have their own initialisation, batches and dropout, as their
-separate runs do (the batches then stacked along the trial axis too). Each trial
+differ in `train.seed` or `model.embedding_init_std` each have their own initialisation,
+batches and dropout, as their separate runs do (the batches then stacked along the trial
+axis too). Each trial
 gets its own run directory (config.json, metrics.jsonl, TensorBoard events, eval.json,
 params/). For small models, which leave the hardware idle, K trials cost far less than K
 runs. With mesh.data = D devices the trial axis is split over them, K / D trials per device
@@ -38,10 +39,15 @@ from jaxllm import train as train_lib
 from jaxllm import trainer
 from jaxllm.errors import JaxllmError
 
-# The keys trials may differ in: optimizer hyperparameters, traced inside the step, and the
-# seed (each trial then has its own initialisation, batches, evaluation batches and dropout).
-KEYS = ("train.learning_rate", "train.min_learning_rate", "train.weight_decay",
-        "train.beta1", "train.beta2", "train.seed")
+# The keys trials may differ in: optimizer hyperparameters, traced inside the step (the
+# learning rate schedule's as its table), and those of TASK_KEYS.
+KEYS = ("train.learning_rate", "train.min_learning_rate", "train.warmup_steps",
+        "train.weight_decay", "train.beta1", "train.beta2", "train.seed",
+        "model.embedding_init_std")
+# Keys that give each trial a task of its own: its initialisation, batches, evaluation
+# batches and dropout (the model computes the same).
+TASK_KEYS = ("train.seed", "model.embedding_init_std")
+_INTEGER_KEYS = ("train.seed", "train.warmup_steps")
 
 
 def _trial_config(config: ml_collections.ConfigDict, values: dict) -> ml_collections.ConfigDict:
@@ -51,8 +57,13 @@ def _trial_config(config: ml_collections.ConfigDict, values: dict) -> ml_collect
       raise JaxllmError(f"'{key}' cannot vary across vectorised trials (they can: "
                         f"{', '.join(KEYS)}); run the sweep without --vectorize")
     section, name = key.split(".")
-    trial[section][name] = int(value) if name == "seed" else float(value)
+    trial[section][name] = int(value) if key in _INTEGER_KEYS else float(value)
   return trial
+
+
+def _value(config: ml_collections.ConfigDict, key: str) -> Any:
+  section, name = key.split(".")
+  return config[section][name]
 
 
 def _hyperparameters(configs: Sequence[ml_collections.ConfigDict], total_steps: int) -> dict:
@@ -81,8 +92,8 @@ def run(config: ml_collections.ConfigDict, trials: Sequence[dict],
   configs = [_trial_config(config, values) for values in trials]
   task = tasks_lib.build(configs[0])
   train, count = configs[0].train, len(configs)
-  # Trials of other seeds: a task each (its own batches); else one task's batches for all.
-  seeded = len({c.train.seed for c in configs}) > 1
+  # Trials of other seeds or init scales: a task each; else one task's batches for all.
+  seeded = any(len({_value(c, key) for c in configs}) > 1 for key in TASK_KEYS)
   trial_tasks = [task, *map(tasks_lib.build, configs[1:])] if seeded else [task]
   total = trainer.total_steps(train, task)
   hp = _hyperparameters(configs, total)

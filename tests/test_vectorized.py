@@ -78,18 +78,18 @@ def test_eight_trials_at_once_equal_eight_runs(tmp_path, shared_data):
       np.testing.assert_allclose(on_8, on_1, atol=1e-5)
 
 
-def test_trials_of_other_seeds_equal_their_runs(tmp_path, shared_data):
+def test_trials_of_other_seeds_and_init_scales_equal_their_runs(tmp_path, shared_data):
   # Each seed: its own initialisation, batches, evaluation batches and dropout.
   config = _config(shared_data, tmp_path)
   config.train.update(steps=10, eval_every=5)
   config.model.dropout = 0.1
-  trials = [{"train.seed": 1, "train.learning_rate": 1e-3}, {"train.seed": 2,
-                                                             "train.learning_rate": 5e-4}]
+  trials = [{"train.seed": 1, "train.learning_rate": 1e-3},
+            {"train.seed": 2, "train.learning_rate": 5e-4, "train.warmup_steps": 2,
+             "model.embedding_init_std": 0.05}]
   vectorized.run(config, trials, [tmp_path / "v1", tmp_path / "v2"])
   for i, values in enumerate(trials, 1):
     alone = config_lib.from_dict(config.to_dict())
-    alone.train.seed, alone.train.learning_rate = values["train.seed"], values[
-        "train.learning_rate"]
+    config_lib.apply_overrides(alone, [f"{k}={v}" for k, v in values.items()])
     trainer.run(alone, tmp_path / f"s{i}", progress=False)
     for together, separate in zip(_metrics(tmp_path / f"v{i}"), _metrics(tmp_path / f"s{i}")):
       np.testing.assert_allclose(together, separate, atol=1e-5, err_msg=str(values))
