@@ -1,6 +1,5 @@
 """The one trainer on finetuning tasks: every mesh, exact resume, gradient accumulation."""
 
-import functools
 import json
 import os
 import pathlib
