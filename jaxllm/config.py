@@ -144,7 +144,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.seed = 1337
   c.train.peak_flops = 0.0  # per-device FLOP/s for MFU; 0 = measure a matmul at start-up
   c.train.sample_prompt = "\n"
-  c.train.sample_tokens = 200
+  c.train.sample_tokens = 200  # the text sample at the end of pretraining; 0 = none
   # What the trainer optimises (jaxllm/tasks/): "lm" (next-token pretraining), "mlm" (an
   # encoder's masked-token pretraining), "classify", "instruct" (Alpaca-style instruction
   # tuning) or "dpo" (preference tuning).

@@ -267,7 +267,7 @@ def _mlm_config(shared_data, steps):
       "model.context_length=32", "data.dataset=text", "data.tokenizer=char",
       f"data.path={shared_data / 'the-verdict.txt'}", "train.task=mlm", f"train.steps={steps}",
       "train.batch_size=4", "train.schedule=constant", "train.warmup_steps=0",
-      "train.log_every=1", "train.eval_every=3", "train.eval_batches=2",
+      "train.log_every=1", "train.eval_every=3", "train.eval_batches=1",
       "train.peak_flops=1e11", "checkpoint.every_steps=3"])
   return config
 

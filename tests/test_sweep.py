@@ -27,7 +27,7 @@ def get_config():
   c.data.dataset, c.data.tokenizer, c.data.path = "text", "char", {corpus!r}
   c.data.train_split, c.data.val_split = "train", ""
   c.train.steps, c.train.eval_every, c.train.batch_size, c.train.eval_batches = 20, 5, 4, 2
-  c.train.peak_flops, c.train.sample_tokens, c.train.warmup_steps = 1e11, 4, 2
+  c.train.peak_flops, c.train.sample_tokens, c.train.warmup_steps = 1e11, 0, 2
   c.checkpoint.every_steps = 5
   return c
 """

@@ -42,6 +42,8 @@ def make_task(config: ml_collections.ConfigDict) -> common.Task:
     return {"loss": loss_sum, "count": count}
 
   def report(workdir: pathlib.Path, saved, summary):
+    if train.sample_tokens <= 0:  # no sample asked for: nothing to compile
+      return summary
     prompt = train.sample_prompt
     sample = generate_lib.generate_text(
         model, saved["params"], tokenizer, prompt, max_new_tokens=train.sample_tokens,
