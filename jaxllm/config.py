@@ -190,7 +190,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.classifier.train_fraction = 0.7
   c.classifier.val_fraction = 0.1  # test = the rest
   c.classifier.max_length = 0  # pad/truncate to this many tokens; 0 = longest training text
-  c.classifier.pad_id = -1  # -1 = the tokenizer's <|endoftext|> (50256 for gpt2)
+  c.classifier.pad_id = -1  # -1 = the tokenizer's: [PAD], else <|endoftext|> (50256 for gpt2)
   c.classifier.seed = 123  # balancing and splitting (the book's random_state)
   # The hidden state the head reads: "last" real token (a decoder's: its causal attention has
   # seen the whole text), "cls" (an encoder's first token through its pooler, as BERT) or

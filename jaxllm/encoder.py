@@ -175,11 +175,6 @@ def vocab_size(tokenizer) -> int:
   return max(tokenizer.vocab_size, mask_id(tokenizer) + 1)
 
 
-def pad_id(tokenizer) -> int:
-  """[PAD] (WordPiece), else the end-of-text id: what classification pads with."""
-  return getattr(tokenizer, "pad_id", tokenizer.eot_id)
-
-
 def special_ids(tokenizer) -> tuple[int, ...]:
   """Ids masked-LM never selects: WordPiece's [PAD], [CLS], [SEP] and [MASK]; the end-of-text
   id of other tokenizers."""

@@ -38,7 +38,7 @@ def resolve_model(model: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Tok
   vocabulary holding a [MASK] id, its padding the tokenizer's)."""
   if config_lib.architecture(model) == "bert":
     cfg = config_lib.encoder_config(model, encoder_lib.vocab_size(tokenizer))
-    return dataclasses.replace(cfg, pad_id=encoder_lib.pad_id(tokenizer))
+    return dataclasses.replace(cfg, pad_id=tokenizer.pad_id)
   return config_lib.model_config(model, tokenizer.vocab_size)
 
 
@@ -134,20 +134,23 @@ def load_params(workdir: str | pathlib.Path, target: Any,
 def load_finetuned(workdir: str | pathlib.Path, overrides=()):
   """(config, backbone, {"backbone", "head"}, tokenizer) of a finetuned run; `overrides`
   (`section.key=value`) change its config, e.g. judge.url for a later scoring."""
-  from jaxllm import heads
-
   workdir = pathlib.Path(workdir)
   config, model, backbone_params, tokenizer = load_run(workdir)
   config_lib.apply_overrides(config, overrides)
-  head: Any = {}
-  if config.train.task == "classify":
-    if not (workdir / "head").is_dir():
-      raise JaxllmError(f"{workdir / 'head'} not found (is {workdir} a finished classifier "
-                        f"run?)")
-    num_classes = len(config.classifier.labels.split(","))
-    target = on_one_device(jax.eval_shape(
-        lambda: heads.classifier_init(jax.random.key(0), model.config.d_model, num_classes)))
-    head = load_params(workdir, target, name="head",
-                       fix=f"classifier.labels in {workdir / 'config.json'} and the head "
-                           f"disagree (was the folder edited by hand?)")
+  head = load_head(workdir, config, model) if config.train.task == "classify" else {}
   return config, model, {"backbone": backbone_params, "head": head}, tokenizer
+
+
+def load_head(workdir: pathlib.Path, config: ml_collections.ConfigDict, model) -> Any:
+  """A finished classifier run's head/ (its classes from config.classifier.labels)."""
+  from jaxllm import heads
+
+  if not (workdir / "head").is_dir():
+    raise JaxllmError(f"{workdir / 'head'} not found (is {workdir} a finished classifier "
+                      f"run?)")
+  num_classes = len(config.classifier.labels.split(","))
+  target = on_one_device(jax.eval_shape(
+      lambda: heads.classifier_init(jax.random.key(0), model.config.d_model, num_classes)))
+  return load_params(workdir, target, name="head",
+                     fix=f"classifier.labels in {workdir / 'config.json'} and the head "
+                         f"disagree (was the folder edited by hand?)")

@@ -40,6 +40,11 @@ class Tokenizer:
     """What `from_json` needs to rebuild this tokenizer (stored with a run)."""
     raise NotImplementedError
 
+  @property
+  def pad_id(self) -> int:
+    """What padding fills with: the end-of-text id, unless the vocabulary has a [PAD]."""
+    return self.eot_id
+
 
 class TiktokenTokenizer(Tokenizer):
   """Any tiktoken encoding by name. `<|endoftext|>` in the text becomes the EOT id."""
@@ -190,13 +195,17 @@ class WordPieceTokenizer(Tokenizer):
       raise JaxllmError(f"the WordPiece vocabulary lacks {', '.join(missing)} (BERT's "
                         f"special tokens {', '.join(self.SPECIALS)} must all be in it)")
     self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
-    self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (
+    self._pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (
         vocab[t] for t in self.SPECIALS)
     self.eot_id = self.sep_id
     if self._tokenizer.post_processor is None:  # a tokenizer.json saved without BERT's template
       from tokenizers.processors import BertProcessing
       self._tokenizer.post_processor = BertProcessing(("[SEP]", self.sep_id),
                                                       ("[CLS]", self.cls_id))
+
+  @property
+  def pad_id(self) -> int:
+    return self._pad_id
 
   @classmethod
   def from_path(cls, path: str | pathlib.Path, lowercase: bool | None = None

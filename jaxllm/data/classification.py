@@ -197,9 +197,7 @@ def load(classifier: ml_collections.ConfigDict, path: str, tokenizer: tokenizer_
     raise JaxllmError(f"classifier.max_length={max_length} exceeds the model's context length "
                       f"{context_length} (model.context_length; a BERT's "
                       f"max_position_embeddings): lower classifier.max_length")
-  # The tokenizer's [PAD] (WordPiece), else its end-of-text id.
-  pad_id = (getattr(tokenizer, "pad_id", tokenizer.eot_id) if classifier.pad_id < 0
-            else int(classifier.pad_id))
+  pad_id = tokenizer.pad_id if classifier.pad_id < 0 else int(classifier.pad_id)
   splits = {}
   for name, idx in parts.items():
     tokens_NxL, length_N = pad(encoded[name], max_length, pad_id)
