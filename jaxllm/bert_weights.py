@@ -285,7 +285,7 @@ def export_bert(config, model, params: dict, tokenizer, workdir: str | pathlib.P
       raise JaxllmError(f"{workdir}: a classifier with {config.classifier.pooling} pooling has "
                         f"no Hugging Face counterpart (BertForSequenceClassification reads the "
                         f"pooler: classifier.pooling=cls)")
-    head = jax.device_get(run_io.load_finetuned(workdir)[2]["head"])
+    head = jax.device_get(run_io.load_head(pathlib.Path(workdir), config, model))
     architecture, labels = "BertForSequenceClassification", config.classifier.labels.split(",")
   write_folder(out, model.config, jax.device_get(params), head, architecture, labels)
   spec = tokenizer.to_json()
