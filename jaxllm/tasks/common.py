@@ -279,9 +279,11 @@ def finetuned_report(config: ml_collections.ConfigDict, model: Backbone,
 
 
 def check_lm_options(config: ml_collections.ConfigDict) -> None:
+  """Pretraining (lm, mlm) trains every parameter."""
   if config.lora.rank > 0 or config.train.trainable != "all":
-    raise JaxllmError("train.task=lm trains every parameter: set lora.rank=0 and "
-                      "train.trainable=all (or finetune with train.task=instruct)")
+    raise JaxllmError(f"train.task={config.train.task} trains every parameter: set "
+                      f"lora.rank=0 and train.trainable=all (or finetune with "
+                      f"train.task=instruct)")
 
 
 # --- Batches ------------------------------------------------------------------------------
