@@ -104,24 +104,27 @@ def test_every_mesh_gives_the_same_losses(eight_devices):
       assert np.abs(values - reference).max() <= 1e-4, name
 
 
-def test_bf16_matmuls_give_the_same_losses_on_every_mesh(eight_devices):
+def _family_losses(eight_devices, prefix: str) -> tuple[np.ndarray, int]:
+  """(the (1, 1, 1) losses, how many meshes) of the runs named `prefix ...`, after checking
+  that every mesh of them gives those losses (<= 1e-4)."""
   losses = {name: np.array(values) for name, values in eight_devices["losses"].items()
-            if name.startswith("bf16")}
-  reference = losses["bf16 (1, 1, 1)"]
-  assert len(losses) == 3
+            if name.startswith(prefix)}
+  reference = losses[f"{prefix} (1, 1, 1)"]
   for name, values in losses.items():
     assert np.abs(values - reference).max() <= 1e-4, name
+  return reference, len(losses)
+
+
+def test_bf16_matmuls_give_the_same_losses_on_every_mesh(eight_devices):
+  reference, meshes = _family_losses(eight_devices, "bf16")
+  assert meshes == 3
   # ... and track float32's (measured 4.9e-4 over 20 steps; bf16 operands keep 8 bits).
   assert np.abs(reference - np.array(eight_devices["losses"]["(1, 1, 1)"])).max() <= 5e-3
 
 
 def test_llama_components_give_the_same_losses_on_every_mesh(eight_devices):
-  losses = {name: np.array(values) for name, values in eight_devices["losses"].items()
-            if name.startswith("llama")}
-  reference = losses["llama (1, 1, 1)"]
-  assert len(losses) == 5 and reference[0] - reference[-1] > 0.5
-  for name, values in losses.items():
-    assert np.abs(values - reference).max() <= 1e-4, name
+  reference, meshes = _family_losses(eight_devices, "llama")
+  assert meshes == 5 and reference[0] - reference[-1] > 0.5
   # Tensor axis 2: one of the 2 kv heads per device; tensor axis 4: replicated by the rule.
   split = eight_devices["layout"]["llama (2, 2, 2)"]["params"]["blocks_0/attn/kv/kernel"]
   assert (split["spec"], split["shard_shape"]) == ([["fsdp"], [], ["tensor"], []], [16, 2, 1, 8])
@@ -135,12 +138,8 @@ def test_llama_components_give_the_same_losses_on_every_mesh(eight_devices):
 
 def test_encoder_gives_the_same_losses_on_every_mesh(eight_devices):
   # Masked-LM steps of a BERT-style encoder: its logical axes split it like the GPT.
-  losses = {name: np.array(values) for name, values in eight_devices["losses"].items()
-            if name.startswith("bert")}
-  reference = losses["bert (1, 1, 1)"]
-  assert len(losses) == 3 and reference[0] - reference[-1] > 0.1
-  for name, values in losses.items():
-    assert np.abs(values - reference).max() <= 1e-4, name
+  reference, meshes = _family_losses(eight_devices, "bert")
+  assert meshes == 3 and reference[0] - reference[-1] > 0.1
   layout = eight_devices["layout"]["bert (2, 2, 2)"]["params"]
   assert (layout["blocks_0/fc/kernel"]["spec"], layout["blocks_0/fc/kernel"]["shard_shape"]) == (
       [["fsdp"], ["tensor"]], [16, 64])
