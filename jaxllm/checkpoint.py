@@ -97,10 +97,14 @@ def _fingerprint(leaves: list[jax.Array]) -> jax.Array:
   # chance, 1 in 2**64).
   sums = []
   for x in leaves:
-    bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}"))
-    bits = bits.reshape(-1).astype(jnp.uint32)
+    if x.dtype.itemsize >= 4:  # 8-byte numbers (float64) as two uint32 words each
+      bits = jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
+    else:
+      bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}"))
+      bits = bits.reshape(-1).astype(jnp.uint32)
     weights = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2654435761) + 1
-    sums.append(jnp.stack([jnp.sum(bits), jnp.sum(bits * weights)]))
+    sums.append(jnp.stack([jnp.sum(bits, dtype=jnp.uint32),  # uint32 under JAX_ENABLE_X64 too
+                           jnp.sum(bits * weights, dtype=jnp.uint32)]))
   return jnp.stack(sums) if sums else jnp.zeros((0, 2), jnp.uint32)
 
 
@@ -177,6 +181,22 @@ def check_matches(stored: Any, target: Any, what: str, fix: str) -> None:
     if name not in target_flat:
       raise JaxllmError(f"{what}: '{name}' {tuple(have.shape)} is not in the configured model; "
                         f"{fix}")
+
+
+def with_stored_floats(stored: Any, target: Any) -> Any:
+  """`target` (ShapeDtypeStructs) with each floating-point leaf in the dtype `stored` (Orbax's
+  metadata tree) holds it in: restore with it, then cast (float32 weights into a float64
+  model)."""
+  stored_flat = _flat(stored)
+
+  def dtype_of(path, want):
+    have = stored_flat.get(".".join(_key_name(k) for k in path))
+    if have is None or not (jnp.issubdtype(have.dtype, jnp.floating)
+                            and jnp.issubdtype(want.dtype, jnp.floating)):
+      return want
+    return jax.ShapeDtypeStruct(want.shape, have.dtype, sharding=want.sharding)
+
+  return jax.tree_util.tree_map_with_path(dtype_of, target)
 
 
 def restore(manager: ocp.CheckpointManager, target: TrainState,

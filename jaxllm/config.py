@@ -13,6 +13,7 @@ import importlib.util
 import pathlib
 from typing import Any, Sequence
 
+import jax
 import ml_collections
 
 from jaxllm.errors import JaxllmError
@@ -94,7 +95,11 @@ def default_config() -> ml_collections.ConfigDict:
   # final one (GPT-2's order), instead of BERT's after each residual sum: False.
   c.model.type_vocab_size = None
   c.model.pre_norm = None
-  c.model.dtype = "float32"  # compute dtype; parameters are always float32
+  # Compute dtype; parameters are float32 (bfloat16 computes on float32 parameters).
+  # "float64" (parameters, optimizer state and all arithmetic; needs JAX_ENABLE_X64=1) is for
+  # numerical checks: on every mesh its losses agree to ~1e-12 where float32's rounding,
+  # summed in another order, can grow over hundreds of steps.
+  c.model.dtype = "float32"
   # "bfloat16": every weight matmul takes bf16 operands and accumulates and returns float32,
   # forward and backward (jaxllm/matmul.py); the rest stays float32. 1.33x at GPT-2 small's
   # shapes on a CPU with bf16 dot instructions; losses within ~2e-3 of float32's.
@@ -437,7 +442,7 @@ _GPT2 = dict(bias=True, tie_embeddings=True, norm="layernorm", layer_norm_epsilo
              rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_context=8192,
              mlp="gelu", mlp_hidden=0, n_kv_head=0, qk_norm=False)
 _CHOICES = {"norm": ("layernorm", "rmsnorm"), "position": ("learned", "rope"),
-            "mlp": ("gelu", "swiglu"), "dtype": ("float32", "bfloat16"),
+            "mlp": ("gelu", "swiglu"), "dtype": ("float32", "bfloat16", "float64"),
             "matmul_dtype": ("float32", "bfloat16"), "remat": ("none", "full", "dots")}
 
 
@@ -522,8 +527,7 @@ def model_config(model: ml_collections.ConfigDict, vocab_size: int | None = None
     if value not in allowed:
       raise JaxllmError(f"model.{key} must be one of {', '.join(allowed)}, got '{value}'")
   _check_shapes(sizes, arch)
-  if not 0.0 <= model.dropout < 1.0:
-    raise JaxllmError(f"model.dropout must be in [0, 1), got {model.dropout}")
+  _check_runtime(model)
   return ModelConfig(
       vocab_size=int(vocab), dropout=float(model.dropout), bias=bias, qkv_bias=bool(qkv_bias),
       dtype=model.dtype, matmul_dtype=model.matmul_dtype,
@@ -597,16 +601,27 @@ def encoder_config(model: ml_collections.ConfigDict, vocab_size: int | None = No
   if sizes["d_model"] % sizes["n_head"]:
     raise JaxllmError(f"model.d_model={sizes['d_model']} is not divisible by "
                       f"model.n_head={sizes['n_head']}")
-  if model.dtype not in _CHOICES["dtype"]:
-    raise JaxllmError(f"model.dtype must be one of {', '.join(_CHOICES['dtype'])}, got "
-                      f"'{model.dtype}'")
-  if not 0.0 <= model.dropout < 1.0:
-    raise JaxllmError(f"model.dropout must be in [0, 1), got {model.dropout}")
+  _check_runtime(model)
   return EncoderConfig(
       vocab_size=int(vocab), mlp_hidden=int(pick("mlp_hidden")),
       type_vocab_size=int(pick("type_vocab_size")),
       layer_norm_epsilon=float(pick("layer_norm_epsilon")), dropout=float(model.dropout),
       pre_norm=bool(pick("pre_norm")), dtype=model.dtype, **sizes)
+
+
+def _check_runtime(model: ml_collections.ConfigDict) -> None:
+  """model.dtype and model.dropout, for GPTs and encoders alike."""
+  if model.dtype not in _CHOICES["dtype"]:
+    raise JaxllmError(f"model.dtype must be one of {', '.join(_CHOICES['dtype'])}, got "
+                      f"'{model.dtype}'")
+  if model.dtype == "float64" and not jax.config.jax_enable_x64:
+    raise JaxllmError("model.dtype=float64 needs JAX's 64-bit mode: run with JAX_ENABLE_X64=1 "
+                      "in the environment")
+  if model.dtype == "float64" and model.get("matmul_dtype", "float32") != "float32":
+    raise JaxllmError(f"model.dtype=float64 with model.matmul_dtype={model.matmul_dtype}: "
+                      f"bf16 matmuls return float32; keep model.matmul_dtype=float32")
+  if not 0.0 <= model.dropout < 1.0:
+    raise JaxllmError(f"model.dropout must be in [0, 1), got {model.dropout}")
 
 
 def _check_shapes(sizes: dict, arch: dict) -> None:

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from jaxllm.config import EncoderConfig
 # The decoder's initialisers (normal, zeros, ones with logical axes): BERT's std is GPT-2's.
-from jaxllm.model import _init, _ones, _zeros
+from jaxllm.model import _init, _ones, _zeros, attention, param_dtype
 
 STD = 0.02
 
@@ -65,8 +65,7 @@ class SelfAttention(nn.Module):
                                               deterministic=False)
       out_BxLxHxK = jnp.einsum("bhqs,bshk->bqhk", probs_BxHxLxL, v_BxLxHxK)
     else:
-      out_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK,
-                                                 mask=mask_BxL[:, None, None, :])
+      out_BxLxHxK = attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask=mask_BxL[:, None, None, :])
     return nn.Einsum((h, k, d), "blhk,hkd->bld", dtype=cfg.dtype, name="out",
                      kernel_init=_init(STD, ("heads", "kv", "embed")),
                      bias_init=_zeros(("embed",)))(out_BxLxHxK)
@@ -152,8 +151,9 @@ class Encoder(nn.Module):
     """float32 masked-LM logits BxLxV: transform, then the tied token embedding + bias."""
     h_BxLxD = self.mlm_ln(nn.gelu(self.mlm_transform(hidden_BxLxD), approximate=False))
     logits_BxLxV = self.wte.attend(h_BxLxD) + self.mlm_bias
-    return nn.with_logical_constraint(logits_BxLxV.astype(jnp.float32),
-                                      ("batch", "sequence", "vocab"))
+    return nn.with_logical_constraint(
+        logits_BxLxV.astype(jnp.promote_types(self.config.dtype, jnp.float32)),
+        ("batch", "sequence", "vocab"))
 
   def pool(self, hidden_BxLxD):
     """tanh(Dense(first token's state)), BxD: BERT's [CLS] summary."""
@@ -184,9 +184,10 @@ def special_ids(tokenizer) -> tuple[int, ...]:
 
 
 def init_params(model: Encoder, rng: jax.Array):
-  """Fresh parameters (all of them, both heads included) as a plain pytree of float32."""
+  """Fresh parameters (all of them, both heads included) as a plain pytree of float32 (float64
+  under model.dtype=float64)."""
   dummy = jnp.ones((1, 1), jnp.int32)
-  return nn.unbox(model.init(rng, dummy)["params"])
+  return param_dtype(model.config, nn.unbox(model.init(rng, dummy)["params"]))
 
 
 def mean_pool(hidden_BxLxD: jax.Array, mask_BxL: jax.Array) -> jax.Array:

@@ -24,6 +24,11 @@ import jax.numpy as jnp
 Params = dict[str, Any]
 
 
+def _at_least_float32(x: jax.Array) -> jnp.dtype:
+  """float32 for bfloat16 or float32 arrays, float64 for float64 ones (model.dtype=float64)."""
+  return jnp.promote_types(x.dtype, jnp.float32)
+
+
 def _normal(rng: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   # GPT-2's initialisation scale, as the backbone's own Linear layers use.
   return 0.02 * jax.random.normal(rng, shape, jnp.float32)
@@ -54,13 +59,13 @@ def lm_params(backbone_params: Params) -> Params:
 
 
 def lm_apply(params: Params, hidden_BxLxD: jax.Array) -> jax.Array:
-  """float32 logits BxLxV (GPT.logits as a pure function)."""
+  """float32 logits BxLxV, float64 from float64 states (GPT.logits as a pure function)."""
   if "embedding" in params:  # tied: the transposed token embedding
     weight_VxD = params["embedding"].astype(hidden_BxLxD.dtype)
     logits_BxLxV = jnp.einsum("bld,vd->blv", hidden_BxLxD, weight_VxD)
   else:
     logits_BxLxV = hidden_BxLxD @ params["kernel"].astype(hidden_BxLxD.dtype)
-  return logits_BxLxV.astype(jnp.float32)
+  return logits_BxLxV.astype(_at_least_float32(logits_BxLxV))
 
 
 # --- Classification head -------------------------------------------------------------------
@@ -72,8 +77,9 @@ def classifier_init(rng: jax.Array, d_model: int, num_classes: int) -> Params:
 
 
 def classifier_apply(params: Params, hidden_BxD: jax.Array) -> jax.Array:
-  """float32 class logits BxC of one hidden state per row (pick it with `last_token`)."""
-  hidden_BxD = hidden_BxD.astype(jnp.float32)
+  """float32 class logits BxC (float64 from float64 states) of one hidden state per row (pick
+  it with `last_token`)."""
+  hidden_BxD = hidden_BxD.astype(_at_least_float32(hidden_BxD))
   return hidden_BxD @ params["kernel"] + params["bias"]
 
 
@@ -86,4 +92,5 @@ def reward_init(rng: jax.Array, d_model: int) -> Params:
 
 def reward_apply(params: Params, hidden_BxD: jax.Array) -> jax.Array:
   """One float32 score per row, B."""
-  return (hidden_BxD.astype(jnp.float32) @ params["kernel"] + params["bias"])[:, 0]
+  return (hidden_BxD.astype(_at_least_float32(hidden_BxD)) @ params["kernel"]
+          + params["bias"])[:, 0]

@@ -120,7 +120,8 @@ def measure_peak_flops(dtype: str = "float32", size: int = 2048, repeats: int = 
   operand = jnp.dtype(dtype)
   a = jnp.ones((size, size), operand)
   b = jnp.ones((size, size), operand)
-  matmul = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
+  product = jnp.promote_types(operand, jnp.float32)
+  matmul = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=product))
   matmul(a, b).block_until_ready()
   best = float("inf")
   for _ in range(repeats):

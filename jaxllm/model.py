@@ -96,11 +96,30 @@ def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
   return inv_freq.astype(np.float32)
 
 
+def attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask=None, is_causal: bool = False):
+  """`jax.nn.dot_product_attention` (G kv heads serving H / G query heads each; `mask`
+  broadcasting to BxHxLxS): its XLA form takes the softmax in float32, so float64 inputs
+  (model.dtype=float64) get the same attention written out in float64."""
+  if q_BxLxHxK.dtype != jnp.float64:
+    return jax.nn.dot_product_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask=mask,
+                                        is_causal=is_causal)
+  groups = q_BxLxHxK.shape[2] // k_BxSxGxK.shape[2]
+  k_BxSxHxK, v_BxSxHxK = (jnp.repeat(x, groups, axis=2) for x in (k_BxSxGxK, v_BxSxGxK))
+  scores_BxHxLxS = (jnp.einsum("blhk,bshk->bhls", q_BxLxHxK, k_BxSxHxK)
+                    / math.sqrt(q_BxLxHxK.shape[-1]))
+  if is_causal:
+    mask = jnp.tril(jnp.ones(scores_BxHxLxS.shape[-2:], bool))
+  if mask is not None:
+    scores_BxHxLxS = jnp.where(mask, scores_BxHxLxS, jnp.finfo(scores_BxHxLxS.dtype).min)
+  return jnp.einsum("bhls,bshk->blhk", jax.nn.softmax(scores_BxHxLxS, axis=-1), v_BxSxHxK)
+
+
 def apply_rope(x_BxLxHxK, positions_BxL, inv_freq_K2):
   """Rotates each (i, i + K/2) pair of dims by position * frequency (Llama's rotate-half)."""
-  angles_BxLx1xK2 = (positions_BxL[:, :, None, None].astype(jnp.float32) * inv_freq_K2)
+  dtype = jnp.promote_types(x_BxLxHxK.dtype, jnp.float32)  # float32, or float64
+  angles_BxLx1xK2 = positions_BxL[:, :, None, None].astype(dtype) * inv_freq_K2.astype(dtype)
   cos, sin = jnp.cos(angles_BxLx1xK2), jnp.sin(angles_BxLx1xK2)
-  x1, x2 = jnp.split(x_BxLxHxK.astype(jnp.float32), 2, axis=-1)
+  x1, x2 = jnp.split(x_BxLxHxK.astype(dtype), 2, axis=-1)
   rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return rotated.astype(x_BxLxHxK.dtype)
 
@@ -147,7 +166,7 @@ class CausalSelfAttention(nn.Module):
 
     # Grouped-query attention: each of the G kv heads serves H / G query heads.
     if cache is None:
-      out_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, is_causal=True)
+      out_BxLxHxK = attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, is_causal=True)
       new_cache = None
     else:
       # Each row writes its new keys/values at its own positions (prompts differ in length),
@@ -157,7 +176,7 @@ class CausalSelfAttention(nn.Module):
       v_BxSxGxK = cache["v"].at[rows_Bx1, positions_BxL].set(v_BxLxGxK.astype(cache["v"].dtype))
       cache_positions_S = jnp.arange(k_BxSxGxK.shape[1])
       mask_BxLxS = cache_positions_S[None, None, :] <= positions_BxL[:, :, None]
-      out_BxLxHxK = jax.nn.dot_product_attention(
+      out_BxLxHxK = attention(
           q_BxLxHxK, k_BxSxGxK.astype(q_BxLxHxK.dtype), v_BxSxGxK.astype(q_BxLxHxK.dtype),
           mask=mask_BxLxS[:, None])
       new_cache = {"k": k_BxSxGxK, "v": v_BxSxGxK}
@@ -282,7 +301,7 @@ class GPT(nn.Module):
     return self.ln_f(x_BxLxD), new_cache
 
   def logits(self, hidden_BxLxD):
-    """The LM head: float32 logits, BxLxV."""
+    """The LM head: float32 logits (float64 under model.dtype=float64), BxLxV."""
     if self.config.tie_embeddings and self.config.matmul_dtype == "bfloat16":
       hidden_NxD = hidden_BxLxD.reshape(-1, hidden_BxLxD.shape[-1])
       logits_BxLxV = matmul.bf16_matmul(hidden_NxD, self.wte.embedding, True).reshape(
@@ -291,7 +310,7 @@ class GPT(nn.Module):
       logits_BxLxV = self.wte.attend(hidden_BxLxD)
     else:
       logits_BxLxV = self.lm_head(hidden_BxLxD)
-    logits_BxLxV = logits_BxLxV.astype(jnp.float32)
+    logits_BxLxV = logits_BxLxV.astype(jnp.promote_types(self.config.dtype, jnp.float32))
     return nn.with_logical_constraint(logits_BxLxV, ("batch", "sequence", "vocab"))
 
   def __call__(self, tokens_BxL, deterministic: bool = True, return_hidden: bool = False):
@@ -317,9 +336,17 @@ def abstract_variables(model: GPT) -> Any:
 
 
 def init_params(model: GPT, rng: jax.Array) -> Any:
-  """Fresh parameters as a plain pytree of float32 arrays."""
+  """Fresh parameters as a plain pytree of float32 arrays (float64 under model.dtype=float64)."""
   dummy = jnp.zeros((1, 1), jnp.int32)
-  return nn.unbox(model.init(rng, dummy)["params"])
+  return param_dtype(model.config, nn.unbox(model.init(rng, dummy)["params"]))
+
+
+def param_dtype(config: Any, params: Any) -> Any:
+  """Parameters in the dtype `config` keeps them in: float32, or float64 for model.dtype=float64
+  (Linen creates float32 parameters whatever the compute dtype)."""
+  if config.dtype != "float64":
+    return params
+  return jax.tree.map(lambda x: x.astype(jnp.float64), params)
 
 
 def logical_axes(model: GPT) -> Any:

@@ -98,11 +98,14 @@ def on_one_device(abstract: Any) -> Any:
 
 
 def load_params(workdir: str | pathlib.Path, target: Any,
-                fix: str = "set model.* as in that run's config.json", name: str = "params") -> Any:
+                fix: str = "set model.* as in that run's config.json", name: str = "params",
+                cast_floats: bool = False) -> Any:
   """A run directory's params/ (or `name`), restored onto `target` (ShapeDtypeStructs with
   shardings).
 
-  Strict: a name, shape or dtype that differs from `target` is a JaxllmError naming it.
+  Strict: a name, shape or dtype that differs from `target` is a JaxllmError naming it;
+  with `cast_floats`, floating-point arrays are read in their stored dtype and cast to
+  `target`'s (a float32 run's weights starting a model.dtype=float64 one).
   """
   path = (pathlib.Path(workdir) / name).absolute()
   if not path.is_dir():
@@ -120,6 +123,9 @@ def load_params(workdir: str | pathlib.Path, target: Any,
       absl_logging.set_verbosity(verbosity)
   except Exception as e:  # truncated, missing or overwritten metadata files
     raise JaxllmError(f"{damaged} ({checkpoint_lib.first_line(e)})") from None
+  wanted = target
+  if cast_floats:
+    target = checkpoint_lib.with_stored_floats(tree, target)
   checkpoint_lib.check_matches(tree, target, f"parameters in {path}", fix)
   try:
     params = checkpointer.restore(path, target)
@@ -128,7 +134,8 @@ def load_params(workdir: str | pathlib.Path, target: Any,
   if (path / FINGERPRINT).is_file():  # folders written before fingerprints have none
     if checkpoint_lib.fingerprint(params) != json.loads((path / FINGERPRINT).read_text()):
       raise JaxllmError(f"{damaged} (its arrays do not match {FINGERPRINT})")
-  return params
+  return jax.tree.map(lambda x, want: x if x.dtype == want.dtype else x.astype(want.dtype),
+                      params, wanted)
 
 
 def load_finetuned(workdir: str | pathlib.Path, overrides=()):

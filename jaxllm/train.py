@@ -143,13 +143,13 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, loss_fn: Calla
     (loss, aux), grads = grad_fn(trained, microbatch, jax.random.fold_in(step_rng, index))
     metrics = {"loss": loss, **aux}
     metric_sums, grad_sums = carry
-    return (jax.tree.map(lambda acc, x: acc + scale * x.astype(jnp.float32), metric_sums,
+    return (jax.tree.map(lambda acc, x: acc + scale * x.astype(acc.dtype), metric_sums,
                          metrics),
             [acc + scale * g for acc, g in zip(grad_sums, grads)]), None
 
   first = jax.tree.map(lambda x: x[0], batch)
   loss_shape, aux_shape = jax.eval_shape(loss_fn, state.params, first, step_rng)
-  zeros = (jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32),
+  zeros = (jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.promote_types(x.dtype, jnp.float32)),
                         {"loss": loss_shape, **aux_shape}),
            [jnp.zeros_like(p) for p in trained])
   (metrics, grad_sums), _ = jax.lax.scan(

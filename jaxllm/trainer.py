@@ -133,7 +133,8 @@ def initial_state(setup: Setup) -> tuple[train_lib.TrainState, int]:
   if train.init_from:  # another run's weights (`jaxllm train`, or GPT-2 via `jaxllm convert`)
     for path in task.pretrained_into:
       loaded = run_io.load_params(train.init_from,
-                                  checkpoint_lib.abstract_like(_subtree(params, path)))
+                                  checkpoint_lib.abstract_like(_subtree(params, path)),
+                                  cast_floats=True)
       params = _replace_subtree(params, path, loaded)
   state = jax.jit(lambda p: train_lib.create_train_state(p, setup.optimizer, seed=train.seed + 1),
                   out_shardings=setup.shardings)(params)
@@ -173,8 +174,8 @@ def describe(setup: Setup, state: train_lib.TrainState, peak_flops: float,
             f"{cfg.type_vocab_size} segments, {cfg.dtype}")
   else:
     kv = f" ({cfg.kv_heads} kv)" if cfg.kv_heads != cfg.n_head else ""
-    kind = (f"{cfg.norm}, {cfg.position} positions, {cfg.mlp}, {cfg.dtype}, "
-            f"{cfg.matmul_dtype} matmuls")
+    matmuls = "" if cfg.matmul_dtype == cfg.dtype else f", {cfg.matmul_dtype} matmuls"
+    kind = f"{cfg.norm}, {cfg.position} positions, {cfg.mlp}, {cfg.dtype}{matmuls}"
   log(setup, f"model: {count_params(state.params):,} parameters ({cfg.n_layer} layers, "
              f"{cfg.n_head} heads{kv}, d_model {cfg.d_model}, context {cfg.context_length}, "
              f"vocab {cfg.vocab_size}, {kind}); task {train.task}"
@@ -292,7 +293,7 @@ def train_loop(setup: Setup, state, start_step: int, progress: bool,
   flops_per_token = train_lib.flops_per_token(task.model, n_params)
   cfg = task.model.config  # bf16 operands (either key): MFU against the bf16 matmul's peak
   dtypes = (cfg.dtype, getattr(cfg, "matmul_dtype", cfg.dtype))
-  matmul_dtype = "bfloat16" if "bfloat16" in dtypes else "float32"
+  matmul_dtype = "bfloat16" if "bfloat16" in dtypes else cfg.dtype  # float32 or float64
   peak_flops = train.peak_flops or metrics_lib.measure_peak_flops(matmul_dtype)
   describe(setup, state, peak_flops, flops_per_token)
   run = Progress(_metrics_writer(setup, start_step), Meter(setup, flops_per_token, peak_flops),

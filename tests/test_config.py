@@ -1,3 +1,4 @@
+import jax
 import ml_collections
 import pytest
 
@@ -118,3 +119,22 @@ def test_encoder_keys_resolve_and_decoder_keys_are_refused():
   gpt.model.pre_norm = True
   with pytest.raises(JaxllmError, match="model.pre_norm applies to encoders"):
     config_lib.resolve(gpt.model, vocab_size=67)
+
+
+@pytest.mark.parametrize("architecture", ["gpt", "bert"])
+def test_float64_needs_jax_64_bit_mode_and_float32_matmuls(architecture):
+  config = config_lib.default_config()
+  config_lib.apply_overrides(config, [f"model.architecture={architecture}", "model.dtype=float64"])
+  assert not jax.config.jax_enable_x64  # the suite runs in JAX's default 32-bit mode
+  with pytest.raises(JaxllmError, match="model.dtype=float64 needs JAX's 64-bit mode: run with "
+                                        "JAX_ENABLE_X64=1"):
+    config_lib.resolve(config.model, vocab_size=67)
+  with jax.enable_x64(True):
+    assert config_lib.resolve(config.model, vocab_size=67).dtype == "float64"
+    if architecture == "gpt":
+      config.model.matmul_dtype = "bfloat16"
+      with pytest.raises(JaxllmError, match="keep model.matmul_dtype=float32"):
+        config_lib.resolve(config.model, vocab_size=67)
+  config.model.dtype = "float16"
+  with pytest.raises(JaxllmError, match="model.dtype must be one of float32, bfloat16, float64"):
+    config_lib.resolve(config.model, vocab_size=67)

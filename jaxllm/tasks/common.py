@@ -29,7 +29,7 @@ from jaxllm import tokenizer as tokenizer_lib
 from jaxllm import train as train_lib
 from jaxllm.encoder import Encoder
 from jaxllm.errors import JaxllmError
-from jaxllm.model import GPT, init_params, logical_axes
+from jaxllm.model import GPT, init_params, logical_axes, param_dtype
 from jaxllm.tasks import losses
 
 Params = Any
@@ -236,7 +236,7 @@ def finetuned_params(config: ml_collections.ConfigDict, model: Backbone,
       params["lora"] = lora.init(lora_rng, params, targets, config.lora.rank)
     if reference:
       params["reference"] = params["backbone"]
-    return params
+    return param_dtype(cfg, params)  # the head and adapters too
 
   abstract = jax.eval_shape(init)
   axes = {"backbone": logical_axes(model), "head": head[1] if head is not None else {}}
