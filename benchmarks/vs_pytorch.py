@@ -16,7 +16,8 @@ Each row prints both figures and their ratio, jaxllm's speed over PyTorch's best
 
 Rows: train-small (4 layers, d 128, vocab 65, batch 12 x 64: ms/step, median of --small-steps
 after 10 warm-up steps), train-gpt2 (12 layers, d 768, vocab 50,304, batch 4 x 256: s/step,
-median of --gpt2-steps after one warm-up; peak RSS), decode (GPT-2 small, batch 1, 16-token
+median of --gpt2-steps after one warm-up; peak RSS, also with `model.remat=dots` and
+`model.scan_layers`, the memory options), decode (GPT-2 small, batch 1, 16-token
 prompt, 128 new tokens, greedy: tokens/s, median of 3 after a warm-up), shakespeare
 (experiments/shakespeare_char.py through `jaxllm train` against nanoGPT's CPU run of the same
 config: wall time, process start to exit; each side's data prepared once beforehand).
@@ -44,11 +45,13 @@ SHAPES = {
                  bias=True, batch_size=4),
 }
 ROWS = ("train-small", "train-gpt2", "decode", "shakespeare")
+LEAN = "jaxllm f32 remat=dots,scan"  # model.remat=dots, model.scan_layers=True
 
 
 # --- the measurements, each run in a process of its own ---------------------------------
 
-def jax_train(shape_name: str, matmul_dtype: str, steps: int, warmup: int) -> dict:
+def jax_train(shape_name: str, matmul_dtype: str, steps: int, warmup: int,
+              remat: str = "none", scan_layers: bool = False) -> dict:
   import functools
 
   import jax
@@ -62,12 +65,14 @@ def jax_train(shape_name: str, matmul_dtype: str, steps: int, warmup: int) -> di
   c = default_config()
   for key in ("vocab_size", "context_length", "n_layer", "n_head", "d_model", "bias"):
     c.model[key] = shape[key]
-  c.model.matmul_dtype = matmul_dtype
+  c.model.matmul_dtype, c.model.remat, c.model.scan_layers = matmul_dtype, remat, scan_layers
   c.train.learning_rate, c.train.weight_decay, c.train.beta2 = 6e-4, 0.1, 0.95
   c.train.schedule, c.train.warmup_steps = "constant", 0  # as the PyTorch side
   model = GPT(model_config(c.model))
   optimizer = train_lib.make_optimizer(c.train, total_steps=warmup + steps)
-  state = train_lib.create_train_state(init_params(model, jax.random.key(0)), optimizer, 0)
+  # Created under jit, as the trainer does (an eager init leaves ~0.2 GB more behind).
+  state = jax.jit(lambda rng: train_lib.create_train_state(init_params(model, rng), optimizer, 0)
+                  )(jax.random.key(0))
   step = jax.jit(functools.partial(train_lib.train_step, optimizer=optimizer,
                                    loss_fn=functools.partial(train_lib.lm_loss, model=model)),
                  donate_argnums=0)
@@ -163,6 +168,9 @@ def _train_row(shape: str, steps: int, warmup: int, compile_: bool) -> dict:
                                    steps=steps, warmup=warmup),
           "torch bf16 autocast": measure("torch_train", shape_name=shape, bf16=True,
                                          compile_=False, steps=steps, warmup=warmup)}
+  if shape == "gpt2":  # the memory options: per-layer residuals only, recomputed in backward
+    runs[LEAN] = measure("jax_train", shape_name=shape, matmul_dtype="float32", steps=steps,
+                         warmup=warmup, remat="dots", scan_layers=True)
   if compile_:
     for bf16, label in ((False, "torch compile float32"), (True, "torch compile bf16")):
       runs[label] = measure("torch_train", shape_name=shape, bf16=bf16, compile_=True,
@@ -180,7 +188,7 @@ def _report(row: str, runs: dict, key: str, unit: str, scale: float, higher: boo
   """Prints a row: every run, then jaxllm's best against PyTorch's best as a speed ratio."""
   print(f"\n{row}")
   for label, result in runs.items():
-    print(f"  {label:24s} {result[key] * scale:10.2f} {unit}   peak RSS "
+    print(f"  {label:28s} {result[key] * scale:10.2f} {unit}   peak RSS "
           f"{result['peak_rss_gb']:.2f} GB")
 
   def speed(jax_value, torch_value):  # > 1: jaxllm faster
@@ -199,6 +207,13 @@ def _report(row: str, runs: dict, key: str, unit: str, scale: float, higher: boo
     print(f"  -> float32 to float32: {figures['f32_speed_ratio']:.2f}x the speed; peak RSS "
           f"{j['peak_rss_gb']:.2f} against {t['peak_rss_gb']:.2f} GB "
           f"({figures['f32_memory_ratio']:.2f}x)")
+  lean = runs.get(LEAN)
+  if lean and t:
+    figures["lean_speed_ratio"] = speed(lean[key], t[key])
+    figures["lean_memory_ratio"] = lean["peak_rss_gb"] / t["peak_rss_gb"]
+    print(f"  -> {LEAN} to torch float32: {figures['lean_speed_ratio']:.2f}x the speed; peak "
+          f"RSS {lean['peak_rss_gb']:.2f} against {t['peak_rss_gb']:.2f} GB "
+          f"({figures['lean_memory_ratio']:.2f}x)")
   return {"runs": runs, **figures}
 
 
