@@ -200,20 +200,15 @@ def _report(row: str, runs: dict, key: str, unit: str, scale: float, higher: boo
              "torch_best": torch_label}
   print(f"  -> jaxllm ({jax_label}) {figures['speed_ratio']:.2f}x the speed of PyTorch's best "
         f"({torch_label})")
-  j, t = runs.get("jaxllm float32"), runs.get("torch float32")
-  if j and t:
-    figures["f32_speed_ratio"] = speed(j[key], t[key])
-    figures["f32_memory_ratio"] = j["peak_rss_gb"] / t["peak_rss_gb"]
-    print(f"  -> float32 to float32: {figures['f32_speed_ratio']:.2f}x the speed; peak RSS "
-          f"{j['peak_rss_gb']:.2f} against {t['peak_rss_gb']:.2f} GB "
-          f"({figures['f32_memory_ratio']:.2f}x)")
-  lean = runs.get(LEAN)
-  if lean and t:
-    figures["lean_speed_ratio"] = speed(lean[key], t[key])
-    figures["lean_memory_ratio"] = lean["peak_rss_gb"] / t["peak_rss_gb"]
-    print(f"  -> {LEAN} to torch float32: {figures['lean_speed_ratio']:.2f}x the speed; peak "
-          f"RSS {lean['peak_rss_gb']:.2f} against {t['peak_rss_gb']:.2f} GB "
-          f"({figures['lean_memory_ratio']:.2f}x)")
+  t = runs.get("torch float32")
+  for prefix, label in (("f32", "jaxllm float32"), ("lean", LEAN)):
+    j = runs.get(label)
+    if j and t:
+      figures[f"{prefix}_speed_ratio"] = speed(j[key], t[key])
+      figures[f"{prefix}_memory_ratio"] = j["peak_rss_gb"] / t["peak_rss_gb"]
+      print(f"  -> {label} to torch float32: {figures[f'{prefix}_speed_ratio']:.2f}x the "
+            f"speed; peak RSS {j['peak_rss_gb']:.2f} against {t['peak_rss_gb']:.2f} GB "
+            f"({figures[f'{prefix}_memory_ratio']:.2f}x)")
   return {"runs": runs, **figures}
 
 
