@@ -173,12 +173,16 @@ def eval_step(params: Any, batch: dict[str, jax.Array], *, model: GPT) -> tuple[
   return (losses_BxL * weights_BxL).sum(), weights_BxL.sum()
 
 
-def flops_per_token(model: GPT, n_params: int) -> float:
+def flops_per_token(model: GPT, n_params: int, lm_head: bool = True) -> float:
   """Training FLOPs per token: 6N + 12 * n_layer * d_model * context_length.
 
   The PaLM paper's convention (appendix B), as nanoGPT uses it: 6N for the forward and
   backward matmuls with the parameters (N without position embeddings), plus attention.
+  Without an LM head (a classifier) the token embedding is only looked up and an untied LM
+  head unused: N leaves them out.
   """
   cfg = model.config
   n = n_params - cfg.context_length * cfg.d_model
+  if not lm_head:
+    n -= cfg.vocab_size * cfg.d_model * (1 if getattr(cfg, "tie_embeddings", True) else 2)
   return 6 * n + 12 * cfg.n_layer * cfg.d_model * cfg.context_length

@@ -290,7 +290,7 @@ def train_loop(setup: Setup, state, start_step: int, progress: bool,
                                     setup.mesh, setup.rules)
   eval_fn = sharding.jit_eval_step(task.eval_fn, setup.shardings.params, setup.mesh, setup.rules)
   n_params = count_params(sharding.model_axes(task.model)[0])
-  flops_per_token = train_lib.flops_per_token(task.model, n_params)
+  flops_per_token = train_lib.flops_per_token(task.model, n_params, task.lm_head)
   cfg = task.model.config  # bf16 operands (either key): MFU against the bf16 matmul's peak
   dtypes = (cfg.dtype, getattr(cfg, "matmul_dtype", cfg.dtype))
   matmul_dtype = "bfloat16" if "bfloat16" in dtypes else cfg.dtype  # float32 or float64

@@ -63,7 +63,6 @@ def make_task(config: ml_collections.ConfigDict) -> common.Task:
       train_batch=train_batch, eval_batches=eval_batches, token_key="tokens_BxL",
       export=functools.partial(common.export_finetuned, lora_scale=params.lora_scale),
       report=common.finetuned_report(config, model, tokenizer), trainable=params.trainable,
-      pretrained_into=(("backbone",),),
-      batches_per_epoch=batches_per_epoch,
+      pretrained_into=(("backbone",),), batches_per_epoch=batches_per_epoch, lm_head=False,
       description=(f"{sizes} examples, classes {data.labels}, padded to {data.max_length} "
                    f"tokens (pad id {data.pad_id}), {pooling} pooling; {params.description}"))

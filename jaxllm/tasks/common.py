@@ -64,6 +64,9 @@ class Task:
   pretrained_into: tuple[tuple[str, ...], ...] = ((),)  # subtrees train.init_from fills
   batches_per_epoch: int | None = None  # None: batches do not come in epochs
   description: str = ""  # the data line printed at start-up
+  # Whether the loss multiplies by the vocabulary (an LM head): else the token embedding is
+  # a lookup only, and MFU's 6N leaves it out.
+  lm_head: bool = True
 
 
 def eval_means(results: Iterable[dict[str, Any]]) -> dict[str, np.ndarray]:
