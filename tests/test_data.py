@@ -135,6 +135,22 @@ def test_char_vocabulary_comes_back_from_the_cache(tmp_path, monkeypatch):
   assert other.cache_dir != first.cache_dir and len(other.val) == 115
 
 
+def test_a_tokenizer_file_edited_in_place_is_tokenized_again(tmp_path):
+  """The cache key holds a tokenizer file's bytes, not only its path."""
+  path = tmp_path / "t.txt"
+  path.write_text("hello world, hello jax\n" * 10)
+  vocab = tmp_path / "vocab.txt"
+  specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+  vocab.write_text("\n".join([*specials, "hello", "world", ","]) + "\n")
+  data = _text(tmp_path / "tfds", path, tokenizer=str(vocab), val_fraction=0.2)
+  first = data_lib.load_token_data(data)
+  vocab.write_text("\n".join([*specials, "hello", "world", ",", "jax"]) + "\n")
+  second = data_lib.load_token_data(data)
+  assert second.cache_dir != first.cache_dir
+  unk = specials.index("[UNK]")
+  assert unk in first.train and unk not in second.train
+
+
 def test_data_dir_defaults_to_tfds_data_dir(tmp_path, monkeypatch):
   monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
   assert data_lib.tfds_data_dir(_data("")) == str(tmp_path)

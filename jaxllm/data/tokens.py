@@ -219,14 +219,21 @@ def _check_length(what: str, tokens: np.ndarray, context_length: int | None, fix
 def cache_key(data: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder,
               tokenizer: tokenizer_lib.Tokenizer | None = None) -> dict:
   """Everything the token arrays depend on. `full_name` of the local builder hashes the files;
-  a given tokenizer (another run's) is keyed by its whole JSON, a character vocabulary too."""
-  return {
+  a given tokenizer (another run's) is keyed by its whole JSON, a character vocabulary too,
+  and a tokenizer file (tokenizer.json, vocab.txt) by its bytes as well as its path, so that
+  editing it in place tokenizes again."""
+  key = {
       "format": CACHE_FORMAT, "dataset": builder.info.full_name,
       "train_split": data.train_split, "val_split": data.val_split,
       "val_fraction": None if data.val_split else float(data.val_fraction),
       "separator": data.separator,
       "tokenizer": data.tokenizer if tokenizer is None else tokenizer.to_json(),
   }
+  if tokenizer is None and data.tokenizer.endswith((".json", "vocab.txt")):
+    path = pathlib.Path(data.tokenizer)
+    if path.is_file():  # else get_tokenizer names the missing file
+      key["tokenizer_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+  return key
 
 
 def load_token_data(data: ml_collections.ConfigDict, context_length: int | None = None,
