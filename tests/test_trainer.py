@@ -87,10 +87,11 @@ def test_finetuning_gives_the_same_losses_on_every_mesh(tmp_path, converted, sha
   devices, a matmul tiled another way). In float64 that rounding is ~1e-16, so the meshes
   must agree to 1e-12. (In float32 the whole experiment's 390 steps drift apart on meshes,
   up to 0.7, where float64 stays within 2e-9: benchmarks/mesh_equivalence.py. The LoRA test
-  below checks a float32 finetune on a mesh.)"""
+  below checks a float32 finetune on a mesh. (8,1,1) is left to that script and to the
+  pretraining meshes of tests/test_sharding.py, to keep the suite short.)"""
   runs = {mesh: _finetune_on(mesh, tmp_path / "x".join(map(str, mesh)), converted, shared_data,
                              float64=True)
-          for mesh in [(1, 1, 1), (8, 1, 1), (1, 8, 1), (2, 2, 2)]}
+          for mesh in [(1, 1, 1), (1, 8, 1), (2, 2, 2)]}
   reference, figures, stdout = runs[(1, 1, 1)]
   losses = [r["loss"] for r in reference if "loss" in r]
   assert len(losses) == 8 and len(set(losses)) == 8 and "float64" in stdout
