@@ -158,7 +158,11 @@ def _key_name(key: Any) -> str:
 def _flat(tree: Any) -> dict[str, Any]:
   """{"params.blocks_0.attn.qkv.kernel": leaf, ...}: the names Orbax gives stored arrays."""
   leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return {".".join(_key_name(k) for k in path): leaf for path, leaf in leaves}
+  return {_path_name(path): leaf for path, leaf in leaves}
+
+
+def _path_name(path: tuple) -> str:
+  return ".".join(_key_name(k) for k in path)
 
 
 def check_matches(stored: Any, target: Any, what: str, fix: str) -> None:
@@ -190,7 +194,7 @@ def with_stored_floats(stored: Any, target: Any) -> Any:
   stored_flat = _flat(stored)
 
   def dtype_of(path, want):
-    have = stored_flat.get(".".join(_key_name(k) for k in path))
+    have = stored_flat.get(_path_name(path))
     if have is None or not (jnp.issubdtype(have.dtype, jnp.floating)
                             and jnp.issubdtype(want.dtype, jnp.floating)):
       return want

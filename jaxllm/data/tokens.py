@@ -229,10 +229,9 @@ def cache_key(data: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder
       "separator": data.separator,
       "tokenizer": data.tokenizer if tokenizer is None else tokenizer.to_json(),
   }
-  if tokenizer is None and data.tokenizer.endswith((".json", "vocab.txt")):
-    path = pathlib.Path(data.tokenizer)
-    if path.is_file():  # else get_tokenizer names the missing file
-      key["tokenizer_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+  path = pathlib.Path(data.tokenizer)
+  if tokenizer is None and path.is_file():  # a missing one: get_tokenizer names it
+    key["tokenizer_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
   return key
 
 
