@@ -50,7 +50,9 @@ def run_once(mode: str, workdir: pathlib.Path, extra: list[str]) -> tuple[float,
              "--config.checkpoint.every_steps=250", "--config.checkpoint.async=true",
              "--config.checkpoint.keep=0", *extra]
   start = time.perf_counter()
-  result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+  # Each run compiles afresh: neither finds the other's programs in a compilation cache.
+  result = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "JAXLLM_COMPILATION_CACHE": "0"})
   wall = time.perf_counter() - start
   if result.returncode:
     sys.exit(f"{mode} run failed:\n{result.stderr[-2000:]}")

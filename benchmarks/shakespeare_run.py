@@ -17,11 +17,14 @@ EXPERIMENT = REPO / "experiments" / "shakespeare_char.py"
 
 def train_shakespeare(workdir: pathlib.Path, *overrides: str, env: dict | None = None) -> dict:
   """{"figures": eval.json, "losses": {step: loss}, "wall_s", "user_s", "sys_s",
-  "peak_rss_mb"} of a run with `overrides` (`--config.KEY=VALUE`) and extra `env`."""
+  "peak_rss_mb"} of a run with `overrides` (`--config.KEY=VALUE`) and extra `env`.
+
+  Every run compiles its programs afresh (`JAXLLM_COMPILATION_CACHE=0`: runs compared with
+  each other must not find each other's programs) unless `env` names a cache."""
   command = [sys.executable, "-m", "jaxllm.cli", "train", "--config", str(EXPERIMENT),
              "--workdir", str(workdir), "--no-progress", *overrides]
   start = time.perf_counter()
-  child = subprocess.Popen(command, env={**os.environ, **(env or {})},
+  child = subprocess.Popen(command, env={**os.environ, "JAXLLM_COMPILATION_CACHE": "0", **(env or {})},
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   _, status, usage = os.wait4(child.pid, 0)
   wall = time.perf_counter() - start

@@ -258,10 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.error(f"--config.{overrides[0]} only applies to `jaxllm train`, `finetune`, `eval`, "
                  f"`reproduce` and `sweep`")
 
-  from jaxllm import malloc
+  from jaxllm import compile_cache, malloc
   from jaxllm.errors import JaxllmError, Preempted
 
   malloc.tune()  # before the first step's buffers: see jaxllm/malloc.py
+  compile_cache.enable()  # before the first compilation: see jaxllm/compile_cache.py
   try:
     if args.command in ("train", "finetune"):
       _train(args, overrides)

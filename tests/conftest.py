@@ -29,6 +29,10 @@ if "TFDS_DATA_DIR" not in os.environ:  # else TFDS would write to ~/tensorflow_d
   os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(prefix="jaxllm-tfds-")
   atexit.register(shutil.rmtree, os.environ["TFDS_DATA_DIR"], ignore_errors=True)
 
+if "JAXLLM_COMPILATION_CACHE" not in os.environ:  # else ~/.cache/jaxllm/xla
+  os.environ["JAXLLM_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="jaxllm-xla-")
+  atexit.register(shutil.rmtree, os.environ["JAXLLM_COMPILATION_CACHE"], ignore_errors=True)
+
 
 @pytest.fixture(scope="session")
 def shared_data() -> pathlib.Path:

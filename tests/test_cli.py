@@ -1,6 +1,7 @@
 """The `jaxllm` command end to end: train, generate, and one-line errors for bad input."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -132,3 +133,35 @@ def test_malloc_tuning_applies_on_glibc_and_can_be_turned_off(monkeypatch):
   assert malloc.tune() is False
   monkeypatch.setenv("JAXLLM_MALLOC_TUNING", "1")
   assert malloc.tune() is (platform.libc_ver()[0] == "glibc")
+
+
+def test_a_second_run_loads_its_compiled_programs_from_the_cache(tmp_path, shared_data):
+  """jaxllm/compile_cache.py: the first run writes its compiled programs to
+  $JAXLLM_COMPILATION_CACHE, the second loads them (JAX logs each hit) and computes the same
+  losses, bit for bit."""
+  env = {**os.environ, "JAXLLM_COMPILATION_CACHE": str(tmp_path / "xla"), "JAX_LOG_COMPILES": "1"}
+
+  def run(name):
+    workdir = tmp_path / name
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxllm.cli", "train", "--config", "experiments/shakespeare_char.py",
+         "--workdir", str(workdir), *TINY, "--config.data.dataset=text",
+         f"--config.data.path={shared_data / 'the-verdict.txt'}",
+         "--config.data.train_split=train", "--config.train.steps=5"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r.get("loss"), r.get("val_loss")) for r in records], result.stderr
+
+  first, log = run("first")
+  assert "Persistent compilation cache hit for 'jit_step'" not in log
+  assert any(p.name.startswith("jit_step-") for p in (tmp_path / "xla").iterdir())
+  second, log = run("second")
+  assert "Persistent compilation cache hit for 'jit_step'" in log
+  assert second == first
+
+
+def test_the_compilation_cache_can_be_turned_off(monkeypatch):
+  from jaxllm import compile_cache
+  monkeypatch.setenv("JAXLLM_COMPILATION_CACHE", "0")
+  assert compile_cache.enable() is None
