@@ -1,12 +1,12 @@
 """Compiled XLA programs kept on disk between `jaxllm` runs (JAX's persistent compilation cache).
 
 Each run compiles its parameter initialisation, train step, evaluation, fingerprint and
-generation loop before the first of them runs: on nanoGPT's CPU Shakespeare config 7.4 s of
-XLA compilation in a 2,000-step run (the initialisation alone 2.1 s). A later run of the same
-shapes, settings and JAX version loads them instead: a 20-step run of that config in 7.1
-against 13.2 s. The programs are the same machine code, so the numbers are the same bit for
-bit; anything that changes a program (shapes, config, XLA flags, jax version) makes a new
-entry.
+generation loop before the first of them runs: on nanoGPT's CPU Shakespeare config, 7.4 s of
+XLA compilation per run (the initialisation alone 2.1 s). A later run of the same shapes,
+settings and JAX version loads them instead: a 20-step run of that config in 7.1 against
+13.2 s, the 2,000-step run in 83.7 against 93.5 s. The programs are the same machine code, so
+the numbers are the same bit for bit; anything that changes a program (shapes, config, XLA
+flags, jax version) makes a new entry.
 
 `jaxllm` commands call `enable()` at start. The cache is `$JAXLLM_COMPILATION_CACHE`, by
 default `$XDG_CACHE_HOME/jaxllm/xla` (`~/.cache/jaxllm/xla`), holding at most `MAX_BYTES`
