@@ -24,8 +24,9 @@ def train_shakespeare(workdir: pathlib.Path, *overrides: str, env: dict | None =
   command = [sys.executable, "-m", "jaxllm.cli", "train", "--config", str(EXPERIMENT),
              "--workdir", str(workdir), "--no-progress", *overrides]
   start = time.perf_counter()
-  child = subprocess.Popen(command, env={**os.environ, "JAXLLM_COMPILATION_CACHE": "0", **(env or {})},
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  env = {**os.environ, "JAXLLM_COMPILATION_CACHE": "0", **(env or {})}
+  child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
   _, status, usage = os.wait4(child.pid, 0)
   wall = time.perf_counter() - start
   if status:
