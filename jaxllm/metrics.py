@@ -13,6 +13,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxllm.errors import JaxllmError
+
 
 class MetricsWriter:
   """Appends one JSON object per logged step to metrics.jsonl, keeps them for the plot, and,
@@ -71,19 +73,40 @@ def _summary_writer_class():
   return SummaryWriter
 
 
+def read_metrics(path: pathlib.Path) -> list[dict[str, Any]]:
+  """Every record of a metrics.jsonl, the one reader of these files.
+
+  A last line without its newline that is not JSON is a write cut short by a kill (the case
+  resumes and sweeps are built for) and is left out; any other line that is not a record is
+  an error naming the file and the line.
+  """
+  path = pathlib.Path(path)
+  lines = path.read_text().split("\n")  # a whole file ends in "\n": the last item is ""
+  records = []
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      if number == len(lines):
+        break
+      raise JaxllmError(f"{path}, line {number}: not a JSON record ({e.msg}); delete that line "
+                        f"(or the file, losing the run's logged history)") from None
+    if not isinstance(record, dict) or "step" not in record:
+      raise JaxllmError(f"{path}, line {number}: not a JSON record (an object with a step); "
+                        f"delete that line (or the file, losing the run's logged history)")
+    records.append(record)
+  return records
+
+
 def read_records(path: pathlib.Path, until_step: int) -> list[dict[str, Any]]:
   """The records of metrics.jsonl up to `until_step`: a resumed run's history (a killed run may
   have logged past its last checkpoint; those steps are run again)."""
   path = pathlib.Path(path)
   if not path.exists():
     return []
-  records = []
-  for line in path.read_text().splitlines():
-    try:
-      records.append(json.loads(line))
-    except json.JSONDecodeError:  # a line cut short by a kill
-      continue
-  return [r for r in records if r["step"] <= until_step]
+  return [r for r in read_metrics(path) if r["step"] <= until_step]
 
 
 def plot_losses(records: list[dict[str, Any]], path: pathlib.Path, title: str = "") -> None:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from jaxllm import metrics
+from jaxllm.errors import JaxllmError
 
 
 def read_events(directory):
@@ -73,3 +74,20 @@ def test_event_files_without_importing_torch(tmp_path):
   done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert done.stdout.split() == ["False"]
   assert read_events(tmp_path / "tb")["train/loss"] == {1: 2.0}
+
+
+def test_a_last_line_cut_by_a_kill_is_left_out(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.5}\n{"step": 3, "lo')
+  assert [r["step"] for r in metrics.read_metrics(path)] == [1, 2]
+  assert [r["step"] for r in metrics.read_records(path, until_step=10)] == [1, 2]
+
+
+def test_a_corrupt_line_in_the_middle_names_the_file_and_line(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "lo\n{"step": 3, "loss": 2.0}\n')
+  with pytest.raises(JaxllmError, match=r"metrics.jsonl, line 2: not a JSON record"):
+    metrics.read_records(path, until_step=10)
+  path.write_text('{"step": 1}\n[1, 2]\n')  # whole lines, but not records
+  with pytest.raises(JaxllmError, match=r"metrics.jsonl, line 2: not a JSON record"):
+    metrics.read_metrics(path)
