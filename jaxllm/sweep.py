@@ -57,10 +57,21 @@ def parse_param(text: str) -> tuple[str, Any]:
                       f"section.key=loguniform:low:high")
   key, spec = text.split("=", 1)
   kind, _, rest = spec.partition(":")
-  if kind in ("uniform", "loguniform", "int") and rest.count(":") == 1:
-    low, high = (ast.literal_eval(v) for v in rest.split(":"))
-    return key, {"type": kind, "low": low, "high": high}
-  return key, [_literal(v) for v in spec.split(",")]
+  if kind not in ("uniform", "loguniform", "int"):
+    return key, [_literal(v) for v in spec.split(",")]
+  if rest.count(":") != 1:
+    raise JaxllmError(f"--param '{text}': needs {kind}:low:high (e.g. {kind}:1e-4:1e-2)")
+  bounds = {}
+  for name, value in zip(("low", "high"), rest.split(":")):
+    bounds[name] = _literal(value)
+    if not _is_number(bounds[name]):
+      raise JaxllmError(f"--param '{text}': {name} '{value}' is not a number ({kind}:low:high, "
+                        f"e.g. {kind}:1e-4:1e-2)")
+  return key, {"type": kind, **bounds}
+
+
+def _is_number(value: Any) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _literal(text: str) -> Any:
@@ -100,9 +111,8 @@ def _check_spec(spec: dict) -> None:
     if section not in known or name not in known[section]:
       raise JaxllmError(f"sweep parameter '{key}' is not a config key (section.key, e.g. "
                         f"train.learning_rate)")
-    if isinstance(values, dict) and values.get("type") not in DISTRIBUTIONS:
-      raise JaxllmError(f"sweep parameter '{key}': type must be one of "
-                        f"{', '.join(DISTRIBUTIONS)}, got {values.get('type')!r}")
+    if isinstance(values, dict):
+      _check_distribution(key, values)
     if spec["sampler"] == "grid" and not isinstance(values, list):
       raise JaxllmError(f"a grid sweep needs a list of values for '{key}', not a distribution")
   for name, allowed in (("sampler", SAMPLERS), ("pruner", PRUNERS),
@@ -110,6 +120,28 @@ def _check_spec(spec: dict) -> None:
     if spec[name] not in allowed:
       raise JaxllmError(f"sweep {name} must be one of {', '.join(allowed)}, got "
                         f"'{spec[name]}'")
+
+
+def _check_distribution(key: str, values: dict) -> None:
+  """What Optuna would refuse mid-sweep (or as a KeyError), refused before the first trial."""
+  kind = values.get("type")
+  if kind not in DISTRIBUTIONS:
+    raise JaxllmError(f"sweep parameter '{key}': type must be one of "
+                      f"{', '.join(DISTRIBUTIONS)}, got {kind!r}")
+  if kind == "categorical":
+    if not isinstance(values.get("choices"), list) or not values["choices"]:
+      raise JaxllmError(f"sweep parameter '{key}': a categorical needs a list of choices "
+                        f"({{'type': 'categorical', 'choices': [...]}})")
+    return
+  low, high = values.get("low"), values.get("high")
+  if not (_is_number(low) and _is_number(high)):
+    raise JaxllmError(f"sweep parameter '{key}': {kind} needs numbers low and high, got "
+                      f"{low!r} and {high!r}")
+  if low > high:
+    raise JaxllmError(f"sweep parameter '{key}': {kind} needs low <= high, got {low} and {high}")
+  if kind == "loguniform" and low <= 0:
+    raise JaxllmError(f"sweep parameter '{key}': a loguniform range needs 0 < low <= high, got "
+                      f"{low} and {high}")
 
 
 def _suggest(trial, key: str, values: Any) -> Any:
@@ -380,12 +412,14 @@ def _plots(rows: list[dict], spec: dict, sweep_dir: pathlib.Path) -> None:
 
 def _curves(rows: list[dict], sweep_dir: pathlib.Path, plt) -> None:
   """Every trial's validation loss against steps, from its metrics.jsonl."""
+  from jaxllm import metrics as metrics_lib
+
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for row in rows:
     path = pathlib.Path(row["workdir"]) / "metrics.jsonl" if row["workdir"] else None
     if path is None or not path.is_file():
       continue
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = metrics_lib.read_metrics(path)
     points = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     if points:
       ax.plot(*zip(*points), "o-" if row["best"] else "-", markersize=3,

@@ -73,6 +73,32 @@ def test_specs_from_the_command_line():
     sweep.sweep_spec(None, ["train.learning_rate=uniform:0:1"], sampler="grid", trials=3)
 
 
+@pytest.mark.parametrize("param, message", [
+    ("train.learning_rate=loguniform:abc:1e-2",
+     r"--param 'train.learning_rate=loguniform:abc:1e-2': low 'abc' is not a number"),
+    ("train.learning_rate=loguniform:1e-2", r"1e-2': needs loguniform:low:high"),
+    ("train.learning_rate=loguniform:0:1e-2",
+     r"a loguniform range needs 0 < low <= high, got 0 and 0.01"),
+    ("model.n_layer=int:4:1", r"'model.n_layer': int needs low <= high, got 4 and 1"),
+])
+def test_malformed_distributions_are_one_line_errors(param, message):
+  with pytest.raises(JaxllmError, match=message):
+    sweep.sweep_spec(None, [param], trials=2)
+
+
+def test_curves_read_a_metrics_file_cut_by_a_kill(tmp_path):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  (tmp_path / "trial_000").mkdir()
+  (tmp_path / "trial_000" / "metrics.jsonl").write_text(
+      '{"step": 5, "val_loss": 3.0}\n{"step": 10, "val_loss": 2.5}\n{"step": 15, "val_')
+  rows = [{"trial": 0, "best": True, "workdir": str(tmp_path / "trial_000")}]
+  sweep._curves(rows, tmp_path, plt)
+  assert (tmp_path / "curves.png").stat().st_size > 0
+
+
 def test_grid_killed_midway_finishes_only_what_is_missing(tmp_path, experiment):
   sweep_dir = tmp_path / "grid"
   grid = ["--param", "train.learning_rate=1e-3,1e-2", "--param", "model.n_layer=1,2,3",
