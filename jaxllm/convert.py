@@ -82,6 +82,41 @@ def tensor_table(hparams: dict) -> dict[str, tuple[tuple[str, ...], tuple[int, .
   return table
 
 
+def named(names: list[str], shown: int = 3) -> str:
+  """"'a', 'b', 'c' and 4 more": a few of a long list of names, then how many more."""
+  listed = ", ".join(f"'{name}'" for name in names[:shown])
+  return listed + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def check_tensors(tensors: dict, shapes: dict[str, tuple], source, config, what: str,
+                  harmless=lambda name: False) -> None:
+  """One-line errors unless `tensors` holds every name of `shapes` in that shape (None: any
+  size) and nothing else but what `harmless` accepts (buffers, tied copies): a tensor left
+  over would be dropped from the converted model without a word."""
+  for name, want in shapes.items():
+    if name not in tensors:
+      raise JaxllmError(f"{source} lacks '{name}', which {config} implies; the checkpoint is "
+                        f"incomplete, or {config} describes another size")
+    have = tuple(tensors[name].shape)
+    if len(have) != len(want) or any(w not in (None, h) for h, w in zip(have, want)):
+      raise JaxllmError(f"{source}: '{name}' has shape {list(have)} but {config} implies "
+                        f"[{', '.join('*' if w is None else str(w) for w in want)}]; the "
+                        f"checkpoint and its config disagree")
+  extra = sorted(name for name in tensors if name not in shapes and not harmless(name))
+  if extra:
+    count = f"{len(extra)} tensor{'s' if len(extra) > 1 else ''}"
+    raise JaxllmError(f"{source} holds {count} that {what} has not ({named(extra)}); convert "
+                      f"a {what} checkpoint (those tensors would be dropped)")
+
+
+def required(config: dict, keys, path) -> None:
+  """A one-line error naming the first of `keys` a config file lacks."""
+  for key in keys:
+    if key not in config:
+      raise JaxllmError(f"{path} lacks '{key}' (it needs {', '.join(keys)}); copy "
+                        f"{pathlib.Path(path).name} again from the model's repository")
+
+
 def _read_json(path: pathlib.Path, what: str) -> dict:
   if not path.is_file():
     raise JaxllmError(f"{path} not found ({what})")
@@ -109,6 +144,9 @@ def read_hf(folder: pathlib.Path) -> tuple[dict, dict[str, np.ndarray]]:
   if activation not in ("gelu_new", "gelu_pytorch_tanh"):
     raise JaxllmError(f"{folder / 'config.json'}: activation_function '{activation}' is not "
                       f"GPT-2's tanh GELU (gelu_new), which jaxllm computes")
+  required(config, ("n_embd", "n_head", "n_layer", "vocab_size"), folder / "config.json")
+  if "n_positions" not in config and "n_ctx" not in config:
+    required(config, ("n_positions",), folder / "config.json")
   d_model = int(config["n_embd"])
   if config.get("n_inner") not in (None, 4 * d_model):
     raise JaxllmError(f"{folder / 'config.json'}: n_inner {config['n_inner']} is not 4 * n_embd, "
@@ -134,6 +172,8 @@ def read_openai_tf(folder: pathlib.Path) -> tuple[dict, dict[str, np.ndarray]]:
   """(hyperparameters, tensors in Hugging Face's names and shapes) of OpenAI's TF checkpoint."""
   hparams_json = _read_json(folder / "hparams.json", "OpenAI's GPT-2 folder holds hparams.json "
                             "beside model.ckpt.*; download it with the checkpoint")
+  required(hparams_json, ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer"),
+           folder / "hparams.json")
   hparams = {"vocab_size": int(hparams_json["n_vocab"]),
              "context_length": int(hparams_json["n_ctx"]), "d_model": int(hparams_json["n_embd"]),
              "n_head": int(hparams_json["n_head"]), "n_layer": int(hparams_json["n_layer"]),
@@ -172,28 +212,18 @@ def read_gpt2(folder: str | pathlib.Path) -> tuple[dict, dict[str, np.ndarray]]:
                       f"of {', '.join(GPT2_NAMES)})")
   if (folder / "model.safetensors").is_file():
     hparams, tensors = read_hf(folder)
-    source = folder / "model.safetensors"
+    source, config = folder / "model.safetensors", folder / "config.json"
   elif list(folder.glob("*.ckpt.index")) or (folder / "hparams.json").is_file():
     hparams, tensors = read_openai_tf(folder)
-    source = folder / "model.ckpt"
+    source, config = folder / "model.ckpt", folder / "hparams.json"
   elif (folder / "pytorch_model.bin").is_file():
     raise JaxllmError(f"{folder} holds pytorch_model.bin only: a pickle, which jaxllm never "
                       f"loads; download model.safetensors instead")
   else:
     raise JaxllmError(f"{folder} holds no GPT-2 checkpoint (expected model.safetensors + "
                       f"config.json, or model.ckpt.* + hparams.json)")
-  table = tensor_table(hparams)
-  for name, (_, shape) in table.items():
-    if name not in tensors:
-      raise JaxllmError(f"{source} lacks '{name}' (the hyperparameters ask for "
-                        f"{hparams['n_layer']} layers); the checkpoint is incomplete")
-    if tuple(tensors[name].shape) != shape:
-      raise JaxllmError(f"{source}: '{name}' has shape {list(tensors[name].shape)} but the "
-                        f"hyperparameters imply {list(shape)}; the checkpoint and its config "
-                        f"disagree")
-  extra = sorted(set(tensors) - set(table))
-  if extra:
-    raise JaxllmError(f"{source} holds '{extra[0]}', which GPT-2 has not; not a GPT-2 checkpoint")
+  shapes = {name: shape for name, (_, shape) in tensor_table(hparams).items()}
+  check_tensors(tensors, shapes, source, config, "GPT-2")
   return hparams, tensors
 
 

@@ -198,7 +198,8 @@ def test_missing_and_broken_files_are_one_line_errors(tmp_path, capsys):
 
   wider = _write_hf(tmp_path / "wider", tensors, n_embd=64)
   message = _error(capsys, "--from", str(wider), "--out", out)
-  assert "'wte.weight' has shape [50257, 32] but the hyperparameters imply [50257, 64]" in message
+  assert "'wte.weight' has shape [50257, 32] but " in message
+  assert "config.json implies [50257, 64]" in message
 
   deeper = _write_hf(tmp_path / "deeper", tensors, n_layer=3)
   assert "lacks 'h.2.ln_1.weight'" in _error(capsys, "--from", str(deeper), "--out", out)
@@ -208,6 +209,38 @@ def test_missing_and_broken_files_are_one_line_errors(tmp_path, capsys):
   (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04not loaded")
   assert "never loads" in _error(capsys, "--from", str(pickled), "--out", out)
   assert not (tmp_path / "out").exists()
+
+
+def test_missing_config_keys_are_one_line_errors(tmp_path, capsys):
+  out = str(tmp_path / "out")
+  hf = _write_hf(tmp_path / "hf", _tensors())
+  config = json.loads((hf / "config.json").read_text())
+  del config["n_embd"]
+  (hf / "config.json").write_text(json.dumps(config))
+  message = _error(capsys, "--from", str(hf), "--out", out)
+  assert f"{hf / 'config.json'} lacks 'n_embd'" in message and "copy config.json again" in message
+
+  tf_folder = tmp_path / "tf"  # hparams.json is read before the checkpoint
+  tf_folder.mkdir()
+  (tf_folder / "hparams.json").write_text(json.dumps({"n_vocab": 50257, "n_ctx": 16,
+                                                      "n_head": 4, "n_layer": 2}))
+  assert f"{tf_folder / 'hparams.json'} lacks 'n_embd'" in _error(
+      capsys, "--from", str(tf_folder), "--out", out)
+
+
+def test_unexpected_tensors_are_named_a_few_then_counted(tmp_path, capsys):
+  tensors = _tensors()
+  # The buffers the hub's files hold beside the weights are not unexpected.
+  buffers = {f"h.{i}.attn.masked_bias": np.full((), -1e4, np.float32) for i in range(2)}
+  hf = _write_hf(tmp_path / "buffers", {**tensors, **buffers})
+  assert cli.main(["convert", "--from", str(hf), "--out", str(tmp_path / "run")]) == 0
+  capsys.readouterr()
+
+  extra = {f"score.{i}.weight": np.zeros((2, 32), np.float32) for i in range(5)}
+  hf = _write_hf(tmp_path / "extra", {**tensors, **extra})
+  message = _error(capsys, "--from", str(hf), "--out", str(tmp_path / "out"))
+  assert (f"{hf / 'model.safetensors'} holds 5 tensors that GPT-2 has not ('score.0.weight', "
+          f"'score.1.weight', 'score.2.weight' and 2 more)") in message
 
 
 def test_download_checks_what_it_fetched(tmp_path, monkeypatch, capsys):
