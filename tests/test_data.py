@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import threading
 
 import numpy as np
 import pytest
@@ -167,6 +170,68 @@ def test_chunked_encoding_equals_one_shot(shared_data, monkeypatch):
   assert len(list(tokens_lib.safe_chunks([text], 1))) == 1_461
   np.testing.assert_array_equal(data_lib.encode(gpt2, text), gpt2.encode(text))
 
+
+# --- portability: no os.sched_getaffinity on macOS, no fcntl on Windows -----------------------
+
+def test_tokenize_workers_default_to_cpu_count_without_sched_getaffinity(tmp_path, monkeypatch):
+  monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+  seen, original = [], tokens_lib.encode_chunks
+
+  def recording(tok, chunks, workers=1):
+    seen.append(workers)
+    return original(tok, chunks, workers)
+
+  monkeypatch.setattr(tokens_lib, "encode_chunks", recording)
+  path = tmp_path / "t.txt"
+  path.write_text("hello world, hello jax\n" * 10)
+  data_lib.load_token_data(_text(tmp_path / "tfds", path, tokenizer="char"))
+  assert seen == [os.cpu_count()] * 2  # train, val
+
+
+def test_the_token_cache_needs_no_fcntl():
+  # As on Windows: importing fcntl fails (filelock picks its platform's lock before that).
+  code = "import sys, filelock; sys.modules['fcntl'] = None; import jaxllm.data.tokens"
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr[-2000:]
+
+
+_HOLD_LOCK = """
+import pathlib, sys, time
+from jaxllm.data import tokens
+with tokens._lock(pathlib.Path(sys.argv[1])):
+  print("held", flush=True)
+  time.sleep(120)
+"""
+
+
+def test_cache_lock_excludes_processes_and_threads_and_dies_with_its_holder(tmp_path):
+  lock = tmp_path / "cache.lock"
+  taken = threading.Event()
+
+  def take():
+    with tokens_lib._lock(lock):
+      taken.set()
+
+  holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(lock)],
+                            stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline() == "held\n"
+    waiter = threading.Thread(target=take, daemon=True)
+    waiter.start()
+    assert not taken.wait(1.0)  # another process holds it
+  finally:
+    holder.kill()  # no release: the operating system's, at its death
+    holder.wait()
+  assert taken.wait(30)
+  waiter.join()
+  # Between threads of one process too.
+  taken.clear()
+  with tokens_lib._lock(lock):
+    waiter = threading.Thread(target=take, daemon=True)
+    waiter.start()
+    assert not taken.wait(0.5)
+  assert taken.wait(30)
+  waiter.join()
 
 # --- batching ---------------------------------------------------------------------------------
 

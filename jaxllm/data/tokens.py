@@ -20,7 +20,6 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
@@ -29,6 +28,7 @@ import re
 import time
 from typing import Iterable, Iterator
 
+import filelock
 import ml_collections
 from absl import logging as absl_logging
 import numpy as np
@@ -267,13 +267,20 @@ def load_token_data(data: ml_collections.ConfigDict, context_length: int | None 
 
 @contextlib.contextmanager
 def _lock(path: pathlib.Path):
+  """An exclusive lock on `path` between processes and threads. filelock takes the operating
+  system's lock (flock on Unix, msvcrt on Windows), which the system releases too if this
+  process dies: a killed preparation leaves no stale lock."""
   path.parent.mkdir(parents=True, exist_ok=True)
-  with open(path, "a") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)  # released by the kernel too if this process dies
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
+  with filelock.FileLock(path):
+    yield
+
+
+def available_cores() -> int:
+  """The cores this process may run on (os.sched_getaffinity, where the system has it: not
+  on macOS or Windows), else every core."""
+  if hasattr(os, "sched_getaffinity"):
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count() or 1
 
 
 class _CharSurvey:
@@ -333,7 +340,7 @@ def _prepare_cache(data: ml_collections.ConfigDict, builder: tfds.core.DatasetBu
   plan = preparation.state["plan"]
   tok = tokenizer or (tokenizer_lib.CharTokenizer(plan["chars"]) if plan["chars"] is not None
                       else tokenizer_lib.get_tokenizer(data.tokenizer))
-  workers = data.tokenize_workers or len(os.sched_getaffinity(0))
+  workers = data.tokenize_workers or available_cores()
   for name in ("train", "val"):
     writer = token_files.ShardWriter(preparation, name, token_dtype(tok))
     if not writer.split["done"]:
