@@ -13,6 +13,7 @@ import pytest
 from jaxllm import config as config_lib
 from jaxllm import data as data_lib
 from jaxllm import tokenizer as tokenizer_lib
+from jaxllm.data import corpus
 from jaxllm.data import tokens as tokens_lib
 from jaxllm.errors import JaxllmError
 
@@ -169,6 +170,21 @@ def test_chunked_encoding_equals_one_shot(shared_data, monkeypatch):
   monkeypatch.setattr(tokens_lib, "CHUNK_CHARS", 1)
   assert len(list(tokens_lib.safe_chunks([text], 1))) == 1_461
   np.testing.assert_array_equal(data_lib.encode(gpt2, text), gpt2.encode(text))
+
+
+
+def test_many_short_documents_encode_as_each_one_with_the_separator(monkeypatch):
+  # lm1b's shape: thousands of one-line documents per chunk, each its own piece.
+  rng = np.random.default_rng(0)
+  words = ["the", "cat", "sat", "on", "a", "mat", "and", "then", "ran", "away", "."]
+  documents = [" ".join(rng.choice(words, rng.integers(1, 12))) for _ in range(20_000)]
+  stream = corpus.TextStream(lambda: (iter((d,)) for d in documents), tokenizer_lib.EOT)
+  gpt2 = tokenizer_lib.get_tokenizer("gpt2")
+  chunks = list(tokens_lib.safe_chunks(stream, 10_000))
+  assert "".join(chunks) == tokenizer_lib.EOT.join(documents) and len(chunks) > 20
+  ids = np.concatenate([i for _, i in tokens_lib.encode_chunks(gpt2, chunks, workers=2)])
+  one_by_one = [gpt2.encode(d) + [gpt2.eot_id] for d in documents]
+  np.testing.assert_array_equal(ids, np.concatenate(one_by_one)[:-1])
 
 
 # --- portability: no os.sched_getaffinity on macOS, no fcntl on Windows -----------------------

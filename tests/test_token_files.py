@@ -171,6 +171,8 @@ def test_chunks_cut_anywhere_in_the_stream_encode_as_the_whole(shared_data, monk
   monkeypatch.setattr(tokens_lib, "HARD_CHUNK_CHARS", 1000)
   assert [len(c) for c in tokens_lib.safe_chunks(["x" * 700, "y" * 1800], 100)] == [
       1000, 1000, 500]
+  # The same from many small pieces (waiting for a safe place joins them now and then).
+  assert [len(c) for c in tokens_lib.safe_chunks(["x" * 10] * 250, 100)] == [1000, 1000, 500]
 
 
 def test_char_vocabulary_survey_leaves_out_a_marker_cut_between_pieces():

@@ -160,21 +160,37 @@ def safe_chunks(pieces: Iterable[str], size: int) -> Iterator[str]:
   _SAFE_CUT), so the chunks encode exactly as the whole text does. Text with no safe place
   in HARD_CHUNK_CHARS characters is cut there anyway (memory stays bounded; the tokens at
   that one cut may then differ from the whole text's)."""
-  buffer = ""
+  hard = max(HARD_CHUNK_CHARS, size + 1)
+  # Pieces wait in a list and are joined once there is a chunk's worth: adding each to one
+  # string would copy the text gathered so far for every piece, and a chunk of short
+  # documents (two pieces each, the text and the separator) has tens of thousands of them.
+  parts: list[str] = []
+  length, look_at = 0, size + 1  # characters in `parts`; when to look for a cut again
   for piece in pieces:
-    buffer = buffer + piece if buffer else piece
-    while len(buffer) > size:
-      cut = _SAFE_CUT.search(buffer, size)
+    parts.append(piece)
+    length += len(piece)
+    if length < look_at:
+      continue
+    text, start = "".join(parts), 0
+    while len(text) - start > size:
+      # Searched no further than a hard cut, so that text with no safe place costs one scan.
+      cut = _SAFE_CUT.search(text, start + size, start + hard)
       if cut is not None:
         end = cut.end()
-      elif len(buffer) >= max(HARD_CHUNK_CHARS, size + 1):
-        end = max(HARD_CHUNK_CHARS, size + 1)
+      elif len(text) - start >= hard:
+        end = start + hard
       else:
         break  # wait for more text
-      yield buffer[:end]
-      buffer = buffer[end:]
-  if buffer:
-    yield buffer
+      yield text[start:end]
+      start = end
+    rest = text[start:]
+    parts, length = [rest], len(rest)
+    # Waiting for a safe place: look again once the text has doubled (or reaches a hard cut),
+    # not at every piece, so the joins stay linear in the text.
+    look_at = size + 1 if length <= size else min(2 * length, hard)
+  rest = "".join(parts)
+  if rest:
+    yield rest
 
 
 def token_dtype(tok: tokenizer_lib.Tokenizer) -> np.dtype:
