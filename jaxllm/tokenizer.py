@@ -129,6 +129,18 @@ class CharTokenizer(Tokenizer):
     return {"kind": "char", "chars": self.chars}
 
 
+def _parse(spec: str, source: str):
+  """The `tokenizers` Tokenizer of a tokenizer.json's text; a malformed one is a user error."""
+  from tokenizers import Tokenizer as HfTokenizer  # deferred: the hf extra brings it
+
+  try:
+    return HfTokenizer.from_str(spec)
+  except Exception as e:  # tokenizers raises bare Exceptions ("EOF while parsing ...")
+    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise JaxllmError(f"{source} is not a Hugging Face tokenizer.json ({reason}); copy it again "
+                      f"from the model's repository") from None
+
+
 class HFTokenizer(Tokenizer):
   """A Hugging Face `tokenizer.json` (Llama, Qwen, Mistral, ...) through the `tokenizers`
   library. Text is encoded without the special tokens a template would add (no BOS);
@@ -137,11 +149,9 @@ class HFTokenizer(Tokenizer):
   name = "hf"
   EOT_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<|im_end|>", "<eos>")
 
-  def __init__(self, spec: str, eot: str | None = None):
-    from tokenizers import Tokenizer as HfTokenizer  # deferred: the hf extra brings it
-
+  def __init__(self, spec: str, eot: str | None = None, source: str = "tokenizer.json"):
     self._spec = spec
-    self._tokenizer = HfTokenizer.from_str(spec)
+    self._tokenizer = _parse(spec, source)
     self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
     vocab = self._tokenizer.get_vocab(with_added_tokens=True)
     self.eot = eot or next((t for t in self.EOT_CANDIDATES if t in vocab), None)
@@ -154,10 +164,11 @@ class HFTokenizer(Tokenizer):
   @classmethod
   def from_file(cls, path: str) -> "HFTokenizer":
     try:
-      return cls(pathlib.Path(path).read_text(encoding="utf-8"))
+      text = pathlib.Path(path).read_text(encoding="utf-8")
     except OSError as e:
       raise JaxllmError(f"cannot read tokenizer file {path} ({e.strerror}); data.tokenizer "
                         f"takes a tiktoken name, char, or a Hugging Face tokenizer.json") from None
+    return cls(text, source=path)
 
   def encode(self, text: str) -> list[int]:
     ids: list[int] = []
@@ -184,11 +195,9 @@ class WordPieceTokenizer(Tokenizer):
   name = "wordpiece"
   SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
-  def __init__(self, spec: str):
-    from tokenizers import Tokenizer as HfTokenizer  # deferred: the hf extra brings it
-
+  def __init__(self, spec: str, source: str = "tokenizer.json"):
     self._spec = spec
-    self._tokenizer = HfTokenizer.from_str(spec)
+    self._tokenizer = _parse(spec, source)
     vocab = self._tokenizer.get_vocab(with_added_tokens=True)
     missing = [t for t in self.SPECIALS if t not in vocab]
     if missing:
@@ -223,7 +232,7 @@ class WordPieceTokenizer(Tokenizer):
       raise JaxllmError(f"tokenizer file {path} not found (a BERT tokenizer is a "
                         f"tokenizer.json or a vocab.txt)")
     if path.suffix == ".json":
-      return cls(path.read_text(encoding="utf-8"))
+      return cls(path.read_text(encoding="utf-8"), source=str(path))
     from tokenizers import BertWordPieceTokenizer
 
     words = set(path.read_text(encoding="utf-8").splitlines())

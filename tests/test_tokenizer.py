@@ -106,3 +106,19 @@ def test_wordpiece_errors_name_the_files(tmp_path, wordpiece_folder):
   (tmp_path / "vocab.txt").write_text("a\nb\n[PAD]\n")
   with pytest.raises(JaxllmError, match=r"lacks \[UNK\], \[CLS\], \[SEP\], \[MASK\]"):
     tokenizer_lib.get_tokenizer(str(tmp_path / "vocab.txt"))
+
+
+def test_a_malformed_tokenizer_json_names_the_file(tmp_path, wordpiece_folder):
+  text = (wordpiece_folder / "tokenizer.json").read_text()
+  cut = tmp_path / "cut" / "tokenizer.json"
+  cut.parent.mkdir()
+  cut.write_text(text[:len(text) // 2])
+  with pytest.raises(JaxllmError, match=f"^{cut} is not a Hugging Face tokenizer.json "
+                                        r"\(EOF while parsing .*\); copy it again"):
+    tokenizer_lib.get_tokenizer(str(cut))
+  with pytest.raises(JaxllmError, match=f"^{cut} is not a Hugging Face tokenizer.json"):
+    tokenizer_lib.WordPieceTokenizer.from_path(cut.parent)  # a BERT folder
+  stub = tmp_path / "stub.json"
+  stub.write_text('{"model": {"type": "WordPiece"}}')  # JSON, but no tokenizer
+  with pytest.raises(JaxllmError, match=f"^{stub} is not a Hugging Face tokenizer.json"):
+    tokenizer_lib.get_tokenizer(str(stub))
