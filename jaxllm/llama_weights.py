@@ -32,6 +32,8 @@ from jaxllm.errors import JaxllmError
 
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                "mistral": "MistralForCausalLM"}
+REQUIRED_KEYS = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size",
+                 "vocab_size", "max_position_embeddings")
 
 
 def is_llama_folder(folder: pathlib.Path) -> bool:
@@ -66,6 +68,9 @@ def _rope(hf: dict) -> dict:
 
 def run_config(hf: dict, source: str):
   """The jaxllm config of a Hugging Face Llama-family config.json."""
+  from jaxllm import convert
+
+  convert.required(hf, REQUIRED_KEYS, pathlib.Path(source) / "config.json")
   model_type = hf.get("model_type")
   d, heads = hf["hidden_size"], hf["num_attention_heads"]
   if hf.get("head_dim") not in (None, d // heads):
@@ -94,23 +99,79 @@ def run_config(hf: dict, source: str):
 
 def read_tensors(folder: pathlib.Path) -> dict[str, np.ndarray]:
   """Every tensor of a safetensors checkpoint (one file or an index of shards), float32."""
-  from safetensors import safe_open
+  from safetensors import SafetensorError, safe_open
 
-  index = folder / "model.safetensors.index.json"
-  if index.is_file():
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-  elif (folder / "model.safetensors").is_file():
-    files = ["model.safetensors"]
-  else:
-    raise JaxllmError(f"{folder} has neither model.safetensors nor "
-                      f"model.safetensors.index.json; pass a Hugging Face model folder")
   tensors = {}
-  for name in files:
-    # framework="flax": numpy has no bfloat16, the dtype these checkpoints usually are.
-    with safe_open(folder / name, framework="flax") as f:
-      for key in f.keys():
-        tensors[key] = np.asarray(f.get_tensor(key), np.float32)
+  for path in _shards(folder):
+    try:
+      # framework="flax": numpy has no bfloat16, the dtype these checkpoints usually are.
+      with safe_open(path, framework="flax") as f:
+        for key in f.keys():
+          tensors[key] = np.asarray(f.get_tensor(key), np.float32)
+    except (SafetensorError, OSError) as e:
+      raise JaxllmError(f"{path} cannot be read ({e}); download it again") from None
   return tensors
+
+
+def _shards(folder: pathlib.Path) -> list[pathlib.Path]:
+  """The safetensors files of a checkpoint: model.safetensors, or the shards its index lists."""
+  index = folder / "model.safetensors.index.json"
+  if not index.is_file():
+    if not (folder / "model.safetensors").is_file():
+      raise JaxllmError(f"{folder} has neither model.safetensors nor "
+                        f"model.safetensors.index.json; pass a Hugging Face model folder")
+    return [folder / "model.safetensors"]
+  try:
+    names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+  except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+    raise JaxllmError(f"{index} is not valid JSON with a weight_map ({e}); download it "
+                      f"again") from None
+  for name in names:
+    if not (folder / name).is_file():
+      raise JaxllmError(f"{index} lists {name}, which is not there; download the missing "
+                        f"shards into {folder}")
+  return [folder / name for name in names]
+
+
+def tensor_shapes(cfg) -> dict[str, tuple[int, ...]]:
+  """Every Hugging Face tensor (without "model.") of this config -> its shape."""
+  d, h, g, k, f, v = cfg.d_model, cfg.n_head, cfg.kv_heads, cfg.head_dim, cfg.hidden, cfg.vocab_size
+  shapes = {"embed_tokens.weight": (v, d), "norm.weight": (d,)}
+  if not cfg.tie_embeddings:
+    shapes["lm_head.weight"] = (v, d)
+  for i in range(cfg.n_layer):
+    pre = f"layers.{i}."
+    layer = {"self_attn.q_proj.weight": (h * k, d), "self_attn.k_proj.weight": (g * k, d),
+             "self_attn.v_proj.weight": (g * k, d), "self_attn.o_proj.weight": (d, h * k),
+             "mlp.gate_proj.weight": (f, d), "mlp.up_proj.weight": (f, d),
+             "mlp.down_proj.weight": (d, f), "input_layernorm.weight": (d,),
+             "post_attention_layernorm.weight": (d,)}
+    if cfg.qkv_bias:
+      layer.update({"self_attn.q_proj.bias": (h * k,), "self_attn.k_proj.bias": (g * k,),
+                    "self_attn.v_proj.bias": (g * k,)})
+    shapes.update({pre + name: shape for name, shape in layer.items()})
+  return shapes
+
+
+def _is_buffer(name: str) -> bool:
+  # Older transformers saved each layer's rotary frequencies: computed, not weights.
+  return name.endswith("rotary_emb.inv_freq")
+
+
+def checked_tensors(tensors: dict[str, np.ndarray], cfg, folder: pathlib.Path) -> dict:
+  """The tensors under jaxllm's names for them (no "model."), every one checked against the
+  config: none missing, none of another shape, none left over but buffers."""
+  from jaxllm import convert
+
+  t = {name.removeprefix("model."): value for name, value in tensors.items()}
+  if cfg.tie_embeddings and "lm_head.weight" in t:
+    # A tied model's head is the embedding matrix; a file may still hold a copy of it.
+    if not np.array_equal(t.pop("lm_head.weight"), t.get("embed_tokens.weight")):
+      raise JaxllmError(f"{folder}: lm_head.weight differs from embed_tokens.weight, yet "
+                        f"config.json says tie_word_embeddings; set it to false")
+  convert.check_tensors(t, tensor_shapes(cfg), folder, folder / "config.json",
+                        "a Llama-family model", harmless=_is_buffer)
+  return t
 
 
 def _layer_params(t: dict, prefix: str, cfg) -> dict:
@@ -121,7 +182,7 @@ def _layer_params(t: dict, prefix: str, cfg) -> dict:
 
   q, kk, v = (w(f"self_attn.{p}_proj").T.reshape(d, -1, k) for p in "qkv")
   attn: dict[str, Any] = {"out": {"kernel": w("self_attn.o_proj").T.reshape(h, k, d)}}
-  biases = [t.get(f"{prefix}self_attn.{p}_proj.bias") for p in "qkv"]
+  biases = [t[f"{prefix}self_attn.{p}_proj.bias"] for p in "qkv"] if cfg.qkv_bias else None
   if g == h:
     attn["qkv"] = {"kernel": np.stack([q, kk, v], axis=1)}
     if cfg.qkv_bias:
@@ -139,39 +200,14 @@ def _layer_params(t: dict, prefix: str, cfg) -> dict:
   }
 
 
-def to_params(tensors: dict[str, np.ndarray], cfg, source: str) -> dict:
-  """jaxllm params from Hugging Face tensors (names checked: none missing, none left over)."""
-  t = {name.removeprefix("model."): value for name, value in tensors.items()}
-  t_tracked = _Tracked(t)
-  params = {"wte": {"embedding": t_tracked["embed_tokens.weight"]},
-            "ln_f": {"scale": t_tracked["norm.weight"]}}
+def to_params(t: dict[str, np.ndarray], cfg) -> dict:
+  """jaxllm params from Hugging Face tensors, as `checked_tensors` gives them."""
+  params = {"wte": {"embedding": t["embed_tokens.weight"]}, "ln_f": {"scale": t["norm.weight"]}}
   for i in range(cfg.n_layer):
-    params[f"blocks_{i}"] = _layer_params(t_tracked, f"layers.{i}.", cfg)
+    params[f"blocks_{i}"] = _layer_params(t, f"layers.{i}.", cfg)
   if not cfg.tie_embeddings:
-    params["lm_head"] = {"kernel": t_tracked["lm_head.weight"].T}
-  extra = sorted(set(t) - t_tracked.used - {"lm_head.weight"} - {
-      n for n in t if n.endswith("rotary_emb.inv_freq")})
-  if extra:
-    raise JaxllmError(f"{source} holds '{extra[0]}', which this architecture has not")
+    params["lm_head"] = {"kernel": t["lm_head.weight"].T}
   return params
-
-
-class _Tracked(dict):
-  """A tensor dict that records which names were read, and names a missing one clearly."""
-
-  def __init__(self, tensors: dict):
-    super().__init__(tensors)
-    self.used: set[str] = set()
-
-  def __getitem__(self, name):
-    if name not in self:
-      raise JaxllmError(f"the checkpoint has no tensor '{name}' (not a complete Llama-family "
-                        f"checkpoint, or its config.json describes another size)")
-    self.used.add(name)
-    return super().__getitem__(name)
-
-  def get(self, name, default=None):
-    return self[name] if name in self else default
 
 
 def from_params(params: Any, cfg) -> dict[str, np.ndarray]:
@@ -247,9 +283,14 @@ def _tokenizer_spec(folder: pathlib.Path) -> dict:
   eos = None
   settings = folder / "tokenizer_config.json"
   if settings.is_file():
-    eos = json.loads(settings.read_text()).get("eos_token")
+    try:
+      eos = json.loads(settings.read_text()).get("eos_token")
+    except (json.JSONDecodeError, AttributeError) as e:
+      raise JaxllmError(f"{settings} is not a JSON object ({e}); copy it again from the "
+                        f"model's repository, or delete it") from None
     eos = eos.get("content") if isinstance(eos, dict) else eos
-  return tokenizer_lib.HFTokenizer(path.read_text(encoding="utf-8"), eos).to_json()
+  text = path.read_text(encoding="utf-8")
+  return tokenizer_lib.HFTokenizer(text, eos, source=str(path)).to_json()
 
 
 def import_llama(source: str | pathlib.Path, out: str | pathlib.Path) -> dict:
@@ -265,7 +306,7 @@ def import_llama(source: str | pathlib.Path, out: str | pathlib.Path) -> dict:
   config = run_config(hf, str(folder))
   cfg = config_lib.model_config(config.model)
   spec = _tokenizer_spec(folder)
-  params = to_params(read_tensors(folder), cfg, str(folder))
+  params = to_params(checked_tensors(read_tensors(folder), cfg, folder), cfg)
   target = nn.unbox(abstract_variables(GPT(cfg))["params"])
   checkpoint_lib.check_matches(params, target, f"the converted {hf['model_type']} checkpoint",
                                f"{folder / 'config.json'} and its tensors disagree")

@@ -171,3 +171,121 @@ def test_cached_greedy_decoding_equals_transformers_generate(tmp_path, shared_da
   theirs = out[:, 11:].tolist()
   assert [len(row) for row in ours] == [32, 32]
   assert ours == theirs
+
+
+@pytest.fixture(scope="module")
+def qwen2_folder(tmp_path_factory):
+  """A saved random Qwen2 (q/k/v biases, tied embeddings) with a small BPE tokenizer.json."""
+  from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+  folder = tmp_path_factory.mktemp("qwen2")
+  _model("qwen2").save_pretrained(folder)
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.train_from_iterator(["to be or not to be"], trainers.BpeTrainer(
+      vocab_size=270, special_tokens=["<|endoftext|>"],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  tok.save(str(folder / "tokenizer.json"))
+  return folder
+
+
+def _broken_copy(folder, tmp_path, change_tensors=None, change_config=None):
+  """A copy of `folder` with its tensors and config.json passed through the changes."""
+  import shutil
+
+  from safetensors.numpy import load_file, save_file
+
+  copy = tmp_path / "hf"
+  shutil.copytree(folder, copy)
+  if change_tensors:
+    tensors = change_tensors(load_file(copy / "model.safetensors"))
+    save_file(tensors, copy / "model.safetensors", metadata={"format": "pt"})
+  if change_config:
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps(change_config(config)))
+  return copy
+
+
+def _convert_error(folder, tmp_path):
+  from jaxllm import llama_weights
+  from jaxllm.errors import JaxllmError
+
+  with pytest.raises(JaxllmError) as error:
+    llama_weights.import_llama(folder, tmp_path / "run")
+  return str(error.value)
+
+
+def _without(*names):
+  return lambda tensors: {k: v for k, v in tensors.items() if k not in names}
+
+
+def test_a_missing_tensor_is_named_with_its_file(qwen2_folder, tmp_path):
+  folder = _broken_copy(qwen2_folder, tmp_path, _without("model.layers.1.mlp.up_proj.weight"))
+  message = _convert_error(folder, tmp_path)
+  assert message.startswith(f"{folder} lacks 'layers.1.mlp.up_proj.weight'"), message
+  assert "config.json" in message
+
+
+def test_a_missing_bias_is_named(qwen2_folder, tmp_path):
+  folder = _broken_copy(qwen2_folder, tmp_path, _without("model.layers.0.self_attn.k_proj.bias"))
+  assert f"{folder} lacks 'layers.0.self_attn.k_proj.bias'" in _convert_error(folder, tmp_path)
+
+
+def test_unexpected_tensors_are_named_but_rotary_buffers_pass(qwen2_folder, tmp_path):
+  def add(extra):
+    return lambda tensors: {**tensors, **extra}
+
+  inv_freq = {f"model.layers.{i}.self_attn.rotary_emb.inv_freq": np.ones(8, np.float32)
+              for i in range(2)}
+  folder = _broken_copy(qwen2_folder, tmp_path / "a", add(inv_freq))
+  assert cli.main(["convert", "--from", str(folder), "--out", str(tmp_path / "run")]) == 0
+
+  extra = {f"model.layers.{i}.self_attn.q_norm.weight": np.ones(16, np.float32)
+           for i in range(2)}
+  extra.update({"score.weight": np.ones((2, 64), np.float32),
+                "model.layers.0.mlp.gate_proj.bias": np.ones(96, np.float32)})
+  folder = _broken_copy(qwen2_folder, tmp_path / "b", add({**inv_freq, **extra}))
+  assert (f"{folder} holds 4 tensors that a Llama-family model has not "
+          f"('layers.0.mlp.gate_proj.bias', 'layers.0.self_attn.q_norm.weight', "
+          f"'layers.1.self_attn.q_norm.weight' and 1 more)") in _convert_error(folder, tmp_path)
+
+
+def test_a_tied_head_that_differs_from_the_embeddings_is_refused(qwen2_folder, tmp_path):
+  def untied(tensors):
+    return {**tensors, "lm_head.weight": tensors["model.embed_tokens.weight"] + 1.0}
+
+  folder = _broken_copy(qwen2_folder, tmp_path, untied)
+  assert "lm_head.weight differs from embed_tokens.weight" in _convert_error(folder, tmp_path)
+
+
+def test_a_truncated_checkpoint_and_a_missing_config_key(qwen2_folder, tmp_path):
+  folder = _broken_copy(qwen2_folder, tmp_path / "a")
+  data = (folder / "model.safetensors").read_bytes()
+  (folder / "model.safetensors").write_bytes(data[:len(data) // 2])
+  message = _convert_error(folder, tmp_path)
+  assert message.startswith(f"{folder / 'model.safetensors'} cannot be read"), message
+  assert "download it again" in message
+
+  def no_hidden_size(config):
+    return {k: v for k, v in config.items() if k != "hidden_size"}
+
+  folder = _broken_copy(qwen2_folder, tmp_path / "b", change_config=no_hidden_size)
+  assert f"{folder / 'config.json'} lacks 'hidden_size'" in _convert_error(folder, tmp_path)
+
+
+def test_a_broken_shard_index_or_tokenizer_is_named(qwen2_folder, tmp_path):
+  folder = _broken_copy(qwen2_folder, tmp_path / "a")
+  (folder / "model.safetensors.index.json").write_text('{"weight_map": {"x": "model-0')
+  assert f"{folder / 'model.safetensors.index.json'} is not valid JSON" in _convert_error(
+      folder, tmp_path)
+  (folder / "model.safetensors.index.json").write_text(
+      json.dumps({"weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}}))
+  assert "model-00002-of-00002.safetensors, which is not there" in _convert_error(
+      folder, tmp_path)
+
+  folder = _broken_copy(qwen2_folder, tmp_path / "b")
+  text = (folder / "tokenizer.json").read_text()
+  (folder / "tokenizer.json").write_text(text[:len(text) // 2])
+  message = _convert_error(folder, tmp_path)
+  assert message.startswith(f"{folder / 'tokenizer.json'} is not a Hugging Face "
+                            f"tokenizer.json"), message
