@@ -17,6 +17,7 @@ the checkpoints), `xpk workload create` (JobSet restarts a workload on exit code
 
 from __future__ import annotations
 
+import argparse
 import os
 import shlex
 import socket
@@ -151,24 +152,16 @@ def slurm_script(argv: Sequence[str], *, nodes: int, gpus_per_node: int, job_nam
   return "\n".join(lines)
 
 
-def main(argv: Sequence[str]) -> int:
-  """`jaxllm launch TARGET [options] -- JAXLLM ARGS`."""
-  import argparse
-
-  if "--" not in argv:
-    raise JaxllmError("jaxllm launch needs the command to run after --, e.g. "
-                      "jaxllm launch local --processes 2 -- train --config ...")
-  split = list(argv).index("--")
-  options, command = list(argv[:split]), list(argv[split + 1:])
-  if not command:
-    raise JaxllmError("nothing after -- to launch (e.g. train --config experiments/<name>.py)")
-  parser = argparse.ArgumentParser(prog="jaxllm launch")
+def _parser() -> argparse.ArgumentParser:
+  after = "then -- and the jaxllm command every process runs, e.g. -- train --config FILE"
+  parser = argparse.ArgumentParser(prog="jaxllm launch", epilog=after)
   targets = parser.add_subparsers(dest="target", required=True)
-  local_ = targets.add_parser("local", help="N processes of one job on this machine")
+  local_ = targets.add_parser("local", help="N processes of one job on this machine",
+                              epilog=after)
   local_.add_argument("--processes", type=int, required=True)
   local_.add_argument("--devices-per-process", type=int, default=0,
                       help="simulated CPU devices per process (0: the real ones)")
-  tpu = targets.add_parser("tpu", help="a Cloud TPU VM slice through gcloud")
+  tpu = targets.add_parser("tpu", help="a Cloud TPU VM slice through gcloud", epilog=after)
   tpu.add_argument("--name", required=True)
   tpu.add_argument("--zone", required=True)
   tpu.add_argument("--accelerator", required=True, help="e.g. v5litepod-16")
@@ -179,7 +172,7 @@ def main(argv: Sequence[str]) -> int:
   tpu.add_argument("--spot", action="store_true")
   tpu.add_argument("--max-restarts", type=int, default=3)
   tpu.add_argument("--dry-run", action="store_true")
-  xpk = targets.add_parser("xpk", help="a GKE workload through xpk")
+  xpk = targets.add_parser("xpk", help="a GKE workload through xpk", epilog=after)
   xpk.add_argument("--cluster", required=True)
   xpk.add_argument("--workload", required=True)
   xpk.add_argument("--tpu-type", required=True)
@@ -187,7 +180,7 @@ def main(argv: Sequence[str]) -> int:
   xpk.add_argument("--max-restarts", type=int, default=3)
   xpk.add_argument("--docker-image", required=True, help="an image with jaxllm installed")
   xpk.add_argument("--dry-run", action="store_true")
-  slurm = targets.add_parser("slurm", help="a SLURM job through sbatch")
+  slurm = targets.add_parser("slurm", help="a SLURM job through sbatch", epilog=after)
   slurm.add_argument("--nodes", type=int, required=True)
   slurm.add_argument("--gpus-per-node", type=int, required=True)
   slurm.add_argument("--job-name", default="jaxllm")
@@ -195,7 +188,21 @@ def main(argv: Sequence[str]) -> int:
   slurm.add_argument("--partition", default="")
   slurm.add_argument("--script", default="jaxllm.sbatch", help="where the script is written")
   slurm.add_argument("--dry-run", action="store_true")
-  args = parser.parse_args(options)
+  return parser
+
+
+def main(argv: Sequence[str]) -> int:
+  """`jaxllm launch TARGET [options] -- JAXLLM ARGS`."""
+  argv = list(argv)
+  split = argv.index("--") if "--" in argv else len(argv)
+  parser = _parser()
+  args, unknown = parser.parse_known_args(argv[:split])  # --help: the usage, exit 0
+  command = argv[split + 1:]
+  if not command:
+    raise JaxllmError("jaxllm launch needs the command to run after --, e.g. "
+                      "jaxllm launch local --processes 2 -- train --config experiments/<name>.py")
+  if unknown:
+    parser.error(f"unrecognized arguments: {shlex.join(unknown)}")
   if args.target == "local":
     return local(command, args.processes, args.devices_per_process)
   if args.target == "tpu":

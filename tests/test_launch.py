@@ -6,6 +6,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 from jaxllm import cli
 from jaxllm import launch
 
@@ -96,3 +98,11 @@ def test_local_two_processes_equal_one(tmp_path, shared_data):
                     .read_text().splitlines()] for name in ("one", "two")}
   losses = {name: [r["loss"] for r in rs if "loss" in r] for name, rs in records.items()}
   assert len(losses["one"]) == 3 and losses["two"] == losses["one"]  # bit for bit
+
+
+@pytest.mark.parametrize("target", ["", "local", "tpu", "xpk", "slurm"])
+def test_help_of_every_target(capsys, target):
+  with pytest.raises(SystemExit) as exit_:
+    cli.main(["launch", *target.split(), "--help"])
+  assert exit_.value.code == 0
+  assert capsys.readouterr().out.startswith(f"usage: jaxllm launch {target}".strip())
