@@ -23,12 +23,16 @@ import shlex
 import socket
 import subprocess
 import sys
+import threading
+import time
 from typing import Sequence
 
 from jaxllm.cli import PREEMPTED_EXIT_STATUS
 from jaxllm.errors import JaxllmError
 
 XPK_RESTART_STATUS = 42  # what JobSet's restart policy treats as "restart me"
+STOP_GRACE_SECONDS = 10.0  # for the other local processes to save before they are killed
+OUTPUT_TAIL_BYTES = 4000  # of a failed local process's output, shown
 
 
 def _free_port() -> int:
@@ -37,11 +41,12 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def local(argv: Sequence[str], processes: int, devices_per_process: int = 0,
-          port: int = 0) -> int:
-  """Runs `jaxllm argv` as `processes` processes of one job on this machine. Process 0's
-  output is shown (it speaks for the job), another's only if it fails. Returns the job's
-  status: 75 if any process was preempted, else the worst."""
+def local(command: Sequence[str], processes: int, devices_per_process: int = 0,
+          port: int = 0, grace_seconds: float = STOP_GRACE_SECONDS) -> int:
+  """Runs `command` as `processes` processes of one job on this machine, joined on
+  127.0.0.1. Process 0's output is shown as it comes (it speaks for the job); another's is
+  read all along and its end shown if it fails. The first process to fail stops the others
+  (its peers would wait for it in their next collective) and its status is the job's."""
   if processes < 1:
     raise JaxllmError(f"--processes must be at least 1, got {processes}")
   env = dict(os.environ, JAXLLM_COORDINATOR=f"127.0.0.1:{port or _free_port()}",
@@ -49,21 +54,79 @@ def local(argv: Sequence[str], processes: int, devices_per_process: int = 0,
   if devices_per_process:
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count="
                         f"{devices_per_process}").strip()
-  children = []
-  for index in range(processes):
-    quiet = subprocess.PIPE if index else None  # process 0 speaks for the job
-    children.append(subprocess.Popen([sys.executable, "-m", "jaxllm.cli", *argv],
-                                     env={**env, "JAXLLM_PROCESS_ID": str(index)},
-                                     stdout=quiet, stderr=quiet, text=True))
-  outputs = [child.communicate() for child in children]
-  statuses = [child.returncode for child in children]
-  for index, (status, (out, err)) in enumerate(zip(statuses, outputs)):
-    if index and status not in (0, PREEMPTED_EXIT_STATUS):
-      print(f"jaxllm launch: process {index} exited {status}:\n{(err or '')[-2000:]}",
+  children, outputs = [], {}
+  try:
+    for index in range(processes):
+      quiet = index > 0  # process 0 writes to the terminal
+      children.append(subprocess.Popen(
+          command, env={**env, "JAXLLM_PROCESS_ID": str(index)},
+          stdout=subprocess.PIPE if quiet else None, stderr=subprocess.STDOUT if quiet else None))
+      if quiet:
+        outputs[index] = _Output(children[-1].stdout)
+    failed = _first_failure(children)
+    if failed is not None:
+      print(f"jaxllm launch: process {failed} exited "
+            f"{_shell_status(children[failed].returncode)}; stopping the other processes",
             file=sys.stderr)
-  if PREEMPTED_EXIT_STATUS in statuses:
-    return PREEMPTED_EXIT_STATUS
-  return max(statuses, key=abs)
+  except KeyboardInterrupt:  # Ctrl-C reached every process too; _stop collects them
+    print("jaxllm launch: interrupted", file=sys.stderr)
+    return 130
+  finally:
+    _stop(children, grace_seconds)
+  for output in outputs.values():
+    output.thread.join(timeout=1)  # a grandchild may hold a pipe open; its output can go
+  if failed is None:
+    return 0
+  if failed > 0:  # process 0's output was shown already
+    print(f"jaxllm launch: its last output:\n{outputs[failed].tail.decode(errors='replace')}",
+          file=sys.stderr)
+  return _shell_status(children[failed].returncode)
+
+
+class _Output:
+  """A process's output read to the end as it comes, the last bytes kept: a pipe nobody
+  reads fills up (64 KB), and the process blocks in its next print."""
+
+  def __init__(self, stream):
+    self.tail = b""
+    self.thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+    self.thread.start()
+
+  def _read(self, stream) -> None:
+    for chunk in iter(lambda: stream.read1(1 << 16), b""):
+      self.tail = (self.tail + chunk)[-OUTPUT_TAIL_BYTES:]
+
+
+def _first_failure(children: Sequence[subprocess.Popen]) -> int | None:
+  """Waits until every process has exited 0 (None) or one has failed (its index)."""
+  while True:
+    statuses = [child.poll() for child in children]
+    failed = [index for index, status in enumerate(statuses) if status not in (None, 0)]
+    if failed:
+      return failed[0]
+    if None not in statuses:
+      return None
+    time.sleep(0.05)
+
+
+def _stop(children: Sequence[subprocess.Popen], grace_seconds: float) -> None:
+  """SIGTERM to the processes still running (jaxllm saves and exits 75 if it can), SIGKILL
+  to those still running `grace_seconds` later (one waiting on a dead peer never exits)."""
+  running = [child for child in children if child.poll() is None]
+  for child in running:
+    child.terminate()
+  deadline = time.monotonic() + grace_seconds
+  for child in running:
+    try:
+      child.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+      child.kill()
+      child.wait()
+
+
+def _shell_status(returncode: int) -> int:
+  """A process's status as a shell reports it: 128 + N for one killed by signal N."""
+  return 128 - returncode if returncode < 0 else returncode
 
 
 def worker_command(argv: Sequence[str], checkout: str = "jaxllm") -> str:
@@ -204,7 +267,8 @@ def main(argv: Sequence[str]) -> int:
   if unknown:
     parser.error(f"unrecognized arguments: {shlex.join(unknown)}")
   if args.target == "local":
-    return local(command, args.processes, args.devices_per_process)
+    return local([sys.executable, "-m", "jaxllm.cli", *command], args.processes,
+                 args.devices_per_process)
   if args.target == "tpu":
     commands = tpu_commands(command, name=args.name, zone=args.zone,
                             accelerator=args.accelerator, version=args.version,

@@ -5,6 +5,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -106,3 +107,50 @@ def test_help_of_every_target(capsys, target):
     cli.main(["launch", *target.split(), "--help"])
   assert exit_.value.code == 0
   assert capsys.readouterr().out.startswith(f"usage: jaxllm launch {target}".strip())
+
+
+# Tiny children of `launch.local`, standing in for a job's processes (JAXLLM_PROCESS_ID says
+# which one each is). Process 0 waits for process 1 as a collective would.
+CHATTY = """
+import os, pathlib, sys, time
+done = pathlib.Path(sys.argv[1])
+if os.environ["JAXLLM_PROCESS_ID"] == "1":
+  sys.stdout.write("x" * 2**20)  # 1 MB, 16 times what a pipe holds
+  sys.stdout.flush()
+  done.touch()
+while not done.exists():
+  time.sleep(0.05)
+"""
+FAILING = """
+import os, signal, sys, time
+if os.environ["JAXLLM_PROCESS_ID"] == "1":
+  print("process 1: bad config")
+  sys.exit(3)
+if len(sys.argv) > 1:  # a process that ignores SIGTERM, as one stuck in a collective can
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+time.sleep(600)
+"""
+
+
+def _timed_local(*arguments, **options):
+  start = time.monotonic()
+  status = launch.local([sys.executable, "-c", *arguments], 2, **options)
+  return status, time.monotonic() - start
+
+
+def test_local_drains_a_chatty_process(tmp_path):
+  status, seconds = _timed_local(CHATTY, str(tmp_path / "done"))
+  assert status == 0 and seconds < 15  # about 0.5 s; a pipe read only at the end deadlocks
+
+
+def test_local_failing_process_stops_the_others(capsys):
+  status, seconds = _timed_local(FAILING)
+  assert status == 3 and seconds < 15  # about 0.5 s; the sleeper used to run for 600 s
+  err = capsys.readouterr().err
+  assert "jaxllm launch: process 1 exited 3; stopping the other processes" in err
+  assert "process 1: bad config" in err
+
+
+def test_local_kills_a_process_deaf_to_sigterm():
+  status, seconds = _timed_local(FAILING, "ignore SIGTERM", grace_seconds=1)
+  assert status == 3 and 1 <= seconds < 15  # the grace second, then SIGKILL
