@@ -7,12 +7,13 @@
 
 Every host runs the same jaxllm command (what follows `--`); jaxllm joins the processes with
 `jax.distributed.initialize` (jaxllm/multihost.py). `local` really runs N processes here,
-joined on 127.0.0.1 (gloo on CPU). The others print their commands with `--dry-run` and
-otherwise run them: `gcloud compute tpus tpu-vm` (create, install on `--worker=all`, run on
-`--worker=all`, and on a preempted or lost slice delete, create and run again, resuming from
-the checkpoints), `xpk workload create` (JobSet restarts a workload on exit codes 42 and
-127-255, not on jaxllm's 75 "preempted, try again", so 75 becomes 42), and `sbatch` (a
-`--requeue` job that requeues itself when jaxllm exits 75).
+joined on 127.0.0.1 (gloo on CPU); the first to fail stops the others. The others print their
+commands with `--dry-run` and otherwise run them: `gcloud compute tpus tpu-vm` (create,
+install on `--worker=all`, run on `--worker=all`, and on a preempted run or a lost slice
+delete, create and run again, resuming from the checkpoints; delete at the end), `xpk workload
+create` (JobSet restarts a workload on exit codes 42 and 127-255, not on jaxllm's 75
+"preempted, try again", so 75 becomes 42), and `sbatch` (a `--requeue` job that requeues
+itself when jaxllm exits 75).
 """
 
 from __future__ import annotations
@@ -148,7 +149,8 @@ def tpu_hosts(accelerator: str) -> int:
 def tpu_commands(argv: Sequence[str], *, name: str, zone: str, accelerator: str,
                  version: str, repository: str, project: str = "",
                  spot: bool = False) -> dict[str, list[str]]:
-  """The gcloud commands of a TPU VM job: create, install, run, delete."""
+  """The gcloud commands of a TPU VM job: create, install, run, describe (the slice's state),
+  delete."""
   base = ["gcloud", "compute", "tpus", "tpu-vm"]
   where = [f"--zone={zone}"] + ([f"--project={project}"] if project else [])
   install = (f"git clone {repository} jaxllm && cd jaxllm && python3 -m venv .venv && "
@@ -159,31 +161,57 @@ def tpu_commands(argv: Sequence[str], *, name: str, zone: str, accelerator: str,
       "install": [*base, "ssh", name, *where, "--worker=all", f"--command={install}"],
       "run": [*base, "ssh", name, *where, "--worker=all",
               f"--command={worker_command(argv)}"],
+      "describe": [*base, "describe", name, *where, "--format=value(state)"],
       "delete": [*base, "delete", name, *where, "--quiet"],
   }
 
 
+def should_restart(status: int, slice_state: str) -> bool:
+  """Whether an attempt that ended with `status` on a slice in `slice_state` (gcloud's: READY,
+  PREEMPTED, ...; "" for a slice that is gone) is worth a new slice: a preempted run (75) or a
+  lost slice resumes from its checkpoints; any other failure (2, a config error) would fail
+  again."""
+  return status != 0 and (status == PREEMPTED_EXIT_STATUS or slice_state != "READY")
+
+
+def _slice_state(commands: dict[str, list[str]]) -> str:
+  described = subprocess.run(commands["describe"], capture_output=True, text=True)
+  return described.stdout.strip() if described.returncode == 0 else ""
+
+
+def _install_and_run(commands: dict[str, list[str]]) -> int:
+  """The first non-zero status of install and run, else 0."""
+  for step in ("install", "run"):
+    status = subprocess.run(commands[step]).returncode
+    if status:
+      return status
+  return 0
+
+
 def run_tpu(commands: dict[str, list[str]], max_restarts: int, dry_run: bool) -> int:
-  """create, install, run; on a preempted run (75) or a lost slice, delete and go again."""
+  """create, install, run; on a preempted run (75) or a lost slice, delete and go again; the
+  slice is deleted once at the end, whatever happened."""
   if dry_run:
     for step in ("create", "install", "run"):
       print(shlex.join(commands[step]))
-    print(f"# exit 75 (preempted) or a lost slice: {shlex.join(commands['delete'])}, then "
+    print(f"# exit 75 (preempted) or a lost slice (a state other than READY from "
+          f"{shlex.join(commands['describe'])}): {shlex.join(commands['delete'])}, then "
           f"create, install and run again (resuming from checkpoints), up to "
-          f"{max_restarts} times")
+          f"{max_restarts} times; any other failure ends the job")
     print(shlex.join(commands["delete"]))
     return 0
-  status = 1
+  status = 0
   for attempt in range(max_restarts + 1):
-    if subprocess.run(commands["create"]).returncode == 0 and subprocess.run(
-        commands["install"]).returncode == 0:
-      status = subprocess.run(commands["run"]).returncode
-      if status == 0:
-        break
-    print(f"jaxllm launch: attempt {attempt + 1} ended with status {status}; "
-          f"{'recreating the slice' if attempt < max_restarts else 'giving up'}",
-          file=sys.stderr)
-    subprocess.run(commands["delete"])
+    if attempt:
+      print(f"jaxllm launch: attempt {attempt} ended with status {status}; recreating the "
+            f"slice", file=sys.stderr)
+      subprocess.run(commands["delete"])
+    status = subprocess.run(commands["create"]).returncode
+    if status:  # no slice was made (a wrong zone, no capacity): none to run on, none lost
+      break
+    status = _install_and_run(commands)
+    if not should_restart(status, _slice_state(commands)):
+      break
   subprocess.run(commands["delete"])
   return status
 

@@ -35,8 +35,13 @@ def test_tpu_slice_dry_run(capsys):
                  "'--command=cd jaxllm && JAXLLM_DISTRIBUTED=auto .venv/bin/jaxllm train "
                  "--config experiments/shakespeare_char.py --workdir /shared/runs/x "
                  "--config.mesh.fsdp=-1 --no-progress'")
-  assert "exit 75 (preempted) or a lost slice" in lines[4]
-  assert lines[-1] == "gcloud compute tpus tpu-vm delete run1 --zone=us-west4-a --quiet"
+  assert lines[4] == ("# exit 75 (preempted) or a lost slice (a state other than READY from "
+                      "gcloud compute tpus tpu-vm describe run1 --zone=us-west4-a "
+                      "'--format=value(state)'): gcloud compute tpus tpu-vm delete run1 "
+                      "--zone=us-west4-a --quiet, then create, install and run again (resuming "
+                      "from checkpoints), up to 3 times; any other failure ends the job")
+  # Deleted once, at the end.
+  assert lines[5:] == ["gcloud compute tpus tpu-vm delete run1 --zone=us-west4-a --quiet"]
   assert [launch.tpu_hosts(t) for t in ("v5litepod-8", "v5litepod-16", "v5litepod-64",
                                         "v4-32", "v4-8")] == [1, 4, 16, 4, 1]
 
@@ -154,3 +159,51 @@ def test_local_failing_process_stops_the_others(capsys):
 def test_local_kills_a_process_deaf_to_sigterm():
   status, seconds = _timed_local(FAILING, "ignore SIGTERM", grace_seconds=1)
   assert status == 3 and 1 <= seconds < 15  # the grace second, then SIGKILL
+
+
+def test_tpu_restarts_only_when_preempted_or_lost():
+  assert [launch.should_restart(status, state) for status, state in [
+      (0, "READY"), (2, "READY"), (1, "READY"), (255, "READY"),  # a failure would fail again
+      (75, "READY"), (255, "PREEMPTED"), (1, "TERMINATED"), (255, "")]] == [
+          False, False, False, False, True, True, True, True]
+
+
+def _fake_tpu(tmp_path, run_statuses, state="READY"):
+  """Stand-ins for the gcloud commands that log their names; `run` exits with the next of
+  `run_statuses`, `describe` prints the slice's state."""
+  log, attempts = tmp_path / "log", tmp_path / "attempts"
+
+  def step(name, script=""):
+    return ["sh", "-c", f"echo {name} >> {log}; {script}"]
+
+  run = (f"echo x >> {attempts}; n=$(wc -l < {attempts}); "
+         f"exit $(echo {' '.join(map(str, run_statuses))} | cut -d' ' -f$n)")
+  return log, {"create": step("create"), "install": step("install"), "run": step("run", run),
+               "describe": ["echo", state], "delete": step("delete")}
+
+
+def test_tpu_config_error_is_not_retried_and_deletes_once(tmp_path, capsys):
+  log, commands = _fake_tpu(tmp_path, [2])
+  assert launch.run_tpu(commands, max_restarts=3, dry_run=False) == 2
+  assert log.read_text().split() == ["create", "install", "run", "delete"]
+
+
+def test_tpu_preempted_run_goes_again(tmp_path, capsys):
+  log, commands = _fake_tpu(tmp_path, [75, 0])
+  assert launch.run_tpu(commands, max_restarts=3, dry_run=False) == 0
+  assert log.read_text().split() == ["create", "install", "run", "delete",
+                                     "create", "install", "run", "delete"]
+
+
+def test_tpu_lost_slice_until_restarts_run_out(tmp_path, capsys):
+  log, commands = _fake_tpu(tmp_path, [255, 255], state="PREEMPTED")
+  assert launch.run_tpu(commands, max_restarts=1, dry_run=False) == 255
+  assert log.read_text().split() == ["create", "install", "run", "delete",
+                                     "create", "install", "run", "delete"]
+
+
+def test_tpu_failed_create_ends_the_job(tmp_path, capsys):
+  log, commands = _fake_tpu(tmp_path, [0])
+  commands["create"] = ["sh", "-c", f"echo create >> {log}; exit 1"]  # e.g. a wrong zone
+  assert launch.run_tpu(commands, max_restarts=3, dry_run=False) == 1
+  assert log.read_text().split() == ["create", "delete"]
