@@ -11,15 +11,16 @@ When `initialize` calls `jax.distributed.initialize` (nothing else here reads th
 - `JAXLLM_COORDINATOR=host:port` with `JAXLLM_NUM_PROCESSES` and `JAXLLM_PROCESS_ID`: join
   explicitly (GPU clusters without SLURM, several processes on one machine);
 - `JAXLLM_DISTRIBUTED=auto`: let JAX detect the cluster (Cloud TPU, SLURM, Open MPI, ...);
-- neither, but a multi-task SLURM step or a multi-host TPU environment (`TPU_WORKER_HOSTNAMES`
-  listing several hosts, or `MEGASCALE_COORDINATOR_ADDRESS`) is found: as `auto`;
+- neither, but a SLURM step of several tasks (srun's; not the shell of an sbatch script or of
+  salloc) or a multi-host TPU environment (`TPU_WORKER_HOSTNAMES` listing several hosts, or
+  `MEGASCALE_COORDINATOR_ADDRESS`) is found: as `auto`;
 - `JAXLLM_DISTRIBUTED=off`, or nothing found: one process, no call.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import numpy as np
@@ -30,11 +31,21 @@ from jaxllm.errors import JaxllmError
 _EXPLICIT = ("JAXLLM_COORDINATOR", "JAXLLM_NUM_PROCESSES", "JAXLLM_PROCESS_ID")
 
 
-def _cluster_detected() -> bool:
-  if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-    return True
-  return ("," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
-          or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ)
+# What JAX's SLURM detection reads (jax/_src/clusters/slurm_cluster.py). srun sets
+# SLURM_STEP_NODELIST (with SLURM_STEP_ID) for the tasks of a step; an sbatch script's shell
+# and an salloc shell have the allocation's SLURM_NTASKS but no step, and a
+# jax.distributed.initialize() there would wait for peers that never start.
+_SLURM_STEP = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
+               "SLURM_LOCALID")
+
+
+def cluster_detected(environment: Mapping[str, str]) -> bool:
+  """Whether `environment` is one process of several: a SLURM step of several tasks, or a
+  multi-host TPU slice."""
+  slurm_step = all(name in environment for name in _SLURM_STEP)
+  return ((slurm_step and int(environment["SLURM_NTASKS"]) > 1)
+          or "," in environment.get("TPU_WORKER_HOSTNAMES", "")
+          or "MEGASCALE_COORDINATOR_ADDRESS" in environment)
 
 
 def initialize() -> None:
@@ -60,7 +71,7 @@ def initialize() -> None:
                                num_processes=int(os.environ["JAXLLM_NUM_PROCESSES"]),
                                process_id=int(os.environ["JAXLLM_PROCESS_ID"]),
                                cluster_detection_method="deactivate")
-  elif mode == "auto" or _cluster_detected():
+  elif mode == "auto" or cluster_detected(os.environ):
     jax.distributed.initialize()
 
 

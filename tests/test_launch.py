@@ -1,4 +1,6 @@
-"""`jaxllm launch`: dry runs of the cluster launchers, and a real 2-process job here."""
+"""`jaxllm launch`: dry runs of the cluster launchers, the TPU restart rule on stand-in commands,
+SLURM step detection, and local jobs: tiny children that print a lot or fail, a real
+2-process training run."""
 
 import json
 import os
@@ -6,6 +8,7 @@ import pathlib
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import pytest
 
@@ -200,6 +203,30 @@ def test_tpu_lost_slice_until_restarts_run_out(tmp_path, capsys):
   assert launch.run_tpu(commands, max_restarts=1, dry_run=False) == 255
   assert log.read_text().split() == ["create", "install", "run", "delete",
                                      "create", "install", "run", "delete"]
+
+
+SRUN_STEP = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "8", "SLURM_NODELIST": "gpu[01-02]",
+             "SLURM_STEP_ID": "0", "SLURM_STEP_NODELIST": "gpu[01-02]", "SLURM_PROCID": "5",
+             "SLURM_LOCALID": "1"}
+# What slurmstepd gives an sbatch script (the batch step has no SLURM_STEP_* variables) and
+# salloc its shell: the allocation's task count, no step.
+SBATCH_SHELL = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "8", "SLURM_NODELIST": "gpu[01-02]",
+                "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}
+SALLOC_SHELL = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "8", "SLURM_NODELIST": "gpu[01-02]"}
+
+
+@pytest.mark.parametrize("environment, detected", [
+    (SRUN_STEP, True), ({**SRUN_STEP, "SLURM_NTASKS": "1"}, False), (SBATCH_SHELL, False),
+    (SALLOC_SHELL, False), ({}, False)])
+def test_slurm_step_detection(environment, detected):
+  from jax._src.clusters import slurm_cluster  # what jax.distributed.initialize() would use
+
+  from jaxllm import multihost
+
+  assert multihost.cluster_detected(environment) == detected
+  if detected:  # then JAX finds its process count and id there
+    with mock.patch.dict(os.environ, environment, clear=True):
+      assert slurm_cluster.SlurmCluster.is_env_present()
 
 
 def test_tpu_failed_create_ends_the_job(tmp_path, capsys):
