@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,14 @@ from jaxllm.encoder import EncoderConfig
 from jaxllm.errors import JaxllmError
 
 ARCHITECTURES = ("BertModel", "BertForMaskedLM", "BertForSequenceClassification")
+REQUIRED_KEYS = ("vocab_size", "max_position_embeddings", "num_hidden_layers",
+                 "num_attention_heads", "hidden_size", "intermediate_size")
+# Tensors of Hugging Face BERT files that are no weights of jaxllm's: the position-id buffer
+# older transformers saved, the masked-LM decoder (a copy of the word embeddings and of
+# cls.predictions.bias, which jaxllm ties), and BertForPreTraining's next-sentence head, which
+# bert-base-uncased's file holds and no jaxllm task uses.
+_KNOWN_EXTRAS = re.compile(r"embeddings\.position_ids|cls\.predictions\.decoder\.(weight|bias)"
+                           r"|cls\.seq_relationship\.(weight|bias)")
 
 
 def is_bert_folder(folder: pathlib.Path) -> bool:
@@ -37,6 +46,9 @@ def encoder_config(hf: dict, source: str) -> EncoderConfig:
   """The EncoderConfig of a Hugging Face BertConfig (config.json)."""
   if hf.get("model_type") != "bert":
     raise JaxllmError(f"{source}: model_type is '{hf.get('model_type')}', not 'bert'")
+  from jaxllm import convert
+
+  convert.required(hf, REQUIRED_KEYS, pathlib.Path(source) / "config.json")
   if hf.get("hidden_act", "gelu") != "gelu":
     raise JaxllmError(f"{source}: hidden_act '{hf['hidden_act']}' is not supported (BERT's "
                       f"exact 'gelu' is)")
@@ -50,6 +62,41 @@ def encoder_config(hf: dict, source: str) -> EncoderConfig:
       type_vocab_size=int(hf.get("type_vocab_size", 2)),
       layer_norm_epsilon=float(hf.get("layer_norm_eps", 1e-12)),
       pad_id=int(hf.get("pad_token_id") or 0))
+
+
+def tensor_shapes(cfg: EncoderConfig, names) -> dict[str, tuple]:
+  """Every Hugging Face tensor (without "bert.") of this config -> its shape (None: any size),
+  for the heads some of `names` belong to."""
+  d, f = cfg.d_model, cfg.hidden
+
+  def linear(name, n_out, n_in):
+    return {f"{name}.weight": (n_out, n_in), f"{name}.bias": (n_out,)}
+
+  def norm(name):
+    return {f"{name}.weight": (d,), f"{name}.bias": (d,)}
+
+  shapes = {"embeddings.word_embeddings.weight": (cfg.vocab_size, d),
+            "embeddings.position_embeddings.weight": (cfg.context_length, d),
+            "embeddings.token_type_embeddings.weight": (cfg.type_vocab_size, d),
+            **norm("embeddings.LayerNorm")}
+  for i in range(cfg.n_layer):
+    p = f"encoder.layer.{i}."
+    for n in ("query", "key", "value"):
+      shapes.update(linear(f"{p}attention.self.{n}", d, d))
+    shapes.update({**linear(f"{p}attention.output.dense", d, d),
+                   **norm(f"{p}attention.output.LayerNorm"),
+                   **linear(f"{p}intermediate.dense", f, d), **linear(f"{p}output.dense", d, f),
+                   **norm(f"{p}output.LayerNorm")})
+  heads = {"cls.predictions.": {"cls.predictions.bias": (cfg.vocab_size,),
+                                **linear("cls.predictions.transform.dense", d, d),
+                                **norm("cls.predictions.transform.LayerNorm")},
+           "pooler.": linear("pooler.dense", d, d),
+           "classifier.": {"classifier.weight": (None, d), "classifier.bias": (None,)}}
+  present = [n for n in names if not _KNOWN_EXTRAS.fullmatch(n)]
+  for prefix, head in heads.items():
+    if any(n.startswith(prefix) for n in present):
+      shapes.update(head)
+  return shapes
 
 
 def _linear(tensors, name):
@@ -170,8 +217,12 @@ def hf_config(cfg: EncoderConfig, architecture: str, num_labels: int = 2,
 
 def read_folder(folder: str | pathlib.Path) -> tuple[EncoderConfig, dict, dict | None, str]:
   """(config, encoder params, classifier head or None, architecture) of a Hugging Face BERT
-  folder."""
+  folder, every tensor checked: none missing, none of another shape, none unknown."""
+  from safetensors import SafetensorError
   from safetensors.numpy import load_file
+
+  from jaxllm import convert
+
   folder = pathlib.Path(folder)
   config_path, weights = folder / "config.json", folder / "model.safetensors"
   for path in (config_path, weights):
@@ -183,7 +234,13 @@ def read_folder(folder: str | pathlib.Path) -> tuple[EncoderConfig, dict, dict |
   except json.JSONDecodeError as e:
     raise JaxllmError(f"{config_path} is not valid JSON ({e})") from None
   cfg = encoder_config(hf, str(folder))
-  params, head = to_params(cfg, load_file(str(weights)))
+  try:
+    tensors = {name.removeprefix("bert."): value for name, value in load_file(str(weights)).items()}
+  except (SafetensorError, OSError) as e:
+    raise JaxllmError(f"{weights} cannot be read ({e}); download it again") from None
+  convert.check_tensors(tensors, tensor_shapes(cfg, tensors), weights, config_path, "BERT",
+                        harmless=_KNOWN_EXTRAS.fullmatch)
+  params, head = to_params(cfg, tensors)
   architecture = (hf.get("architectures") or ["BertModel"])[0]
   return cfg, params, head, architecture
 

@@ -318,3 +318,70 @@ def test_tasks_refuse_the_other_architecture(tmp_path, shared_data):
                                         r"\(model.context_length; a BERT's "
                                         r"max_position_embeddings\): lower"):
     tasks.build(config)
+
+
+@pytest.fixture(scope="module")
+def bert_folder(tmp_path_factory):
+  """A saved random BertForPreTraining: the tensors bert-base-uncased's file holds (encoder,
+  pooler, masked-LM head and the next-sentence head jaxllm has no use for)."""
+  folder = tmp_path_factory.mktemp("bert")
+  _randomised(transformers.BertForPreTraining(_hf_config())).save_pretrained(folder)
+  return folder
+
+
+def _changed_copy(folder, tmp_path, change_tensors=None, change_config=None):
+  from safetensors.numpy import load_file, save_file
+
+  copy = tmp_path / "hf"
+  shutil.copytree(folder, copy)
+  if change_tensors:
+    save_file(change_tensors(load_file(copy / "model.safetensors")), copy / "model.safetensors",
+              metadata={"format": "pt"})
+  if change_config:
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps(change_config(config)))
+  return copy
+
+
+def test_missing_tensors_are_named_with_their_file(bert_folder, tmp_path):
+  for name in ("bert.encoder.layer.1.output.dense.weight",  # the encoder's
+               "cls.predictions.transform.dense.weight"):  # part of a head the file has
+    folder = _changed_copy(bert_folder, tmp_path / name,
+                           lambda tensors: {k: v for k, v in tensors.items() if k != name})
+    with pytest.raises(JaxllmError, match=f"^{folder / 'model.safetensors'} lacks "
+                                          f"'{name.removeprefix('bert.')}', which "
+                                          f"{folder / 'config.json'} implies"):
+      bert_weights.read_folder(folder)
+
+
+def test_unexpected_tensors_are_named_but_known_extras_pass(bert_folder, tmp_path):
+  _, params, _, _ = bert_weights.read_folder(bert_folder)  # the next-sentence head is dropped
+  assert {"pooler", "mlm_bias"} <= set(params)
+
+  def add(extra):
+    return lambda tensors: {**tensors, **extra}
+
+  buffers = {"bert.embeddings.position_ids": np.arange(40)[None]}
+  folder = _changed_copy(bert_folder, tmp_path / "a", add(buffers))
+  bert_weights.read_folder(folder)
+  extra = {f"bert.encoder.layer.{i}.attention.self.relative.weight": np.ones((4, 8), np.float32)
+           for i in range(2)}
+  folder = _changed_copy(bert_folder, tmp_path / "b", add({**buffers, **extra}))
+  with pytest.raises(JaxllmError, match=f"^{folder / 'model.safetensors'} holds 2 tensors that "
+                                        r"BERT has not \('encoder.layer.0.attention.self.relative"
+                                        r".weight', 'encoder.layer.1.attention.self.relative"
+                                        r".weight'\)"):
+    bert_weights.read_folder(folder)
+
+
+def test_a_truncated_checkpoint_and_a_missing_config_key(bert_folder, tmp_path):
+  folder = _changed_copy(bert_folder, tmp_path / "a")
+  data = (folder / "model.safetensors").read_bytes()
+  (folder / "model.safetensors").write_bytes(data[:len(data) // 2])
+  with pytest.raises(JaxllmError, match=f"^{folder / 'model.safetensors'} cannot be read .*"
+                                        f"download it again"):
+    bert_weights.read_folder(folder)
+  folder = _changed_copy(bert_folder, tmp_path / "b", change_config=lambda config: {
+      k: v for k, v in config.items() if k != "hidden_size"})
+  with pytest.raises(JaxllmError, match=f"^{folder / 'config.json'} lacks 'hidden_size'"):
+    bert_weights.read_folder(folder)
