@@ -252,8 +252,10 @@ def test_masked_lm_loss_counts_selected_positions_only():
 def test_unigram_baseline_by_hand():
   from jaxllm.tasks import mlm
   # Vocabulary of 4, id 3 special. Train counts of ids 0, 1, 2: 3, 1, 0; add-one: 4, 2, 1.
-  baseline = mlm.unigram_baseline(np.array([0, 0, 0, 1, 3, 3]), np.array([0, 2, 3, 1]),
-                                  vocab_size=4, special=(3,))
+  # Both splits come as batches (the task's evaluation windows), read one at a time.
+  baseline = mlm.unigram_baseline(
+      iter([np.array([[0, 0], [0, 1]]), np.array([[3, 3]])]),
+      iter([np.array([0, 2]), np.array([3, 1])]), vocab_size=4, special=(3,))
   expected_loss = -np.mean(np.log([4 / 7, 1 / 7, 2 / 7]))  # val's 0, 2, 1 (3 left out)
   assert baseline["unigram_loss"] == pytest.approx(expected_loss, rel=1e-12)
   assert baseline["unigram_accuracy"] == pytest.approx(1 / 3)  # the guess: id 0
