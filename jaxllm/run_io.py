@@ -27,6 +27,7 @@ from jaxllm import config as config_lib
 from jaxllm import encoder as encoder_lib
 from jaxllm import tokenizer as tokenizer_lib
 from jaxllm.errors import JaxllmError
+from jaxllm import model as model_lib
 from jaxllm.model import GPT, abstract_variables
 
 import flax.linen as nn
@@ -105,7 +106,8 @@ def load_params(workdir: str | pathlib.Path, target: Any,
 
   Strict: a name, shape or dtype that differs from `target` is a JaxllmError naming it;
   with `cast_floats`, floating-point arrays are read in their stored dtype and cast to
-  `target`'s (a float32 run's weights starting a model.dtype=float64 one).
+  `target`'s (a float32 run's weights starting a model.dtype=float64 one). GPT blocks stored
+  per layer come back stacked for a `scan_layers` target, and the other way round.
   """
   path = (pathlib.Path(workdir) / name).absolute()
   if not path.is_dir():
@@ -124,6 +126,7 @@ def load_params(workdir: str | pathlib.Path, target: Any,
   except Exception as e:  # truncated, missing or overwritten metadata files
     raise JaxllmError(f"{damaged} ({checkpoint_lib.first_line(e)})") from None
   wanted = target
+  target = model_lib.abstract_in_layout(target, model_lib.is_stacked(tree))
   if cast_floats:
     target = checkpoint_lib.with_stored_floats(tree, target)
   checkpoint_lib.check_matches(tree, target, f"parameters in {path}", fix)
@@ -134,6 +137,7 @@ def load_params(workdir: str | pathlib.Path, target: Any,
   if (path / FINGERPRINT).is_file():  # folders written before fingerprints have none
     if checkpoint_lib.fingerprint(params) != json.loads((path / FINGERPRINT).read_text()):
       raise JaxllmError(f"{damaged} (its arrays do not match {FINGERPRINT})")
+  params = model_lib.to_layout(params, wanted)
   return jax.tree.map(lambda x, want: x if x.dtype == want.dtype else x.astype(want.dtype),
                       params, wanted)
 

@@ -83,8 +83,9 @@ def eval_means(results: Iterable[dict[str, Any]]) -> dict[str, np.ndarray]:
 
 # --- The backbone -------------------------------------------------------------------------
 
-# Model keys that say how the network runs, not what it is: this run's, not init_from's.
-_RUNTIME_KEYS = ("dropout", "dtype", "remat")
+# Model keys that say how the network runs, not what it is: this run's, not init_from's
+# (stacked or per-layer parameters are read into either layout).
+RUNTIME_KEYS = ("dropout", "dtype", "matmul_dtype", "remat", "scan_layers")
 
 Backbone = GPT | Encoder
 BackboneConfig = config_lib.ModelConfig | config_lib.EncoderConfig
@@ -118,7 +119,7 @@ def backbone(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Tokeniz
       raise JaxllmError(f"model.architecture={config.model.architecture}, but train.init_from "
                         f"{config.train.init_from} holds a {kind} model (its architecture is "
                         f"the run's: leave model.architecture unset)")
-    runtime = {key: config.model[key] for key in _RUNTIME_KEYS
+    runtime = {key: config.model[key] for key in RUNTIME_KEYS
                if hasattr(architecture, key)}
     model_config = dataclasses.replace(architecture, **runtime)
     config_lib.resolve(config.model, architecture.vocab_size)  # this run's keys are valid
