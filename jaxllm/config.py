@@ -286,6 +286,11 @@ def _unknown_key_message(name: str, ref: ml_collections.ConfigDict, prefix: str)
   return f"unknown config key '{name}' ({where} has: {', '.join(sorted(ref.keys()))})"
 
 
+# Keys holding text for the model, where backslash escapes (\n, \t, \u2014) are what a shell
+# line can't type otherwise; every other string (paths, regexes, URLs) is taken as typed.
+ESCAPED_KEYS = frozenset({"train.sample_prompt", "data.separator"})
+
+
 def _parse_value(text: str, current: Any, name: str) -> Any:
   if isinstance(current, bool):
     lowered = text.strip().lower()
@@ -306,8 +311,9 @@ def _parse_value(text: str, current: Any, name: str) -> Any:
           f" got '{text}'")
     return type(current)(value)
   if isinstance(current, str):
-    # Escapes let a prompt hold a newline: --config.train.sample_prompt='\n'.
-    return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    if name in ESCAPED_KEYS:  # --config.train.sample_prompt='\n' is a newline
+      return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    return text  # as typed: a regex's \b stays a word boundary, a Windows path its \
   try:  # None: the key takes whatever the text spells (an int, a float, a bool, a string).
     return ast.literal_eval(text)
   except (ValueError, SyntaxError):

@@ -20,6 +20,16 @@ def test_overrides_parse_by_type():
   assert (resolved.n_layer, resolved.n_head, resolved.d_model) == (6, 12, 768)
 
 
+def test_only_text_for_the_model_is_unescaped():
+  config = config_lib.default_config()
+  config_lib.apply_overrides(config, [
+      r"train.trainable=head,backbone/blocks_\d+/attn\b", r"data.path=C:\new\table.txt",
+      r"data.separator=\n\n", r"train.sample_prompt=\u2014\tROMEO:"])
+  assert config.train.trainable == r"head,backbone/blocks_\d+/attn\b"  # \b: a word boundary
+  assert config.data.path == r"C:\new\table.txt"
+  assert (config.data.separator, config.train.sample_prompt) == ("\n\n", "\u2014\tROMEO:")
+
+
 def test_unknown_key_is_named():
   config = config_lib.default_config()
   with pytest.raises(JaxllmError, match=r"unknown config key 'model.n_layr'.*n_layer"):
