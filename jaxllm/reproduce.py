@@ -8,7 +8,9 @@ where the expected figure comes from:
 
 Checks: "<=", "<", ">=", ">", "==" against one value, "between" two (inclusive). `reproduce`
 trains the experiment (or reads its finished run), prints a table of expected against
-obtained with pass / fail per row, and writes it as reproduce.md in the run directory.
+obtained with pass / fail per row, and writes it as reproduce.md in the run directory. A
+finished run is read only if it was made from the same config (the experiment's with the
+overrides, as recorded in its request.json); otherwise it is trained again from scratch.
 
 `reproduce_all` does that for every experiment of a folder (`--cpu`: those marked
 `CPU = True`, sized for a 2-core CPU), in an order that honours `REQUIRES = ("other",)`
@@ -78,6 +80,34 @@ def markdown(title: str, rows: Sequence[Row]) -> str:
   return "\n".join(lines + ["", f"{passed} of {len(rows)} pass."]) + "\n"
 
 
+REQUEST_FILE = "request.json"
+
+
+def _flat(values: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in values.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[prefix + key] = value
+  return out
+
+
+def changed_keys(workdir: pathlib.Path, request: dict) -> list[str] | None:
+  """The keys in which the finished run in `workdir` was asked for differently from
+  `request` ([] if it is the same run; None if it has no record of what it was asked)."""
+  path = workdir / REQUEST_FILE
+  if not path.is_file():
+    return None
+  try:
+    before = _flat(json.loads(path.read_text()))
+  except json.JSONDecodeError:
+    return None
+  now = _flat(json.loads(json.dumps(request)))  # JSON's types: tuples as lists
+  return [f"{key}={now.get(key)!r} (was {before.get(key)!r})"
+          for key in sorted(before.keys() | now.keys()) if before.get(key) != now.get(key)]
+
+
 def reproduce(experiment: str | pathlib.Path, workdir: str | pathlib.Path | None = None,
               overrides: Sequence[str] = (), rerun: bool = False,
               progress: bool = True) -> list[Row]:
@@ -92,10 +122,20 @@ def reproduce(experiment: str | pathlib.Path, workdir: str | pathlib.Path | None
   config_lib.apply_overrides(config, overrides)
   workdir = pathlib.Path(workdir or pathlib.Path("runs") / experiment.stem)
   figures_path = workdir / "eval.json"
-  if rerun or not figures_path.is_file():
+  request = config_lib.to_dict(config)
+  changed = changed_keys(workdir, request) if figures_path.is_file() else None
+  if rerun or changed != []:
     from jaxllm import trainer
 
+    if figures_path.is_file() and not rerun:
+      why = (f"it was made with other settings: {', '.join(changed[:3])}"
+             f"{f' and {len(changed) - 3} more' if len(changed) > 3 else ''}"
+             if changed else f"it has no {REQUEST_FILE} saying what it was made from")
+      print(f"training {workdir} again from scratch: {why}")
+    if figures_path.is_file() or rerun:  # another run's checkpoints are no place to resume
+      config.checkpoint.resume = False
     trainer.run(config, workdir, progress=progress)
+    (workdir / REQUEST_FILE).write_text(json.dumps(request, indent=2) + "\n")
   else:
     print(f"reading the finished run in {workdir} (--rerun trains again)")
   rows = compare(expected, json.loads(figures_path.read_text()), str(experiment))

@@ -54,12 +54,20 @@ def test_reproduce_trains_then_reads_the_finished_run(tmp_path, shared_data, cap
   assert (workdir / "reproduce.md").read_text().startswith("## tiny.py: ")
   # Again: read back, not retrained; a stricter bound fails with status 1.
   figures = json.loads((workdir / "eval.json").read_text())
-  assert cli.main([*args, "--config.train.steps=31"]) == 0  # the finished run is read
-  assert "reading the finished run" in capsys.readouterr().out
   experiment.write_text(experiment.read_text().replace("('<', 4.0,", "('<', 0.1,"))
   assert cli.main(args) == 1
-  assert f"| `val_loss` | < 0.1 | {figures['val_loss']:.6g} | **FAIL** |" in (
-      capsys.readouterr().out)
+  out = capsys.readouterr().out
+  assert "reading the finished run" in out
+  assert f"| `val_loss` | < 0.1 | {figures['val_loss']:.6g} | **FAIL** |" in out
+  # Other settings are another run: trained again from scratch, its figures reported.
+  assert cli.main([*args, "--config.train.steps=31"]) == 1
+  out = capsys.readouterr().out
+  assert ("training " + str(workdir) + " again from scratch: it was made with other settings: "
+          "train.steps=31 (was 30)") in out
+  assert "| `steps` | == 30 | 31 | **FAIL** |" in out
+  assert json.loads((workdir / "eval.json").read_text())["steps"] == 31
+  assert [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text(
+      ).splitlines()][0] == 0  # not resumed from the 30-step run's checkpoint
 
 
 def test_all_cpu_experiments_in_dependency_order(tmp_path, shared_data, capsys):
