@@ -63,9 +63,10 @@ def save_params(workdir: pathlib.Path, params: Any, name: str = "params") -> pat
   """Writes a params pytree to workdir/name (Orbax) with its fingerprint; finetuning stores
   its head beside. Every process calls it (each writes its shards)."""
   path = (workdir / name).absolute()
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(path, params, force=True)
-  checkpointer.wait_until_finished()
+  # Closing waits for the write and ends the checkpointer's threads, which would otherwise
+  # live as long as any reference to it (one more per save in a long sweep).
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(path, params, force=True)
   prints = checkpoint_lib.fingerprint(params)
   if jax.process_index() == 0:
     (path / FINGERPRINT).write_text(json.dumps(prints) + "\n")
@@ -113,27 +114,27 @@ def load_params(workdir: str | pathlib.Path, target: Any,
   if not path.is_dir():
     raise JaxllmError(f"{path} not found (expected the run directory of `jaxllm train` or "
                       f"`jaxllm convert`)")
-  checkpointer = ocp.StandardCheckpointer()
   damaged = (f"parameters in {path} cannot be read: the folder is damaged or incomplete; "
              f"write it again (the run, or `jaxllm convert`)")
-  try:
-    verbosity = absl_logging.get_verbosity()
-    absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax would log a warning line first
-    try:
-      tree = checkpointer.metadata(path).item_metadata.tree
-    finally:
-      absl_logging.set_verbosity(verbosity)
-  except Exception as e:  # truncated, missing or overwritten metadata files
-    raise JaxllmError(f"{damaged} ({checkpoint_lib.first_line(e)})") from None
   wanted = target
-  target = model_lib.abstract_in_layout(target, model_lib.is_stacked(tree))
-  if cast_floats:
-    target = checkpoint_lib.with_stored_floats(tree, target)
-  checkpoint_lib.check_matches(tree, target, f"parameters in {path}", fix)
-  try:
-    params = checkpointer.restore(path, target)
-  except Exception as e:  # TensorStore's errors on damaged data files
-    raise JaxllmError(f"{damaged} ({checkpoint_lib.first_line(e)})") from None
+  with ocp.StandardCheckpointer() as checkpointer:  # closed on errors too, as in save_params
+    try:
+      verbosity = absl_logging.get_verbosity()
+      absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax would log a warning line first
+      try:
+        tree = checkpointer.metadata(path).item_metadata.tree
+      finally:
+        absl_logging.set_verbosity(verbosity)
+    except Exception as e:  # truncated, missing or overwritten metadata files
+      raise JaxllmError(f"{damaged} ({checkpoint_lib.first_line(e)})") from None
+    target = model_lib.abstract_in_layout(target, model_lib.is_stacked(tree))
+    if cast_floats:
+      target = checkpoint_lib.with_stored_floats(tree, target)
+    checkpoint_lib.check_matches(tree, target, f"parameters in {path}", fix)
+    try:
+      params = checkpointer.restore(path, target)
+    except Exception as e:  # TensorStore's errors on damaged data files
+      raise JaxllmError(f"{damaged} ({checkpoint_lib.first_line(e)})") from None
   if (path / FINGERPRINT).is_file():  # folders written before fingerprints have none
     if checkpoint_lib.fingerprint(params) != json.loads((path / FINGERPRINT).read_text()):
       raise JaxllmError(f"{damaged} (its arrays do not match {FINGERPRINT})")

@@ -7,6 +7,8 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import jax
 import numpy as np
@@ -306,6 +308,37 @@ def test_params_for_init_from_must_match(tmp_path):
   assert "'blocks_0.attn.out.bias' is (64,) float32 there but (32,) float32" in str(error.value)
   params = run_io.load_params(tmp_path, _target(create).params)
   assert np.array_equal(params["wte"]["embedding"], create().params["wte"]["embedding"])
+
+
+def _thread_count_once_settled(at_most: int, seconds: float = 5.0) -> int:
+  # A restore's asyncio helper threads end on their own, a moment after it returns.
+  deadline = time.monotonic() + seconds
+  while threading.active_count() > at_most and time.monotonic() < deadline:
+    time.sleep(0.02)
+  return threading.active_count()
+
+
+def test_parameter_saves_and_loads_end_their_threads(tmp_path, monkeypatch):
+  _, create = _tiny_state()
+  params = jax.device_get(create().params)
+  run_io.save_params(tmp_path, params)  # JAX's and Orbax's threads that live for the process
+  run_io.load_params(tmp_path, _target(create).params)
+  # Every checkpointer kept alive, as any reference (a traceback, a sweep's bookkeeping) keeps
+  # it: only closing it ends its threads.
+  kept = []
+
+  class Kept(ocp.StandardCheckpointer):
+    def __init__(self, *args, **kwargs):
+      super().__init__(*args, **kwargs)
+      kept.append(self)
+
+  monkeypatch.setattr(ocp, "StandardCheckpointer", Kept)
+  before = _thread_count_once_settled(at_most=1)
+  for _ in range(5):
+    run_io.save_params(tmp_path, params)
+    run_io.load_params(tmp_path, _target(create).params)
+  assert len(kept) == 10
+  assert _thread_count_once_settled(at_most=before) == before  # unclosed: one more per save
 
 
 def _overwrite_middle(directory):
