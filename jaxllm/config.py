@@ -143,9 +143,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.beta2 = 0.95
   c.train.grad_clip = 1.0  # global-norm clipping; 0 disables it
   c.train.grad_accum = 1  # microbatches per optimizer step
-  c.train.eval_every = 250  # also evaluated before the first step and after the last
+  c.train.eval_every = 250  # also evaluated before the first step and after the last; 0 = only then
   c.train.eval_batches = 20
-  c.train.log_every = 10
+  c.train.log_every = 10  # 0 = log only where the run evaluates
   c.train.seed = 1337
   c.train.peak_flops = 0.0  # per-device FLOP/s for MFU; 0 = measure a matmul at start-up
   c.train.sample_prompt = "\n"
@@ -356,6 +356,28 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
     value = _parse_value(text, current, name)
     with node.ignore_type():
       node[key] = value
+
+
+def check_train(train: ml_collections.ConfigDict) -> None:
+  """train.* values no run can use, as one-line errors before anything is built."""
+  for key in ("batch_size", "grad_accum", "eval_batches"):
+    if train[key] < 1:
+      raise JaxllmError(f"train.{key} must be at least 1, got {train[key]}")
+  for key in ("steps", "epochs", "eval_every", "log_every", "warmup_steps", "decay_steps"):
+    if train[key] < 0:
+      raise JaxllmError(f"train.{key} must be 0 or more, got {train[key]}")
+  if train.batch_size % train.grad_accum:
+    raise JaxllmError(f"train.batch_size={train.batch_size} is not divisible by "
+                      f"train.grad_accum={train.grad_accum}")
+  if train.schedule not in ("cosine", "constant"):
+    raise JaxllmError(f"train.schedule must be cosine or constant, got '{train.schedule}'")
+  if train.steps <= 0 and train.epochs <= 0:
+    raise JaxllmError("set train.steps (or train.epochs) to a positive number")
+
+
+def every(done: int, interval: int) -> bool:
+  """Whether step `done` is one of every `interval` steps (interval 0: none)."""
+  return interval > 0 and done % interval == 0
 
 
 def to_dict(config: ml_collections.ConfigDict) -> dict:

@@ -30,6 +30,7 @@ import ml_collections
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxllm import config as config_lib
 from jaxllm import evaluate as evaluate_lib
 from jaxllm import metrics as metrics_lib
 from jaxllm import run_io
@@ -90,6 +91,8 @@ def run(config: ml_collections.ConfigDict, trials: Sequence[dict],
   trial's final figures, also written to its workdir's eval.json."""
   start_time = time.perf_counter()
   configs = [_trial_config(config, values) for values in trials]
+  for trial_config in configs:
+    config_lib.check_train(trial_config.train)
   task = tasks_lib.build(configs[0])
   train, count = configs[0].train, len(configs)
   # Trials of other seeds or init scales: a task each; else one task's batches for all.
@@ -132,8 +135,8 @@ def run(config: ml_collections.ConfigDict, trials: Sequence[dict],
     state, metrics = step_fn(state, _stack([t.train_batch(step, None) for t in trial_tasks]),
                              hp)
     done = step + 1
-    is_eval = done % train.eval_every == 0 or done == total
-    if done % train.log_every == 0 or is_eval:
+    is_eval = config_lib.every(done, train.eval_every) or done == total
+    if config_lib.every(done, train.log_every) or is_eval:
       host = jax.device_get(metrics)
       if is_eval:
         last = _evaluate(trial_tasks, eval_fn, state.params, count)

@@ -1,3 +1,5 @@
+import re
+
 import jax
 import ml_collections
 import pytest
@@ -148,3 +150,22 @@ def test_float64_needs_jax_64_bit_mode_and_float32_matmuls(architecture):
   config.model.dtype = "float16"
   with pytest.raises(JaxllmError, match="model.dtype must be one of float32, bfloat16, float64"):
     config_lib.resolve(config.model, vocab_size=67)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.grad_accum=0", "train.grad_accum must be at least 1, got 0"),
+    ("train.batch_size=0", "train.batch_size must be at least 1, got 0"),
+    ("train.eval_every=-1", "train.eval_every must be 0 or more, got -1"),
+    ("train.grad_accum=5", "train.batch_size=12 is not divisible by train.grad_accum=5"),
+    ("train.schedule=linear", "train.schedule must be cosine or constant"),
+])
+def test_unusable_train_values_are_one_line_errors(override, message):
+  config = config_lib.default_config()
+  config_lib.apply_overrides(config, [override])
+  with pytest.raises(JaxllmError, match=re.escape(message)):
+    config_lib.check_train(config.train)
+
+
+def test_an_interval_of_zero_is_never():
+  assert [d for d in range(1, 13) if config_lib.every(d, 4)] == [4, 8, 12]
+  assert not any(config_lib.every(d, 0) for d in range(1, 13))

@@ -98,6 +98,10 @@ def test_trials_of_other_seeds_and_init_scales_equal_their_runs(tmp_path, shared
 def test_only_optimizer_keys_vary_and_trials_split_over_data_only(tmp_path, shared_data):
   with pytest.raises(JaxllmError, match="'model.n_layer' cannot vary across vectorised trials"):
     vectorized.run(_config(shared_data, tmp_path), [{"model.n_layer": 1}], [tmp_path / "x"])
+  with pytest.raises(JaxllmError, match="train.warmup_steps must be 0 or more, got -5"):
+    vectorized.run(_config(shared_data, tmp_path), [{"train.warmup_steps": 10},
+                                                    {"train.warmup_steps": -5}],
+                   [tmp_path / "x", tmp_path / "y"])
   with pytest.raises(JaxllmError, match="trial axis over mesh.data only; set mesh.fsdp=1"):
     vectorized._trial_shardings(config_lib.from_dict({"mesh": {"fsdp": 2}}).mesh, 4)
 
