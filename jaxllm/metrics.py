@@ -109,6 +109,26 @@ def read_records(path: pathlib.Path, until_step: int) -> list[dict[str, Any]]:
   return [r for r in read_metrics(path) if r["step"] <= until_step]
 
 
+def replace_records(path: pathlib.Path, records: list[dict[str, Any]]) -> None:
+  """Makes metrics.jsonl hold just `records` (a resumed run's history up to its checkpoint).
+
+  They are written to a file beside it that is then renamed over it (`os.replace`, atomic on
+  POSIX and Windows): a kill at any moment leaves the old history or the new one, never none.
+  """
+  path = pathlib.Path(path)
+  temporary = path.with_name(path.name + ".tmp")
+  try:
+    with open(temporary, "w") as f:
+      for record in records:
+        f.write(json.dumps(record) + "\n")
+      f.flush()
+      os.fsync(f.fileno())  # the bytes on disk before the name points at them
+  except BaseException:
+    temporary.unlink(missing_ok=True)
+    raise
+  os.replace(temporary, path)
+
+
 def plot_losses(records: list[dict[str, Any]], path: pathlib.Path, title: str = "") -> None:
   """Training loss per logged step, and evaluated train/validation losses, against steps."""
   import matplotlib

@@ -91,3 +91,28 @@ def test_a_corrupt_line_in_the_middle_names_the_file_and_line(tmp_path):
   path.write_text('{"step": 1}\n[1, 2]\n')  # whole lines, but not records
   with pytest.raises(JaxllmError, match=r"metrics.jsonl, line 2: not a JSON record"):
     metrics.read_metrics(path)
+
+
+def test_replacing_the_records_never_leaves_the_file_missing(tmp_path, monkeypatch):
+  path = tmp_path / "metrics.jsonl"
+  old = '{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.5}\n{"step": 3, "loss": 2.0}\n'
+  path.write_text(old)
+  dumps, seen = json.dumps, []
+
+  def dumps_then_fail(record):  # every write sees the old file whole; the third one fails
+    seen.append(path.read_text())
+    if len(seen) == 3:
+      raise OSError("No space left on device")
+    return dumps(record)
+
+  monkeypatch.setattr(metrics.json, "dumps", dumps_then_fail)
+  with pytest.raises(OSError, match="No space left"):
+    metrics.replace_records(path, [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5},
+                                   {"step": 3, "loss": 1.0}])
+  assert seen == [old] * 3
+  assert path.read_text() == old
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+  monkeypatch.undo()
+  metrics.replace_records(path, [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5}])
+  assert [r["step"] for r in metrics.read_metrics(path)] == [1, 2]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
