@@ -5,6 +5,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxllm import config as config_lib
 from jaxllm import heads
@@ -47,25 +48,28 @@ def test_classifier_reads_the_last_real_token_whatever_the_padding():
   assert np.abs(np.asarray(at_end_Bx3) - reference_Bx3).max() > 1e-3
 
 
-def test_lm_head_is_the_models_own_logits_tied_and_untied():
-  tokens_BxL = jnp.asarray(np.random.default_rng(1).integers(0, 40, size=(2, 10)), jnp.int32)
-  for tie in (True, False):
-    model = GPT(config_lib.ModelConfig(**{**TINY.__dict__, "tie_embeddings": tie}))
-    params = init_params(model, jax.random.key(2))
-    expected_BxLxV = model.apply({"params": params}, tokens_BxL)
-    logits_BxLxV = heads.lm_apply(heads.lm_params(params), _hidden(model, params, tokens_BxL))
-    assert logits_BxLxV.shape == (2, 10, 40) and logits_BxLxV.dtype == jnp.float32
-    np.testing.assert_allclose(logits_BxLxV, expected_BxLxV, atol=1e-5)
-  untied = heads.lm_init(jax.random.key(3), 32, 40)
-  assert untied["kernel"].shape == (32, 40)
+def test_last_token_picks_index_length_minus_one():
+  hidden_BxLxD = jnp.arange(2 * 4 * 3, dtype=jnp.float32).reshape(2, 4, 3)
+  last_BxD = heads.last_token(hidden_BxLxD, jnp.array([2, 4]))
+  np.testing.assert_array_equal(last_BxD, [[3.0, 4.0, 5.0], [21.0, 22.0, 23.0]])
 
 
-def test_head_shapes_and_a_zero_head_is_uninformative():
-  hidden_BxD = jax.random.normal(jax.random.key(4), (5, 32))
-  classifier = heads.classifier_init(jax.random.key(5), 32, 2)
-  assert classifier["kernel"].shape == (32, 2) and classifier["bias"].shape == (2,)
-  assert heads.classifier_apply(classifier, hidden_BxD).shape == (5, 2)
-  reward = heads.reward_init(jax.random.key(6), 32)
-  assert heads.reward_apply(reward, hidden_BxD).shape == (5,)
-  zero = jax.tree.map(jnp.zeros_like, classifier)
-  np.testing.assert_array_equal(heads.classifier_apply(zero, hidden_BxD), np.zeros((5, 2)))
+def test_classifier_head_is_an_affine_map_in_float32():
+  params = {"kernel": jnp.array([[1.0, 0.0, 2.0], [0.0, -1.0, 0.5]]),
+            "bias": jnp.array([0.5, 0.0, -1.0])}
+  hidden_BxD = jnp.array([[1.0, 2.0], [-3.0, 4.0]], jnp.bfloat16)
+  logits_BxC = heads.classifier_apply(params, hidden_BxD)
+  assert logits_BxC.dtype == jnp.float32  # bf16 states, float32 logits
+  # [1, 2] -> [1 + 0.5, -2, 2 + 1 - 1]; [-3, 4] -> [-3 + 0.5, -4, -6 + 2 - 1]
+  np.testing.assert_array_equal(logits_BxC, [[1.5, -2.0, 2.0], [-2.5, -4.0, -5.0]])
+
+
+def test_classifier_init_is_gpt2s_scale_and_a_zero_bias():
+  head = heads.classifier_init(jax.random.key(5), 256, 4)
+  assert head["kernel"].shape == (256, 4) and head["kernel"].dtype == jnp.float32
+  assert float(jnp.std(head["kernel"])) == pytest.approx(0.02, rel=0.05)  # 1,024 draws
+  assert abs(float(jnp.mean(head["kernel"]))) < 0.002
+  np.testing.assert_array_equal(head["bias"], np.zeros(4))
+  # A seeded draw: the same key, the same head.
+  np.testing.assert_array_equal(head["kernel"],
+                                heads.classifier_init(jax.random.key(5), 256, 4)["kernel"])

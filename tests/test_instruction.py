@@ -1,12 +1,17 @@
 """Instruction data: the book's template byte for byte, splits, masking, bucketed batches."""
 
+import functools
 import json
+import re
 
 import jax
+import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from jaxllm import config as config_lib
+from jaxllm import sharding
 from jaxllm.tasks import losses
 from jaxllm.data import instruction
 from jaxllm.errors import JaxllmError
@@ -150,3 +155,25 @@ def test_non_utf8_and_jsonl_records(tmp_path):
     instruction.read_records(path)
   path.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n")
   assert instruction.read_records(path) == [{"instruction": "a", "output": "b", "input": ""}]
+
+
+def test_instruction_losses_go_through_the_models_own_lm_head():
+  """One LM head: the GPT's, with its bf16-operand matmuls (model.matmul_dtype) and the
+  logits' sharding constraint (vocab over "tensor"), tied and untied."""
+  rng = np.random.default_rng(2)
+  batch = {"inputs_BxL": rng.integers(0, 40, size=(2, 10)).astype(np.int32),
+           "targets_BxL": rng.integers(0, 40, size=(2, 10)).astype(np.int32)}
+  mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1}))
+  rules = sharding.logical_rules()
+  for tie in (True, False):
+    model = GPT(config_lib.ModelConfig(vocab_size=40, context_length=16, n_layer=1, n_head=2,
+                                       d_model=32, matmul_dtype="bfloat16", tie_embeddings=tie))
+    params = {"backbone": init_params(model, jax.random.key(0)), "head": {}}
+    logits_BxLxV = model.apply({"params": params["backbone"]}, batch["inputs_BxL"])
+    expected_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV,
+                                                                   batch["targets_BxL"])
+    token_losses = functools.partial(losses.token_losses, backbone=model)
+    np.testing.assert_array_equal(token_losses(params, batch), expected_BxL)
+    step = sharding.jit_eval_step(token_losses, None, mesh, rules)
+    lowered = step.lower(params, batch).as_text()
+    assert re.search(r"sharding_constraint .*\{\"tensor\"\}\]> : tensor<2x10x40xf32>", lowered)

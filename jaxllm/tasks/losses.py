@@ -7,7 +7,7 @@ know about them; DPO adds `"reference"`, a frozen copy of the starting backbone.
 
 - classification: GPT hidden states -> the last real token -> a class head; or an encoder's
   hidden states -> its pooler on the first token, or their mean -> a class head.
-- instruction: GPT hidden states -> the LM head -> next-token cross-entropy weighted by
+- instruction: the GPT's own logits -> next-token cross-entropy weighted by
   `weights_BxL` (0 on padding and, optionally, on the prompt).
 - preference (DPO): the policy's and the reference's log-probabilities of a chosen and a
   rejected response -> -log sigmoid(beta * (policy margin - reference margin)).
@@ -126,11 +126,15 @@ def classification_sums(params: Params, batch: dict[str, jax.Array], *, backbone
 def token_losses(params: Params, batch: dict[str, jax.Array], rng: jax.Array | None = None,
                  *, backbone: GPT, lora_scale: float = 0.0,
                  deterministic: bool = True) -> jax.Array:
-  """Next-token cross-entropy at every position of {"inputs_BxL", "targets_BxL"}: BxL."""
+  """Next-token cross-entropy at every position of {"inputs_BxL", "targets_BxL"}: BxL.
+
+  The logits are the GPT's own (its `logits` method, tied or not): the same matmul_dtype and
+  the same sharding constraint as pretraining, one LM head for every task.
+  """
   params = effective_params(params, lora_scale)
-  hidden_BxLxD = hidden_states(backbone, params["backbone"], batch["inputs_BxL"], rng,
-                               deterministic)
-  logits_BxLxV = heads.lm_apply(heads.lm_params(params["backbone"]), hidden_BxLxD)
+  rngs = None if deterministic else {"dropout": rng}
+  logits_BxLxV = backbone.apply({"params": params["backbone"]}, batch["inputs_BxL"],
+                                deterministic=deterministic, rngs=rngs)
   return optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, batch["targets_BxL"])
 
 
