@@ -20,9 +20,9 @@ import pathlib
 from typing import Callable, Iterable, Iterator
 
 import tensorflow_datasets as tfds
-import tqdm
 
 from jaxllm.errors import JaxllmError
+from jaxllm.progress import progress_bar
 
 READ_BYTES = 1 << 20  # bytes read from a local file at a time
 DOCUMENT_BLOCK = 4096  # documents read from an ArrayRecord data source at a time
@@ -140,7 +140,7 @@ def survey(stream: Iterable[str], on_piece: Callable[[str], None] | None = None,
   """One pass over a stream: (its length in characters, whether any is not whitespace);
   `on_piece` sees every piece."""
   length, has_text = 0, False
-  with tqdm.tqdm(desc=desc, unit="char", unit_scale=True, delay=2, dynamic_ncols=True) as bar:
+  with progress_bar(desc=desc, unit="char", unit_scale=True, delay=2, dynamic_ncols=True) as bar:
     for piece in stream:
       length += len(piece)
       has_text = has_text or (bool(piece) and not piece.isspace())
