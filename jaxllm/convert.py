@@ -35,6 +35,7 @@ from jaxllm import checkpoint as checkpoint_lib
 from jaxllm import bert_weights
 from jaxllm import config as config_lib
 from jaxllm import llama_weights
+from jaxllm import model as model_lib
 from jaxllm import run_io
 from jaxllm.errors import JaxllmError
 from jaxllm.model import GPT, abstract_variables
@@ -315,6 +316,8 @@ def export_hf(workdir: str | pathlib.Path, out: str | pathlib.Path) -> dict:
 
   config, model, params, tokenizer = run_io.load_run(workdir)
   cfg = model.config
+  if model_lib.is_stacked(params):  # model.scan_layers: Hugging Face keeps one set per layer
+    params = model_lib.unstack_layers(params)
   if isinstance(cfg, config_lib.EncoderConfig):
     return bert_weights.export_bert(config, model, params, tokenizer, workdir, out)
   if cfg.norm == "rmsnorm" or cfg.position == "rope" or cfg.mlp == "swiglu":
@@ -322,9 +325,6 @@ def export_hf(workdir: str | pathlib.Path, out: str | pathlib.Path) -> dict:
   if not (cfg.bias and cfg.qkv_bias and cfg.tie_embeddings):
     raise JaxllmError(f"{workdir}: only GPT-2-shaped models export (model.bias, qkv_bias and "
                       f"tie_embeddings all true)")
-  if getattr(cfg, "scan_layers", False):
-    raise JaxllmError(f"{workdir}: model.scan_layers=true params do not export yet; train with "
-                      f"model.scan_layers=false")
   hparams = {"vocab_size": cfg.vocab_size, "context_length": cfg.context_length,
              "d_model": cfg.d_model, "n_head": cfg.n_head, "n_layer": cfg.n_layer,
              "layer_norm_epsilon": cfg.layer_norm_epsilon}

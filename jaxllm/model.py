@@ -37,7 +37,7 @@ from jaxllm import matmul
 from jaxllm.config import ModelConfig
 
 # A KV cache: one {"k": BxSxGxK, "v": BxSxGxK} dict per layer.
-KVCache = list[dict[str, jax.Array]]
+KVCache = list[dict[str, jax.Array]] | dict[str, jax.Array]  # per layer, or stacked
 
 # model.remat -> what a block keeps for the backward pass (None: only its inputs).
 REMAT_POLICIES = {
@@ -290,12 +290,10 @@ class GPT(nn.Module):
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "sequence", "embed"))
     x_BxLxD = self.drop(x_BxLxD, deterministic=deterministic)
     if self.config.scan_layers:
-      # The cache goes through the scan stacked (LxBxSxHxK), one layer per iteration.
-      stacked = None if cache is None else jax.tree.map(lambda *xs: jnp.stack(xs), *cache)
-      x_BxLxD, stacked = self.blocks(x_BxLxD, positions_BxL, stacked, deterministic)
-      new_cache = None if cache is None else [
-          jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(self.config.n_layer)]
-      return self.ln_f(x_BxLxD), new_cache
+      # The cache is stacked (LxBxSxHxK, as init_cache makes it): one layer per iteration,
+      # never copied into or out of a per-layer list.
+      x_BxLxD, cache = self.blocks(x_BxLxD, positions_BxL, cache, deterministic)
+      return self.ln_f(x_BxLxD), cache
     new_cache = [] if cache is not None else None
     for i, block in enumerate(self.blocks):
       x_BxLxD, layer_cache = block(x_BxLxD, positions_BxL,
@@ -325,10 +323,14 @@ class GPT(nn.Module):
 
 def init_cache(config: ModelConfig, batch_size: int, length: int | None = None,
                dtype: Any = None) -> KVCache:
-  """An empty KV cache for `length` positions (default: the context length)."""
+  """An empty KV cache for `length` positions (default: the context length): a list of
+  {"k", "v"} BxSxHxK arrays per layer, or for `scan_layers` one {"k", "v"} of LxBxSxHxK."""
   length = length or config.context_length
   shape = (batch_size, length, config.kv_heads, config.head_dim)
   dtype = dtype or jnp.dtype(config.dtype)
+  if config.scan_layers:
+    stacked = (config.n_layer, *shape)
+    return {"k": jnp.zeros(stacked, dtype), "v": jnp.zeros(stacked, dtype)}
   return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
           for _ in range(config.n_layer)]
 

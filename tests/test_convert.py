@@ -12,7 +12,7 @@ from jaxllm import cli
 from jaxllm import config as config_lib
 from jaxllm import convert
 from jaxllm import run_io
-from jaxllm.model import GPT, abstract_variables
+from jaxllm.model import GPT, abstract_variables, stack_layers
 
 # A small GPT-2 with GPT-2's vocabulary, so GPT-2's tokenizer works with it.
 HPARAMS = {"vocab_size": 50257, "context_length": 16, "d_model": 32, "n_head": 4, "n_layer": 2,
@@ -127,6 +127,17 @@ def test_export_then_import_round_trip(tmp_path, capsys):
   convert.import_gpt2(tmp_path / "exported", tmp_path / "again")
   first, again = (run_io.load_run(tmp_path / d)[2] for d in ("run", "again"))
   assert all(np.array_equal(a, b) for a, b in zip(_leaves(first), _leaves(again)))
+
+  # A model.scan_layers run (stacked blocks) exports the same files, its layers unstacked.
+  config = run_io.load_run(tmp_path / "run")[0]
+  config.model.scan_layers = True
+  convert.write_run(tmp_path / "scanned", config, stack_layers(first, 2))
+  assert cli.main(["convert", "--from", str(tmp_path / "scanned"), "--to", "hf",
+                   "--out", str(tmp_path / "from_scanned")]) == 0
+  capsys.readouterr()
+  from_scanned = load_file(tmp_path / "from_scanned" / "model.safetensors")
+  assert sorted(from_scanned) == sorted(tensors)
+  assert all(np.array_equal(from_scanned[name], tensors[name]) for name in tensors)
 
   # `jaxllm generate` reads the converted run: greedy decoding = argmax of its logits.
   assert cli.main(["generate", "--workdir", str(tmp_path / "run"), "--prompt", "Hello",

@@ -1,4 +1,5 @@
 import dataclasses
+import re
 
 import flax.linen as nn
 import jax
@@ -6,6 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxllm import generate
+from jaxllm import model as model_lib
 from jaxllm.config import PRESETS, ModelConfig
 from jax.sharding import PartitionSpec as P
 
@@ -171,14 +174,27 @@ def test_scanned_model_decodes_with_a_cache(params, tokens_BxL):
                                          method=GPT.encode)
   encode = jax.jit(lambda tokens_BxL, positions_BxL, cache: model.apply(
       {"params": stacked}, tokens_BxL, positions_BxL, cache, method=GPT.encode))
-  cache = init_cache(CONFIG, tokens_BxL.shape[0], 8)
+  cache = init_cache(model.config, tokens_BxL.shape[0], 8)  # stacked: L x B x S x H x K
   positions = jnp.broadcast_to(jnp.arange(6), (tokens_BxL.shape[0], 6))
   prefill_BxLxD, cache = encode(tokens_BxL[:, :5], positions[:, :5], cache)
   step_BxLxD, cache = encode(tokens_BxL[:, 5:6], positions[:, 5:6], cache)
-  assert len(cache) == CONFIG.n_layer and cache[0]["k"].shape == (3, 8, 4, 16)
+  assert cache["k"].shape == (CONFIG.n_layer, 3, 8, 4, 16)
+  # A decode step never stacks the layers' caches into one (a full copy per token).
+  step_text = encode.lower(tokens_BxL[:, 5:6], positions[:, 5:6], cache).as_text()
+  assert not re.search(r"concatenate[^\n]*-> tensor<2x3x8x4x16xf32>", step_text)
   np.testing.assert_allclose(jnp.concatenate([prefill_BxLxD, step_BxLxD], axis=1),
                              reference_BxLxD, atol=1e-5, rtol=0)
 
+
+
+def test_scanned_model_generates_the_unscanned_tokens(params):
+  prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+  scanned = GPT(dataclasses.replace(CONFIG, scan_layers=True))
+  out = generate.generate(scanned, stack_layers(params, CONFIG.n_layer), prompts, 6,
+                          temperature=0.0)
+  assert out == generate.generate(GPT(CONFIG), params, prompts, 6, temperature=0.0)
+  # and unstacked again: the per-layer params of a scanned run
+  assert model_lib.unstack_layers(stack_layers(params, CONFIG.n_layer)).keys() == params.keys()
 
 # --- Llama-family options ---------------------------------------------------------------------
 
