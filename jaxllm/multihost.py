@@ -20,7 +20,7 @@ When `initialize` calls `jax.distributed.initialize` (nothing else here reads th
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
@@ -105,6 +105,48 @@ def host_copy(tree: Any) -> Any:
   if jax.process_count() == 1:
     return jax.device_get(tree)
   return multihost_utils.process_allgather(tree, tiled=True)
+
+
+_MESSAGE_BYTES = 4096
+
+
+def _broadcast_text(text: str) -> str:
+  """Process 0's `text` on every process (a collective: every process must call it)."""
+  data = np.zeros(_MESSAGE_BYTES, np.uint8)
+  encoded = text.encode()[:_MESSAGE_BYTES]
+  data[:len(encoded)] = np.frombuffer(encoded, np.uint8)
+  received = np.asarray(multihost_utils.broadcast_one_to_all(data))
+  return bytes(received).rstrip(b"\0").decode(errors="replace")
+
+
+def main_first(fn: Callable[[], Any]) -> Any:
+  """`fn()` on process 0, then, once it has succeeded, on the others (process 0 prepares what
+  they then read, such as the token cache). When it fails on process 0, every other process
+  raises a JaxllmError with its message at once, instead of waiting at a barrier until the
+  coordination service gives up."""
+  if jax.process_count() == 1:
+    return fn()
+  result, error, failure = None, "", None
+  if is_main():
+    try:
+      result = fn()
+    except Exception as e:  # noqa: BLE001 (re-raised below, after the others are told)
+      failure = e
+      error = str(e) if isinstance(e, JaxllmError) else f"{type(e).__name__}: {e}"
+      error = error or type(e).__name__
+  error = _broadcast_text(error)
+  if failure is not None:
+    raise failure
+  if error:
+    raise JaxllmError(f"process 0 failed, so this process stops too: {error}")
+  return result if is_main() else fn()
+
+
+def agree(value: int) -> int:
+  """Process 0's `value` on every process (e.g. the checkpoint step they all restore)."""
+  if jax.process_count() == 1:
+    return value
+  return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
 
 
 def sync(name: str) -> None:

@@ -148,14 +148,13 @@ def require_decoder(model: Backbone, task: str, instead: str = "") -> None:
 
 def token_data(config: ml_collections.ConfigDict) -> data_lib.TokenData:
   """The corpus's tokens (lm and mlm). Process 0 tokenizes and caches first, so processes
-  sharing a disk never write one cache at once."""
+  sharing a disk never write one cache at once; if it fails (a bad corpus), so do the others,
+  with its message."""
   run = pretrained_run(config)
   context_length = (run[0] if run else config_lib.resolve(config.model, 1)).context_length
   load = functools.partial(data_lib.load_token_data, config.data, context_length,
                            tokenizer=run[1] if run else None)
-  tokens = load() if multihost.is_main() else None
-  multihost.sync("jaxllm: tokens cached")
-  return tokens if tokens is not None else load()
+  return multihost.main_first(load)
 
 
 # --- Finetuning parameters ----------------------------------------------------------------
