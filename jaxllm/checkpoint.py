@@ -230,12 +230,16 @@ def restore(manager: ocp.CheckpointManager, target: TrainState,
 def _restore_step(manager: ocp.CheckpointManager, step: int, storable: Any) -> dict | None:
   """One step's items, or None (with a warning) if it is incomplete or damaged."""
   where = manager.directory / str(step)
+  # Each process reads its own files, so each decision below is taken by all of them
+  # together (multihost.everywhere): they must restore the same step or none.
   try:
     stored = manager.item_metadata(step)["state"]
-    if stored is None:
-      raise ValueError("no metadata for 'state'")
+    incomplete = None if stored is not None else "no metadata for 'state'"
   except Exception as e:  # Orbax raises many types for missing or truncated files
-    _warn(f"skipping checkpoint {where}: it is incomplete ({first_line(e)})")
+    incomplete = first_line(e)
+  if not multihost.everywhere(incomplete is None):
+    _warn(f"skipping checkpoint {where}: it is incomplete "
+          f"({incomplete or 'on another process'})")
     return None
   check_matches(stored.tree, storable, f"checkpoint {where}",
                 "set the model config to the one in its config/ (or start over with "
@@ -244,13 +248,15 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, storable: Any) -> d
   if (where / "fingerprint").is_dir():
     items["fingerprint"] = ocp.args.JsonRestore()
   try:
-    restored = manager.restore(step, args=ocp.args.Composite(**items))
-    damaged = ("fingerprint" in restored
-               and fingerprint(restored["state"]) != restored["fingerprint"]["state"])
-    reason = "its arrays do not match the fingerprint saved with them"
+    restored, reason = manager.restore(step, args=ocp.args.Composite(**items)), None
   except Exception as e:
-    damaged, reason = True, f"it cannot be read: {first_line(e)}"
-  if not damaged:
+    restored, reason = None, f"it cannot be read: {first_line(e)}"
+  if not multihost.everywhere(reason is None):
+    reason = reason or "another process cannot read it"
+  elif ("fingerprint" in restored  # of the global arrays: the same answer on every process
+        and fingerprint(restored["state"]) != restored["fingerprint"]["state"]):
+    reason = "its arrays do not match the fingerprint saved with them"
+  else:
     return restored
   _warn(f"skipping checkpoint {where}: {reason}; moved to damaged-{step}")
   if jax.process_index() == 0:

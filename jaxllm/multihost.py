@@ -149,6 +149,13 @@ def agree(value: int) -> int:
   return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
 
 
+def everywhere(flag: bool) -> bool:
+  """Whether `flag` holds on every process (a collective: every process must call it)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.all(multihost_utils.process_allgather(np.int32(flag))))
+
+
 def sync(name: str) -> None:
   """Waits until every process gets here (nothing to wait for with one process)."""
   if jax.process_count() > 1:
