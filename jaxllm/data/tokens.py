@@ -33,11 +33,11 @@ import ml_collections
 from absl import logging as absl_logging
 import numpy as np
 import tensorflow_datasets as tfds
-import tqdm
 
 from jaxllm import tokenizer as tokenizer_lib
 from jaxllm.data import corpus, text_builder, token_files
 from jaxllm.errors import JaxllmError
+from jaxllm.progress import progress_bar
 
 # Bump when the meaning of a key changes. (Caches written as train.npy / val.npy before
 # sharded token files hold the same ids under the same key, and are still read.)
@@ -363,8 +363,8 @@ def _prepare_cache(data: ml_collections.ConfigDict, builder: tfds.core.DatasetBu
       spec, start, stop = plan["splits"][name]
       stream = text_stream(data, builder, spec)
       pieces = corpus.CharRange(stream, start + writer.chars_done, stop)
-      with tqdm.tqdm(total=stop - start, initial=writer.chars_done, desc=f"tokenizing {name}",
-                     unit="char", unit_scale=True, delay=2, dynamic_ncols=True) as bar:
+      with progress_bar(total=stop - start, initial=writer.chars_done, desc=f"tokenizing {name}",
+                        unit="char", unit_scale=True, delay=2, dynamic_ncols=True) as bar:
         begin, tokens = time.perf_counter(), 0
         for chars, ids in encode_chunks(tok, safe_chunks(pieces, CHUNK_CHARS), workers):
           writer.append(chars, ids)
