@@ -173,16 +173,26 @@ def eval_step(params: Any, batch: dict[str, jax.Array], *, model: GPT) -> tuple[
   return (losses_BxL * weights_BxL).sum(), weights_BxL.sum()
 
 
-def flops_per_token(model: GPT, n_params: int, lm_head: bool = True) -> float:
-  """Training FLOPs per token: 6N + 12 * n_layer * d_model * context_length.
+def flops_per_token(model: GPT, n_params: int, lm_head: bool = True, length: int | None = None,
+                    reference: bool = False) -> float:
+  """Training FLOPs per token of rows `length` tokens long (default: the context length):
+  6N + 12 * n_layer * d_model * length.
 
   The PaLM paper's convention (appendix B), as nanoGPT uses it: 6N for the forward and
-  backward matmuls with the parameters (N without position embeddings), plus attention.
-  Without an LM head (a classifier) the token embedding is only looked up and an untied LM
-  head unused: N leaves them out.
+  backward matmuls with the parameters (N without a learned position table, which is looked
+  up), plus attention over the row's own length: a finetuning batch padded to 100 tokens
+  attends over 100 positions, not the context. Without an LM head (a classifier) the token
+  embedding is only looked up and an untied LM head unused: N leaves them out. `reference`
+  (DPO) adds a frozen model's forward pass over the same tokens, a third of a trained pass:
+  2N + 4 * n_layer * d_model * length.
   """
   cfg = model.config
-  n = n_params - cfg.context_length * cfg.d_model
+  length = cfg.context_length if length is None else length
+  n = n_params
+  if getattr(cfg, "position", "learned") == "learned":
+    n -= cfg.context_length * cfg.d_model
   if not lm_head:
     n -= cfg.vocab_size * cfg.d_model * (1 if getattr(cfg, "tie_embeddings", True) else 2)
-  return 6 * n + 12 * cfg.n_layer * cfg.d_model * cfg.context_length
+  attention = 4 * cfg.n_layer * cfg.d_model * length  # one forward pass; backward is twice it
+  trained = 6 * n + 3 * attention
+  return trained + (2 * n + attention if reference else 0)

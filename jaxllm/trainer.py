@@ -165,7 +165,7 @@ def _replace_subtree(tree: Any, path: tuple[str, ...], value: Any) -> Any:
 
 
 def describe(setup: Setup, state: train_lib.TrainState, peak_flops: float,
-             flops_per_token: float) -> None:
+             flops_per_token: float, length: int) -> None:
   """The start-up lines: model, data, mesh and memory per device, batch, MFU's yardstick."""
   cfg, train, mesh = setup.task.model.config, setup.config.train, setup.mesh
   kv = ""
@@ -187,9 +187,11 @@ def describe(setup: Setup, state: train_lib.TrainState, peak_flops: float,
              f"device(s) in {jax.process_count()} process(es); per device: parameters "
              f"{mib['params']:.2f} MiB, optimizer state {mib['opt_state']:.2f} MiB")
   per_device = train.batch_size // sharding.data_parallel_size(mesh, setup.rules)
-  log(setup, f"batch: {train.batch_size} x {cfg.context_length} tokens ({train.grad_accum} "
+  log(setup, f"batch: {train.batch_size} x {length} tokens ({train.grad_accum} "
              f"microbatch(es)), {per_device} sequences per device; {setup.total_steps} steps")
-  log(setup, f"MFU: {flops_per_token / 1e6:.2f} MFLOP/token (6N + 12 L d T) against "
+  reference = " + the reference's 2N + 4 L d T" if setup.task.reference_forward else ""
+  log(setup, f"MFU: {flops_per_token / 1e6:.2f} MFLOP/token (6N + 12 L d T{reference}; T = "
+             f"{length} in the first batch, each batch at its own) against "
              f"{peak_flops / 1e9:.0f} GFLOP/s per device "
              f"({'given' if train.peak_flops else 'measured matmul'})")
 
@@ -204,12 +206,13 @@ def _global_batch(setup: Setup, rows: dict, axis: int, full_rows: int) -> dict:
   return out
 
 
-def _train_batch(setup: Setup, step: int) -> tuple[int, dict]:
-  """(this process's tokens, the global batch on the devices) of training step `step`."""
+def _train_batch(setup: Setup, step: int) -> tuple[int, int, dict]:
+  """(this process's tokens, their rows' length, the global batch on the devices) of
+  training step `step`."""
   rows = setup.task.train_batch(step, setup.train_rows)
-  train = setup.config.train
-  return rows[setup.task.token_key].size, _global_batch(setup, rows, 1,
-                                                        train.batch_size // train.grad_accum)
+  train, tokens = setup.config.train, rows[setup.task.token_key]
+  return tokens.size, tokens.shape[-1], _global_batch(setup, rows, 1,
+                                                      train.batch_size // train.grad_accum)
 
 
 @functools.lru_cache(maxsize=64)  # once per kind of batch array, not once per step
@@ -233,7 +236,9 @@ def evaluate(setup: Setup, eval_fn, params: Any) -> dict[str, float]:
 class Meter:
   """Throughput and MFU over the steps since the last log line."""
 
-  def __init__(self, setup: Setup, flops_per_token: float, peak_flops: float):
+  def __init__(self, setup: Setup, flops_per_token, peak_flops: float):
+    # flops_per_token(length): finetuning batches are padded to their longest row, not the
+    # context, and attention costs what the row's length says.
     self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
     rows = setup.train_rows.stop - setup.train_rows.start
     self.scale = (setup.config.train.batch_size // setup.config.train.grad_accum) / rows
@@ -242,18 +247,21 @@ class Meter:
 
   def reset(self) -> None:
     self.start, self.steps, self.tokens, self.wait = time.perf_counter(), 0, 0.0, 0.0
+    self.flops = 0.0
 
-  def add(self, local_tokens: int, wait_seconds: float) -> None:
-    """A step of `local_tokens`, whose batch the loop waited `wait_seconds` for."""
+  def add(self, local_tokens: int, length: int, wait_seconds: float) -> None:
+    """A step of `local_tokens` in rows of `length`, whose batch the loop waited
+    `wait_seconds` for."""
     self.steps += 1
     self.tokens += local_tokens * self.scale
+    self.flops += local_tokens * self.scale * self.flops_per_token(length)
     self.wait += wait_seconds
     self.total_wait += wait_seconds
 
   def figures(self) -> dict[str, float]:
     seconds = time.perf_counter() - self.start
     tokens_per_s = self.tokens / seconds
-    return {"tokens_per_s": tokens_per_s, "mfu": tokens_per_s * self.flops_per_token
+    return {"tokens_per_s": tokens_per_s, "mfu": self.flops / seconds
             / (self.peak_flops * len(jax.devices())), "input_wait": self.wait / seconds}
 
 
@@ -290,12 +298,16 @@ def train_loop(setup: Setup, state, start_step: int, progress: bool,
                                     setup.mesh, setup.rules)
   eval_fn = sharding.jit_eval_step(task.eval_fn, setup.shardings.params, setup.mesh, setup.rules)
   n_params = count_params(sharding.model_axes(task.model)[0])
-  flops_per_token = train_lib.flops_per_token(task.model, n_params, task.lm_head)
+  flops_per_token = functools.lru_cache(maxsize=None)(functools.partial(
+      train_lib.flops_per_token, task.model, n_params, task.lm_head,
+      reference=task.reference_forward))
+  first = task.train_batch(min(start_step, total - 1), setup.train_rows)
+  first_length = first[task.token_key].shape[-1]
   cfg = task.model.config  # bf16 operands (either key): MFU against the bf16 matmul's peak
   dtypes = (cfg.dtype, getattr(cfg, "matmul_dtype", cfg.dtype))
   matmul_dtype = "bfloat16" if "bfloat16" in dtypes else cfg.dtype  # float32 or float64
   peak_flops = train.peak_flops or metrics_lib.measure_peak_flops(matmul_dtype)
-  describe(setup, state, peak_flops, flops_per_token)
+  describe(setup, state, peak_flops, flops_per_token(first_length), first_length)
   run = Progress(_metrics_writer(setup, start_step), Meter(setup, flops_per_token, peak_flops),
                  evaluate(setup, eval_fn, state.params))
   if not start_step:
@@ -311,8 +323,8 @@ def train_loop(setup: Setup, state, start_step: int, progress: bool,
     try:
       for step in range(start_step, total):
         wait_start = time.perf_counter()
-        tokens, batch = batches.get(step)
-        run.meter.add(tokens, time.perf_counter() - wait_start)
+        tokens, length, batch = batches.get(step)
+        run.meter.add(tokens, length, time.perf_counter() - wait_start)
         state, metrics = step_fn(state, batch)
         done = step + 1
         is_eval = (done % train.eval_every == 0 or done == total or (

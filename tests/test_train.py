@@ -146,3 +146,25 @@ def test_flops_per_token_convention():
   n = sum(x.size for x in jax.tree.leaves(init_params(model, jax.random.key(0))))
   expected = 6 * (n - 16 * 32) + 12 * 2 * 32 * 16
   assert train_lib.flops_per_token(model, n) == expected
+
+
+def test_flops_per_token_at_a_padded_length_and_with_a_reference():
+  # TINY: 2 layers, d_model 32, context 16, vocab 32. N = 27,008 parameters: the tied
+  # embedding 32 x 32 = 1,024, positions 16 x 32 = 512, per block 2 LayerNorms (128) + qkv
+  # (3,168) + out (1,056) + MLP (4,224 + 4,128) = 12,704, the final LayerNorm 64.
+  model = GPT(TINY)
+  n = sum(x.size for x in jax.tree.leaves(init_params(model, jax.random.key(0))))
+  assert n == 1024 + 512 + 2 * 12704 + 64 == 27008
+  # 6 (N - 512) + 12 * 2 * 32 * 16: the attention term at the context length ...
+  assert train_lib.flops_per_token(model, n) == 6 * 26496 + 12288 == 171264
+  # ... or at the batch's length, 8 tokens a row when a finetuning batch is padded to 8.
+  assert train_lib.flops_per_token(model, n, length=8) == 6 * 26496 + 6144 == 165120
+  # DPO: the frozen reference's forward pass is a third of a trained one's, 2N + 4 L d T.
+  assert (train_lib.flops_per_token(model, n, length=8, reference=True)
+          == 165120 + 2 * 26496 + 4 * 2 * 32 * 8 == 220160)
+  # Rotary positions: no position table to leave out of N (27,008 - 512 parameters).
+  rope = GPT(config_lib.ModelConfig(**{**TINY.__dict__, "position": "rope"}))
+  n_rope = sum(x.size for x in jax.tree.leaves(init_params(rope, jax.random.key(0))))
+  assert n_rope == 26496
+  assert train_lib.flops_per_token(rope, n_rope, length=8) == 165120
+

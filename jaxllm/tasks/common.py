@@ -67,6 +67,8 @@ class Task:
   # Whether the loss multiplies by the vocabulary (an LM head): else the token embedding is
   # a lookup only, and MFU's 6N leaves it out.
   lm_head: bool = True
+  # DPO: a frozen reference's forward pass over every token too, which MFU counts.
+  reference_forward: bool = False
 
 
 def eval_means(results: Iterable[dict[str, Any]]) -> dict[str, np.ndarray]:

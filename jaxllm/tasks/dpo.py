@@ -93,6 +93,7 @@ def make_task(config: ml_collections.ConfigDict) -> common.Task:
       report=common.finetuned_report(config, model, tokenizer), trainable=params.trainable,
       pretrained_into=(("backbone",), ("reference",)),
       batches_per_epoch=sampler.batches_per_epoch,
+      reference_forward=True,
       description=(f"{', '.join(f'{k} {len(v)}' for k, v in records.items())} preference "
                    f"pairs ({config.instruct.template} template, prompt masked), beta "
                    f"{config.dpo.beta}; {params.description}"))
