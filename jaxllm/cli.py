@@ -169,10 +169,15 @@ def _eval(args, overrides: list[str]) -> None:
 
   from jaxllm import evaluate, run_io
   from jaxllm.data import classification
+  from jaxllm.errors import JaxllmError
 
   if args.text:
-    _, model, params, tokenizer = run_io.load_run(args.workdir,
-                                                   decoder_for="next-token perplexity")
+    other = [o for o in overrides if not o.startswith("model.")]
+    if other:
+      raise JaxllmError(f"--config.{other[0].split('=')[0]} has no effect on `jaxllm eval "
+                        f"--text` (a perplexity reads only model.* keys); drop it")
+    _, model, params, tokenizer = run_io.load_run(
+        args.workdir, decoder_for="next-token perplexity", overrides=overrides)
     tokens = np.asarray(tokenizer.encode(classification.read_utf8(args.text)), np.int32)
     figures = evaluate.perplexity(model, params, tokens, args.batch_size,
                                   progress=not args.no_progress)

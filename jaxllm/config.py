@@ -358,6 +358,23 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
       node[key] = value
 
 
+# Model keys that say how the network runs, not what it is: a run started from another
+# (train.init_from) or read back (`jaxllm eval`, `generate`) may set them; the others are the
+# stored architecture's.
+RUNTIME_KEYS = ("dropout", "dtype", "matmul_dtype", "remat", "scan_layers")
+
+
+def check_read_back_overrides(overrides: Sequence[str], workdir: Any) -> None:
+  """Refuses an override of a finished run's architecture (model.* other than RUNTIME_KEYS):
+  its parameters have that shape, so the key can't change when the run is read back."""
+  for override in overrides:
+    name = override.split("=", 1)[0]
+    if name.startswith("model.") and name[len("model."):] not in RUNTIME_KEYS:
+      raise JaxllmError(f"--config.{name}: the architecture of {workdir} is the one in its "
+                        f"config.json; only model.{', model.'.join(RUNTIME_KEYS)} can be set "
+                        f"when reading a run back")
+
+
 def check_train(train: ml_collections.ConfigDict) -> None:
   """train.* values no run can use, as one-line errors before anything is built."""
   for key in ("batch_size", "grad_accum", "eval_batches"):

@@ -73,15 +73,19 @@ def save_params(workdir: pathlib.Path, params: Any, name: str = "params") -> pat
   return path
 
 
-def load_run(workdir: str | pathlib.Path, decoder_for: str = ""):
+def load_run(workdir: str | pathlib.Path, decoder_for: str = "", overrides=()):
   """(config, model, params, tokenizer) of a finished training run. `decoder_for` names what
-  needs a GPT (e.g. "generating text"): an encoder run is then a JaxllmError."""
+  needs a GPT (e.g. "generating text"): an encoder run is then a JaxllmError. `overrides`
+  (`section.key=value`) change its config before the model is built; of model.*, only how
+  the network runs (config.RUNTIME_KEYS, e.g. model.matmul_dtype) can change."""
   workdir = pathlib.Path(workdir)
   for name in ("config.json", "tokenizer.json", "params"):
     if not (workdir / name).exists():
       raise JaxllmError(f"{workdir / name} not found (is {workdir} the --workdir of a finished "
                         f"`jaxllm train` run?)")
   config = config_lib.from_dict(json.loads((workdir / "config.json").read_text()))
+  config_lib.check_read_back_overrides(overrides, workdir)
+  config_lib.apply_overrides(config, overrides)
   tokenizer = tokenizer_lib.from_json(json.loads((workdir / "tokenizer.json").read_text()))
   model = build_model(resolve_model(config.model, tokenizer))
   if decoder_for and isinstance(model, encoder_lib.Encoder):
@@ -147,8 +151,7 @@ def load_finetuned(workdir: str | pathlib.Path, overrides=()):
   """(config, backbone, {"backbone", "head"}, tokenizer) of a finetuned run; `overrides`
   (`section.key=value`) change its config, e.g. judge.url for a later scoring."""
   workdir = pathlib.Path(workdir)
-  config, model, backbone_params, tokenizer = load_run(workdir)
-  config_lib.apply_overrides(config, overrides)
+  config, model, backbone_params, tokenizer = load_run(workdir, overrides=overrides)
   head = load_head(workdir, config, model) if config.train.task == "classify" else {}
   return config, model, {"backbone": backbone_params, "head": head}, tokenizer
 

@@ -9,6 +9,7 @@ import numpy as np
 from test_metrics import read_events
 
 from jaxllm import cli
+from jaxllm import run_io
 
 TINY = ["--config.model.preset=gpt-micro", "--config.data.tokenizer=char",
         "--config.train.batch_size=4", "--config.train.eval_batches=2", "--config.train.log_every=5",
@@ -70,6 +71,24 @@ def test_train_then_generate(tmp_path, shared_data, capsys):
   assert long.startswith(first.rstrip("\n")) and len(long.rstrip("\n")) > 200
   assert cli.main(["generate", "--workdir", str(workdir), "--prompt", "The end " * 5]) == 2
   assert "a prompt of 40 tokens is longer than the context length 32" in _error_line(capsys)
+
+  # `jaxllm eval` applies how the network runs (model.matmul_dtype, scan_layers) and refuses
+  # what would change what it is, or keys a perplexity never reads.
+  def loss(*overrides):
+    assert cli.main(["eval", "--workdir", str(workdir), "--text", str(corpus), "--no-progress",
+                     *overrides]) == 0
+    return capsys.readouterr().out.split(" loss ", 1)[1].split(",")[0]
+
+  assert loss("--config.model.scan_layers=true") == loss()  # stacked: the same sums
+  _, model, params, _ = run_io.load_run(
+      workdir, overrides=["model.matmul_dtype=bfloat16", "model.scan_layers=true"])
+  assert (model.config.matmul_dtype, model.config.scan_layers, "blocks" in params) == (
+      "bfloat16", True, True)
+  for override, message in (
+      ("--config.model.n_layer=3", "--config.model.n_layer: the architecture of"),
+      ("--config.judge.url=http://x", "--config.judge.url has no effect on `jaxllm eval --text`")):
+    assert cli.main(["eval", "--workdir", str(workdir), "--text", str(corpus), override]) == 2
+    assert message in _error_line(capsys)
 
 
 def test_unknown_config_key_is_named(tmp_path, capsys):
