@@ -126,9 +126,20 @@ def set_up(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Setup:
 def initial_state(setup: Setup) -> tuple[train_lib.TrainState, int]:
   """(state, first step): the latest checkpoint's, or fresh, with train.init_from's weights.
 
-  Parameters are created in their shards: FSDP parameters are never whole on one device.
+  Parameters are created in their shards: FSDP parameters are never whole on one device. A
+  run holding a checkpoint restores onto the abstract state (`jax.eval_shape` of the init,
+  with the state's shardings): every byte comes from the checkpoint, so nothing is
+  initialised and train.init_from is not read again (gigabytes at 1B parameters).
   """
   task, train = setup.task, setup.config.train
+
+  def create(params):
+    return train_lib.create_train_state(params, setup.optimizer, seed=train.seed + 1)
+
+  if setup.manager.latest_step() is not None:
+    # A checkpoint saved on another mesh is resharded onto this one's shardings.
+    target = checkpoint_lib.abstract_state(lambda: create(task.init_params()), setup.shardings)
+    return _restored(setup, target)
   params = jax.jit(task.init_params, out_shardings=setup.shardings.params)()
   if train.init_from:  # another run's weights (`jaxllm train`, or GPT-2 via `jaxllm convert`)
     for path in task.pretrained_into:
@@ -136,13 +147,12 @@ def initial_state(setup: Setup) -> tuple[train_lib.TrainState, int]:
                                   checkpoint_lib.abstract_like(_subtree(params, path)),
                                   cast_floats=True)
       params = _replace_subtree(params, path, loaded)
-  state = jax.jit(lambda p: train_lib.create_train_state(p, setup.optimizer, seed=train.seed + 1),
-                  out_shardings=setup.shardings)(params)
-  if setup.manager.latest_step() is None:
-    return state, 0
-  # The fresh state's shapes and shardings are the target: a checkpoint saved on another mesh
-  # is resharded onto this one.
-  state, step = checkpoint_lib.restore(setup.manager, checkpoint_lib.abstract_like(state))
+  return jax.jit(create, out_shardings=setup.shardings)(params), 0
+
+
+def _restored(setup: Setup, target: train_lib.TrainState) -> tuple[train_lib.TrainState, int]:
+  """The latest intact checkpoint restored onto `target`, and its step."""
+  state, step = checkpoint_lib.restore(setup.manager, target)
   if step > setup.total_steps:
     raise JaxllmError(f"the checkpoint in {setup.manager.directory} is at step {step}, past "
                       f"this run's {setup.total_steps} steps; raise train.steps, or start over "

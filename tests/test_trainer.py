@@ -4,6 +4,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 
@@ -159,6 +160,43 @@ def test_finetune_resumes_exactly_after_sigkill_and_sigterm(tmp_path, shared_dat
       np.testing.assert_array_equal(a, b)
     assert (json.loads((workdir / "eval.json").read_text())["test_accuracy"]
             == json.loads((reference / "eval.json").read_text())["test_accuracy"])
+
+
+def test_a_resumed_finetune_reads_no_init_from_weights(tmp_path, converted, shared_data):
+  """A run holding a checkpoint restores onto the abstract state: nothing is initialised and
+  train.init_from's weights are not read again (here they are gone), and the losses are the
+  uninterrupted run's, bit for bit."""
+  start = tmp_path / "start"
+  shutil.copytree(converted, start)
+
+  def launch(workdir, kill_at=-1, how="none"):
+    args = [*SPAM, "--workdir", str(workdir), f"--config.train.init_from={start}",
+            f"--config.data.path={shared_data / 'SMSSpamCollection'}",
+            "--config.checkpoint.every_steps=4"]
+    env = {**os.environ, "TFDS_DATA_DIR": str(tmp_path / f"tfds-{workdir.name}")}
+    return subprocess.Popen([sys.executable, "-c", RUNNER, str(kill_at), how, *args], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+  reference, killed = tmp_path / "reference", tmp_path / "killed"
+  (code, _, err), (killed_code, _, _) = map(_finish, [launch(reference),
+                                                      launch(killed, 4, "SIGKILL")])
+  assert (code, killed_code) == (0, -9), err[-2000:]
+  shutil.rmtree(start / "params")  # the starting weights: a resume must not need them
+  code, out, err = _finish(launch(killed))
+  assert code == 0, err[-2000:]
+  assert "resuming from step 4" in out
+
+  def records(workdir):
+    keys = ("step", "loss", "grad_norm", "lr", "accuracy", "val_loss", "val_accuracy")
+    return [{k: r[k] for k in keys if k in r}
+            for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())]
+
+  expected = records(reference)
+  assert [r["step"] for r in expected if "loss" in r] == list(range(1, 9))
+  assert records(killed) == expected
+  figures = [json.loads((w / "eval.json").read_text()) for w in (reference, killed)]
+  for key in ("test_accuracy", "test_loss", "val_loss", "train_loss", "test"):
+    assert figures[1][key] == figures[0][key], key
 
 
 @pytest.mark.parametrize("task", ["instruct", "classify", "dpo", "mlm-bert", "classify-bert"])
