@@ -28,6 +28,8 @@ def prepare():
 try:
   print("read:", multihost.main_first(prepare))
   print("step:", multihost.agree(40 if multihost.is_main() else 30))
+  # As a checkpoint one process alone cannot read: neither restores it.
+  print("everywhere:", multihost.everywhere(True), multihost.everywhere(multihost.is_main()))
 except JaxllmError as e:
   print("error:", e)
   sys.exit(2)
@@ -55,11 +57,12 @@ def _two_processes(tmp_path, mode: str) -> tuple[list[int], list[str], float]:
   return [p.returncode for p in procs], outputs, time.monotonic() - start
 
 
-def test_the_others_read_what_process_0_prepared_and_agree_on_its_step(tmp_path):
+def test_the_others_read_what_process_0_prepared_and_all_agree(tmp_path):
   codes, outputs, _ = _two_processes(tmp_path, "ok")
   assert codes == [0, 0], outputs
   for out in outputs:
     assert "read: prepared by process 0" in out and "step: 40" in out, out
+    assert "everywhere: True False" in out, out
 
 
 def test_a_failure_on_process_0_stops_the_others_with_its_message(tmp_path):
