@@ -114,12 +114,15 @@ def test_export_then_import_round_trip(tmp_path, capsys):
   assert cli.main(["convert", "--from", str(_write_hf(tmp_path / "hf", tensors, prefix="")),
                    "--out", str(tmp_path / "run")]) == 0
   assert "2 layers, 4 heads, d_model 32, context 16, vocab 50257" in capsys.readouterr().out
-  assert cli.main(["convert", "--from", str(tmp_path / "run"), "--to", "hf",
-                   "--out", str(tmp_path / "exported")]) == 0
-  capsys.readouterr()
-  exported = load_file(tmp_path / "exported" / "model.safetensors")
-  assert sorted(exported) == sorted(tensors)
-  assert all(np.array_equal(exported[name], tensors[name]) for name in tensors)
+
+  def export(run, out):  # `jaxllm convert --to hf`: the tensors it started from
+    assert cli.main(["convert", "--from", str(run), "--to", "hf", "--out", str(out)]) == 0
+    capsys.readouterr()
+    exported = load_file(out / "model.safetensors")
+    assert sorted(exported) == sorted(tensors)
+    assert all(np.array_equal(exported[name], tensors[name]) for name in tensors)
+
+  export(tmp_path / "run", tmp_path / "exported")
   config = json.loads((tmp_path / "exported" / "config.json").read_text())
   assert (config["n_embd"], config["n_layer"], config["n_positions"]) == (32, 2, 16)
   assert config["activation_function"] == "gelu_new" and config["eos_token_id"] == 50256
@@ -132,12 +135,7 @@ def test_export_then_import_round_trip(tmp_path, capsys):
   config = run_io.load_run(tmp_path / "run")[0]
   config.model.scan_layers = True
   convert.write_run(tmp_path / "scanned", config, stack_layers(first, 2))
-  assert cli.main(["convert", "--from", str(tmp_path / "scanned"), "--to", "hf",
-                   "--out", str(tmp_path / "from_scanned")]) == 0
-  capsys.readouterr()
-  from_scanned = load_file(tmp_path / "from_scanned" / "model.safetensors")
-  assert sorted(from_scanned) == sorted(tensors)
-  assert all(np.array_equal(from_scanned[name], tensors[name]) for name in tensors)
+  export(tmp_path / "scanned", tmp_path / "from_scanned")
 
   # `jaxllm generate` reads the converted run: greedy decoding = argmax of its logits.
   assert cli.main(["generate", "--workdir", str(tmp_path / "run"), "--prompt", "Hello",
