@@ -242,8 +242,7 @@ class WordPieceTokenizer(Tokenizer):
                         f"{', '.join(cls.SPECIALS)} must all be in the vocabulary)")
     if lowercase is None:
       settings = path.parent / "tokenizer_config.json"
-      lowercase = (json.loads(settings.read_text()).get("do_lower_case", True)
-                   if settings.is_file() else True)
+      lowercase = _settings(settings).get("do_lower_case", True) if settings.is_file() else True
     return cls(BertWordPieceTokenizer(str(path), lowercase=lowercase).to_str())
 
   def encode(self, text: str) -> list[int]:
@@ -260,6 +259,19 @@ class WordPieceTokenizer(Tokenizer):
 
   def to_json(self) -> dict:
     return {"kind": "wordpiece", "tokenizer": json.loads(self._spec)}
+
+
+def _settings(path: pathlib.Path) -> dict:
+  """A tokenizer_config.json's settings; a malformed file is a one-line error naming it."""
+  try:
+    settings = json.loads(path.read_text(encoding="utf-8"))
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise JaxllmError(f"{path} is not valid JSON ({e}); copy it again from the model's "
+                      f"folder") from None
+  if not isinstance(settings, dict):
+    raise JaxllmError(f"{path} holds a {type(settings).__name__}, not the settings object "
+                      f"tokenizer_config.json is")
+  return settings
 
 
 def _is_wordpiece_json(path: str) -> bool:

@@ -122,3 +122,20 @@ def test_a_malformed_tokenizer_json_names_the_file(tmp_path, wordpiece_folder):
   stub.write_text('{"model": {"type": "WordPiece"}}')  # JSON, but no tokenizer
   with pytest.raises(JaxllmError, match=f"^{stub} is not a Hugging Face tokenizer.json"):
     tokenizer_lib.get_tokenizer(str(stub))
+
+
+def test_a_malformed_tokenizer_config_names_the_file(tmp_path, wordpiece_folder):
+  folder = tmp_path / "bert"
+  folder.mkdir()
+  (folder / "vocab.txt").write_text((wordpiece_folder / "vocab.txt").read_text())
+  (folder / "tokenizer_config.json").write_text('{"do_lower_case": tru')
+  with pytest.raises(JaxllmError, match=f"^{folder / 'tokenizer_config.json'} is not valid "
+                                        r"JSON \(.*\); copy it again"):
+    tokenizer_lib.WordPieceTokenizer.from_path(folder / "vocab.txt")
+  (folder / "tokenizer_config.json").write_text('["do_lower_case"]')
+  with pytest.raises(JaxllmError, match="holds a list, not the settings object"):
+    tokenizer_lib.WordPieceTokenizer.from_path(folder / "vocab.txt")
+  (folder / "tokenizer_config.json").write_text('{"do_lower_case": false}')
+  assert tokenizer_lib.WordPieceTokenizer.from_path(folder / "vocab.txt").encode("ROMEO") != (
+      tokenizer_lib.WordPieceTokenizer.from_path(folder / "vocab.txt", lowercase=True).encode(
+          "ROMEO"))
