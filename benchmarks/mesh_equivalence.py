@@ -26,6 +26,8 @@ import subprocess
 import sys
 import time
 
+from jaxllm import metrics
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -46,7 +48,7 @@ def run_on(mesh: tuple[int, int, int], args, workdir: pathlib.Path) -> tuple[lis
   seconds = time.perf_counter() - start
   if result.returncode:
     sys.exit(f"mesh {mesh}: exit {result.returncode}\n{result.stderr[-3000:]}")
-  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  records = metrics.read_metrics(workdir / "metrics.jsonl")
   figures = json.loads((workdir / "eval.json").read_text())
   return records, figures, seconds
 

@@ -11,6 +11,8 @@ import subprocess
 import sys
 import time
 
+from jaxllm import metrics
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 EXPERIMENT = REPO / "experiments" / "shakespeare_char.py"
 
@@ -31,7 +33,7 @@ def train_shakespeare(workdir: pathlib.Path, *overrides: str, env: dict | None =
   wall = time.perf_counter() - start
   if status:
     raise SystemExit(f"training failed (status {status}): {' '.join(command)}")
-  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  records = metrics.read_metrics(workdir / "metrics.jsonl")
   return {"figures": json.loads((workdir / "eval.json").read_text()),
           "losses": {r["step"]: r["loss"] for r in records if "loss" in r}, "wall_s": wall,
           "user_s": usage.ru_utime, "sys_s": usage.ru_stime,

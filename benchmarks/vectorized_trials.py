@@ -25,6 +25,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from jaxllm import config as config_lib  # noqa: E402
+from jaxllm import metrics  # noqa: E402
 from jaxllm import tasks as tasks_lib  # noqa: E402
 from jaxllm import trainer  # noqa: E402
 from jaxllm import vectorized  # noqa: E402
@@ -41,7 +42,7 @@ def _config(data_dir: pathlib.Path, steps: int, work: pathlib.Path):
 
 
 def _losses(workdir: pathlib.Path) -> np.ndarray:
-  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  records = metrics.read_metrics(workdir / "metrics.jsonl")
   return np.array([r["loss"] for r in records if "loss" in r])
 
 
