@@ -1,41 +1,46 @@
-"""Evaluation: perplexity of any text, classifier metrics, instruction responses and a judge.
+"""Evaluation: perplexity of any text, classifier metrics, instruction responses, a judge, and
+the final report of a run.
 
 - `perplexity`: exp of the mean next-token loss over consecutive context-length windows.
-- `classify_split` / `classification_metrics`: accuracy, precision, recall, F1 and the
-  confusion matrix (rows: true class, columns: predicted).
-- `instruction_loss`, `generate_responses`: the loss over a split, and greedy responses to
-  the test prompts written as the book writes them (each record + "model_response").
+- `classification_metrics`: accuracy, precision, recall and F1 of a confusion matrix (rows:
+  true class, columns: predicted), which the classifier's evaluation step sums.
+- `generate_responses`: greedy responses to the test prompts written as the book writes them
+  (each record + "model_response").
 - `judge_responses`: the book's scoring prompt (0-100) sent to an OpenAI-compatible chat
   endpoint, POST {url}/v1/chat/completions, as Ollama and vLLM serve it; off unless
   `judge.url` is set.
-- `evaluate_finetuned`: all of the above a finetuned run's task calls for, into eval.json.
+- `final_report`: a task's own evaluation over every split its report needs, on the mesh
+  (training's last stage, and `jaxllm eval` of a finetuned run via `evaluate_finetuned`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import json
 import pathlib
 import re
 import urllib.error
 import urllib.request
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from tqdm.auto import tqdm
 
+from jaxllm import config as config_lib
 from jaxllm import generate as generate_lib
+from jaxllm import multihost
+from jaxllm import run_io
+from jaxllm import sharding
 from jaxllm import train as train_lib
 from jaxllm.data import batches as batches_lib
-from jaxllm.data import classification
 from jaxllm.data import instruction
 from jaxllm.errors import JaxllmError
 from jaxllm.model import GPT
-from jaxllm.tasks import losses as loss_lib
+from jaxllm.tasks import common
 from jaxllm.tokenizer import Tokenizer
 
 RESPONSES_FILE = "instruction-data-with-response.json"  # the book's name for it
@@ -64,47 +69,14 @@ def perplexity(model: GPT, params: Any, tokens: np.ndarray, batch_size: int = 8,
 # --- Classifiers --------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("backbone", "lora_scale", "pooling"))
-def _classify_batch(params, batch, *, backbone, lora_scale: float, pooling: str):
-  logits_BxC = loss_lib.classifier_logits(params, batch, backbone=backbone, lora_scale=lora_scale,
-                                          pooling=pooling)
-  losses_B = optax.softmax_cross_entropy_with_integer_labels(logits_BxC, batch["label_B"])
-  return jnp.argmax(logits_BxC, axis=-1), losses_B
-
-
-def classify_split(params: Any, split: dict[str, np.ndarray], batch_size: int, *,
-                   backbone, lora_scale: float = 0.0, max_batches: int = 0,
-                   pooling: str = "last") -> dict[str, Any]:
-  """Predictions, mean loss and accuracy over a split (or its first `max_batches` batches)."""
-  predicted, losses, labels = [], [], []
-  for i, batch in enumerate(classification.batches(split, batch_size)):
-    if max_batches and i >= max_batches:
-      break
-    n = len(batch["label_B"])
-    # A short last batch is filled up with copies of its first row: one shape, one compile.
-    full = {k: np.concatenate([v, np.repeat(v[:1], batch_size - n, axis=0)])
-            for k, v in batch.items()}
-    predicted_B, losses_B = _classify_batch(params, full, backbone=backbone,
-                                            lora_scale=float(lora_scale), pooling=pooling)
-    predicted.append(np.asarray(predicted_B)[:n])
-    losses.append(np.asarray(losses_B)[:n])
-    labels.append(batch["label_B"])
-  predicted_N, label_N = np.concatenate(predicted), np.concatenate(labels)
-  return {"loss": float(np.concatenate(losses).mean()),
-          "accuracy": float(np.mean(predicted_N == label_N)),
-          "predicted": predicted_N, "label": label_N}
-
-
-def classification_metrics(predicted_N: np.ndarray, label_N: np.ndarray,
-                           labels: Sequence[str]) -> dict[str, Any]:
-  """Accuracy, precision, recall, F1 and the confusion matrix (rows true, columns predicted).
+def classification_metrics(confusion_CxC: np.ndarray, labels: Sequence[str]) -> dict[str, Any]:
+  """Accuracy, precision, recall and F1 of a confusion matrix (rows true, columns predicted).
 
   With two classes precision/recall/F1 are those of the second class (spam in ham,spam; the
   usual "positive" class); with more, their unweighted mean over classes (macro).
   """
+  confusion_CxC = np.asarray(confusion_CxC, np.int64)
   num_classes = len(labels)
-  confusion_CxC = np.zeros((num_classes, num_classes), np.int64)
-  np.add.at(confusion_CxC, (label_N, predicted_N), 1)
   true_positive_C = np.diag(confusion_CxC).astype(np.float64)
   predicted_C, actual_C = confusion_CxC.sum(axis=0), confusion_CxC.sum(axis=1)
   precision_C = np.divide(true_positive_C, predicted_C, out=np.zeros(num_classes),
@@ -114,31 +86,13 @@ def classification_metrics(predicted_N: np.ndarray, label_N: np.ndarray,
   f1_C = np.divide(2 * precision_C * recall_C, both_C, out=np.zeros(num_classes),
                    where=both_C > 0)
   pick = (lambda v: float(v[1])) if num_classes == 2 else (lambda v: float(v.mean()))
-  return {"accuracy": float(true_positive_C.sum() / max(len(label_N), 1)),
+  count = int(confusion_CxC.sum())
+  return {"accuracy": float(true_positive_C.sum() / max(count, 1)),
           "precision": pick(precision_C), "recall": pick(recall_C), "f1": pick(f1_C),
-          "confusion": confusion_CxC.tolist(), "labels": list(labels),
-          "count": int(len(label_N))}
+          "confusion": confusion_CxC.tolist(), "labels": list(labels), "count": count}
 
 
 # --- Instruction models -------------------------------------------------------------------
-
-
-@functools.partial(jax.jit, static_argnames=("backbone", "lora_scale"))
-def _weighted_loss_sums(params, batch, *, backbone: GPT, lora_scale: float):
-  losses_BxL = loss_lib.token_losses(params, batch, backbone=backbone, lora_scale=lora_scale)
-  return jnp.sum(losses_BxL * batch["weights_BxL"]), jnp.sum(batch["weights_BxL"])
-
-
-def instruction_loss(params: Any, data: instruction.Encoded, batch_size: int, *, backbone: GPT,
-                     lora_scale: float = 0.0, max_batches: int = 0, **batch_options) -> float:
-  """Mean loss per weighted target over a split (or its first max_batches * batch_size
-  records); batch_options are make_batch's (pad_id, max_length, pad_multiple, mask_prompt)."""
-  total, count = 0.0, 0.0
-  for rows in instruction.eval_batches(data, batch_size, limit=max_batches * batch_size):
-    loss_sum, n = _weighted_loss_sums(params, instruction.make_batch(data, rows, **batch_options),
-                                      backbone=backbone, lora_scale=float(lora_scale))
-    total, count = total + float(loss_sum), count + float(n)
-  return total / max(count, 1.0)
 
 
 def generate_responses(model: GPT, backbone_params: Any, tokenizer: Tokenizer,
@@ -227,85 +181,84 @@ def judge_responses(entries: Sequence[dict], *, url: str, model: str, template: 
           "scores": scores}
 
 
-# --- A finetuned run ----------------------------------------------------------------------
+# --- The final report ---------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=64)  # once per kind of batch array, not once per batch
+def _batch_sharding(mesh, rules, ndim: int):
+  return sharding.batch_sharding(mesh, rules, 0, ndim=ndim)
+
+
+def split_sums(step, params: Any, batches: Iterable[dict[str, np.ndarray]], mesh, rules,
+               batch_size: int) -> dict[str, np.ndarray]:
+  """A split's sums: `step` (an eval step compiled on `mesh`, its sums replicated) over its
+  batches of `batch_size` rows, each placed from this process's rows. Every process runs it
+  and gets the same float64 sums."""
+  rows = multihost.process_rows(_batch_sharding(mesh, rules, 1), (batch_size,), axis=0)
+
+  def placed(batch):
+    return {k: multihost.global_array(v[rows], _batch_sharding(mesh, rules, v.ndim),
+                                      (batch_size, *v.shape[1:])) for k, v in batch.items()}
+
+  return common.eval_sums(step(params, placed(batch)) for batch in batches)
+
+
+def final_report(task: common.Task, params: Any, shardings: Any, mesh, rules, batch_size: int,
+                 workdir: pathlib.Path, figures: dict[str, Any]) -> dict[str, Any]:
+  """eval.json's figures: `figures` (training's), then each of the task's report splits
+  through its report step, compiled on the mesh with the parameters' `shardings` as every
+  evaluation is, then the task's report (a sample, responses). Every process runs it (the
+  parameters are sharded over all of them); process 0 prints and writes."""
+  step = sharding.jit_eval_step(task.report_fn or task.eval_fn, shardings, mesh, rules)
+  batches = task.report_batches or task.eval_batches
+  for split in task.report_splits:
+    sums = split_sums(step, params, batches(split), mesh, rules, batch_size)
+    figures = {**figures, **(task.report_figures or common.split_figures)(split, sums)}
+  # Other processes run the report for its collectives only: its lines are process 0's.
+  quiet = contextlib.nullcontext() if multihost.is_main() else contextlib.redirect_stdout(
+      io.StringIO())
+  with quiet:
+    return task.report(pathlib.Path(workdir), params, figures)
+
+
+def run_task(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> common.Task:
+  """A finished run's task, built as training built it, its model and tokenizer the run's own
+  (train.init_from need not exist any more)."""
+  from jaxllm import tasks
+
+  config = config_lib.from_dict(config.to_dict())
+  with config.ignore_type():
+    config.train.init_from = str(workdir)
+  return tasks.build(config)
 
 
 def evaluate_finetuned(config: ml_collections.ConfigDict, model: GPT, params: Any,
                        tokenizer: Tokenizer, workdir: str | pathlib.Path, *,
                        progress: bool = True, extra: dict | None = None) -> dict[str, Any]:
-  """The figures of a finetuned model ({"backbone", "head"}, adapters merged) on its task's
-  splits, written with `extra` (training's figures; these take precedence) to
-  workdir/eval.json."""
+  """`jaxllm eval` of a finetuned run: its task's final report on the saved model
+  ({"backbone", "head"}, adapters merged; DPO's reference from train.init_from), on the mesh
+  of config.mesh, as training ended; merged with `extra` into workdir/eval.json."""
+  del model, tokenizer, progress  # the task's own, and its report's bars
   workdir = pathlib.Path(workdir)
-  task = config.train.task
-  figure_fns = {"classify": _classify_figures, "instruct": _instruct_figures,
-                "dpo": _dpo_figures}
-  if task not in figure_fns:
-    raise JaxllmError(f"{workdir} is not a finetuned run (train.task is '{task}'); for a "
-                      f"language model use --text FILE")
-  figures = figure_fns[task](config, model, params, tokenizer, workdir, progress)
-  return write_figures(workdir, {**(extra or {}), "task": task, **figures})
-
-
-def _classify_figures(config, model, params, tokenizer, workdir, progress) -> dict[str, Any]:
-  data = classification.load(config.classifier, config.data.path, tokenizer,
-                             model.config.context_length)
-  figures: dict[str, Any] = {}
-  for split in classification.SPLITS:
-    result = classify_split(params, data.splits[split], config.train.batch_size, backbone=model,
-                            pooling=loss_lib.pooling(config.classifier, model))
-    report = classification_metrics(result["predicted"], result["label"], data.labels)
-    figures[f"{split}_accuracy"] = report["accuracy"]
-    figures[f"{split}_loss"] = result["loss"]
-    figures[split] = report
-  return figures
-
-
-def _instruct_figures(config, model, params, tokenizer, workdir, progress) -> dict[str, Any]:
-  records, encoded = instruction.load(config.instruct, config.data.path, tokenizer,
-                                      config.train.seed)
-  options = instruction.batch_options(config.instruct, model.config.context_length,
-                                      tokenizer.eot_id)
-  figures: dict[str, Any] = {
-      f"{split}_loss": instruction_loss(params, encoded[split], config.train.batch_size,
-                                        backbone=model, **options) for split in ("train", "val")}
-  entries = generate_responses(
-      model, params["backbone"], tokenizer, records["test"], template=config.instruct.template,
-      max_new_tokens=config.instruct.max_new_tokens,
-      batch_size=config.instruct.generate_batch_size, progress=progress)
-  path = workdir / RESPONSES_FILE
-  path.write_text(json.dumps(entries, indent=4) + "\n")
-  figures["responses"] = str(path)
-  if config.judge.url:
-    judged = judge_responses(entries, url=config.judge.url, model=config.judge.model,
-                             template=config.instruct.template, timeout=config.judge.timeout,
-                             progress=progress)
-    figures.update({k: v for k, v in judged.items() if k != "scores"})
-  return figures
-
-
-def _dpo_figures(config, model, params, tokenizer, workdir, progress) -> dict[str, Any]:
-  """DPO loss and reward figures on every split, against the reference (train.init_from)."""
-  from jaxllm import run_io
-  from jaxllm.tasks import dpo
-
-  _, _, reference, _ = run_io.load_run(config.train.init_from)
-  records, pairs = dpo.load(config, tokenizer)
-  shape = dpo.batch_shape(config, model, tokenizer)
-  sums_fn = jax.jit(functools.partial(
-      loss_lib.dpo_sums, backbone=model, beta=float(config.dpo.beta),
-      average=bool(config.dpo.average_logprobs)))
-  full = {"backbone": params["backbone"], "reference": reference, "head": {}}
-  figures: dict[str, Any] = {}
-  for split in ("train", "val", "test"):
-    totals: dict[str, float] = {}
-    for start in range(0, len(records[split]), config.train.batch_size):
-      rows = np.arange(start, min(start + config.train.batch_size, len(records[split])))
-      for name, value in sums_fn(full, dpo.pair_batch(pairs[split], rows, **shape)).items():
-        totals[name] = totals.get(name, 0.0) + float(value)
-    count = totals.pop("count")
-    figures.update({f"{split}_{name}": value / count for name, value in totals.items()})
-  return figures
+  if config.train.task not in ("classify", "instruct", "dpo"):
+    raise JaxllmError(f"{workdir} is not a finetuned run (train.task is "
+                      f"'{config.train.task}'); for a language model use --text FILE")
+  task = run_task(config, workdir)
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.logical_rules(config.mesh.rules)
+  every = sharding.param_shardings(task.param_axes, mesh, rules)
+  shardings = {name: every[name] for name in ("backbone", "head", "reference") if name in every}
+  params = {name: jax.device_put(params[name], shardings[name]) for name in ("backbone", "head")}
+  if "reference" in shardings:  # the frozen starting model, not saved with the run
+    target = jax.eval_shape(task.init_params)["reference"]
+    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          target, shardings["reference"])
+    params["reference"] = run_io.load_params(config.train.init_from, target, cast_floats=True)
+  figures = final_report(task, params, shardings, mesh, rules, config.train.batch_size,
+                         workdir, dict(extra or {}))
+  if not multihost.is_main():
+    return figures
+  return write_figures(workdir, figures)
 
 
 def write_figures(workdir: str | pathlib.Path, figures: dict[str, Any]) -> dict[str, Any]:

@@ -56,7 +56,6 @@ class Setup:
   manager: Any  # orbax CheckpointManager
   total_steps: int
   train_rows: slice  # this process's rows of each microbatch
-  eval_rows: slice  # and of each evaluation batch
   main: bool  # process 0 prints and writes; every process computes
 
 
@@ -118,8 +117,6 @@ def set_up(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Setup:
       shardings=shardings, manager=manager, total_steps=steps,
       train_rows=multihost.process_rows(sharding.batch_sharding(mesh, rules, 1, ndim=2),
                                         (train.grad_accum, microbatch), axis=1),
-      eval_rows=multihost.process_rows(sharding.batch_sharding(mesh, rules, 0, ndim=1),
-                                       (train.batch_size,), axis=0),
       main=main)
 
 
@@ -232,14 +229,11 @@ def _batch_sharding(mesh, rules, axis: int, ndim: int):
 
 def evaluate(setup: Setup, eval_fn, params: Any) -> dict[str, float]:
   """Each evaluated split's figures: the task's sums over its evaluation batches / count."""
-  def sums(batch: dict) -> dict:
-    local = {k: v[setup.eval_rows] for k, v in batch.items()}
-    return eval_fn(params, _global_batch(setup, local, 0, setup.config.train.batch_size))
-
   figures = {}
   for split in ("train", "val"):
-    means = tasks_lib.eval_means(map(sums, setup.task.eval_batches(split)))
-    figures.update({f"{split}_{name}": float(value) for name, value in means.items()})
+    sums = evaluate_lib.split_sums(eval_fn, params, setup.task.eval_batches(split), setup.mesh,
+                                   setup.rules, setup.config.train.batch_size)
+    figures.update(tasks_lib.split_figures(split, sums))
   return figures
 
 
@@ -419,25 +413,42 @@ def _save(setup: Setup, done: int, state, last_eval: dict | None, preemption) ->
 
 
 def finish(setup: Setup, state, summary: dict, start_time: float) -> dict[str, Any]:
-  """The run directory's parameters (every process writes its shards), then, on process 0,
-  the loss curve, the task's report and eval.json."""
-  saved = setup.task.export(state.params)
-  for name, params in saved.items():
-    run_io.save_params(setup.workdir, params, name=name)
-  host = multihost.host_copy(saved)  # collective too: whole parameters for the report
+  """The run directory's parameters (every process writes its shards), the final report
+  (every process computes it on the mesh, as every evaluation), then, on process 0, the loss
+  curve and eval.json."""
+  task = setup.task
+  params, shardings = saved_params(setup, state.params)
+  saved = task.export(params)
+  for name, tree in saved.items():
+    run_io.save_params(setup.workdir, tree, name=name)
   records, final = summary.pop("records"), summary.pop("final")
+  figures = evaluate_lib.final_report(task, params, shardings, setup.mesh, setup.rules,
+                                      setup.config.train.batch_size, setup.workdir,
+                                      {**summary, **final})
   if not setup.main:
-    return {**summary, **final}
+    return figures
   config = setup.config
   metrics_lib.plot_losses(records, setup.workdir / "loss.png", title=(
-      f"{config.train.task}: {count_params(host['params']) / 1e6:.2f}M parameters"))
-  figures = setup.task.report(setup.workdir, host, {**summary, **final})
+      f"{config.train.task}: {count_params(saved['params']) / 1e6:.2f}M parameters"))
   figures = evaluate_lib.write_figures(
       setup.workdir, {**figures, "wall_seconds": time.perf_counter() - start_time})
   print(f"step {summary['steps']}: {_figures_text(final)}; {summary['steps_per_s']:.1f} "
         f"steps/s (waiting for data {summary['input_wait']:.1%} of it), wall time "
         f"{figures['wall_seconds']:.0f} s; outputs in {setup.workdir}")
   return figures
+
+
+def saved_params(setup: Setup, params: Any) -> tuple[Any, Any]:
+  """(the parameters as the run saves them, their shardings): adapters merged, on the mesh
+  in the training parameters' shards; the training ones themselves without adapters."""
+  if setup.task.saved_params is None:
+    return params, setup.shardings.params
+  by_path = {jax.tree_util.keystr(path): sharding_ for path, sharding_ in
+             jax.tree_util.tree_leaves_with_path(setup.shardings.params)}
+  shardings = jax.tree_util.tree_map_with_path(
+      lambda path, _: by_path[jax.tree_util.keystr(path)],
+      jax.eval_shape(setup.task.saved_params, params))
+  return jax.jit(setup.task.saved_params, out_shardings=shardings)(params), shardings
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,

@@ -7,9 +7,12 @@ import pytest
 
 from jaxllm import config as config_lib
 from jaxllm import evaluate
+from jaxllm import generate as generate_lib
+from jaxllm import heads
 from jaxllm.data import instruction
 from jaxllm.errors import JaxllmError
 from jaxllm.model import GPT, init_params
+from jaxllm.tasks import losses
 from jaxllm.tokenizer import CharTokenizer
 
 RECORDS = [{"instruction": "Name a color.", "input": "", "output": "Blue."},
@@ -18,18 +21,40 @@ RECORDS = [{"instruction": "Name a color.", "input": "", "output": "Blue."},
 
 
 def test_classification_metrics():
-  label_N = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
-  predicted_N = np.array([0, 0, 0, 1, 1, 1, 1, 1, 0, 0])
-  report = evaluate.classification_metrics(predicted_N, label_N, ["ham", "spam"])
-  assert report["confusion"] == [[3, 1], [2, 4]]  # rows true, columns predicted
+  confusion = [[3, 1], [2, 4]]  # rows true, columns predicted: 10 examples, 7 right
+  report = evaluate.classification_metrics(np.array(confusion), ["ham", "spam"])
+  assert report["confusion"] == confusion and report["count"] == 10
   assert report["accuracy"] == pytest.approx(0.7)
   assert report["precision"] == pytest.approx(4 / 5)  # of spam, the positive class
   assert report["recall"] == pytest.approx(4 / 6)
   assert report["f1"] == pytest.approx(2 * 0.8 * (4 / 6) / (0.8 + 4 / 6))
-  three = evaluate.classification_metrics(np.array([0, 1, 2, 2]), np.array([0, 1, 1, 2]),
+  three = evaluate.classification_metrics(np.array([[1, 0, 0], [0, 1, 1], [0, 0, 1]]),
                                           ["a", "b", "c"])
   assert three["precision"] == pytest.approx((1 + 1 + 0.5) / 3)  # macro
   assert three["recall"] == pytest.approx((1 + 0.5 + 1) / 3)
+
+
+def test_the_classifier_step_sums_the_confusion_matrix_of_its_real_rows():
+  model = GPT(config_lib.ModelConfig(vocab_size=50, context_length=8, n_layer=1, n_head=2,
+                                     d_model=16))
+  params = {"backbone": init_params(model, jax.random.key(0)),
+            "head": heads.classifier_init(jax.random.key(1), 16, 3)}
+  rng = np.random.default_rng(0)
+  batch = {"tokens_BxL": rng.integers(0, 50, size=(6, 8)).astype(np.int32),
+           "length_B": np.array([8, 3, 5, 8, 2, 1], np.int32),
+           "label_B": np.array([0, 1, 2, 2, 1, 0], np.int32),
+           "weight_B": np.array([1, 1, 1, 1, 1, 0], np.float32)}  # the last row is padding
+  sums = losses.classification_sums(params, batch, backbone=model, num_classes=3)
+  logits_BxC = np.asarray(losses.classifier_logits(params, batch, backbone=model))
+  predicted_B = logits_BxC.argmax(axis=-1)
+  expected = np.zeros((3, 3))
+  np.add.at(expected, (batch["label_B"][:5], predicted_B[:5]), 1)
+  np.testing.assert_array_equal(sums["confusion"], expected)
+  assert float(sums["count"]) == 5 and expected.sum() == 5
+  assert float(sums["accuracy"]) == np.trace(expected)
+  log_p_BxC = logits_BxC - np.log(np.exp(logits_BxC).sum(axis=-1, keepdims=True))
+  loss = -log_p_BxC[np.arange(5), batch["label_B"][:5]].sum()
+  assert float(sums["loss"]) == pytest.approx(loss, rel=1e-6)
 
 
 def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
@@ -53,8 +78,15 @@ def test_responses_in_the_books_format():
                                         max_new_tokens=5, batch_size=2, progress=False)
   assert [list(e) for e in entries] == [["instruction", "input", "output", "model_response"]] * 3
   assert [e["output"] for e in entries] == [r["output"] for r in RECORDS]
-  assert all(isinstance(e["model_response"], str) and len(e["model_response"]) <= 5
-             for e in entries)
+  # Each response is the greedy continuation of its own prompt (decoded one prompt at a time
+  # without a cache), whatever it was batched with, the response marker stripped.
+  for record, entry in zip(RECORDS, entries):
+    prompt = tokenizer.encode(instruction.format_prompt(record))
+    tokens = generate_lib.generate_uncached(model, params, [prompt], 5, temperature=0.0,
+                                            eot_id=tokenizer.eot_id)[0]
+    assert entry["model_response"] == instruction.clean_response(tokenizer.decode(tokens),
+                                                                 "alpaca")
+  assert len({e["model_response"] for e in entries}) > 1  # not one string for every prompt
 
 
 def test_judge_scores_over_a_real_http_server(judge_server):

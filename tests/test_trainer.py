@@ -5,6 +5,7 @@ import os
 import pathlib
 import re
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -162,6 +163,49 @@ def test_finetune_resumes_exactly_after_sigkill_and_sigterm(tmp_path, shared_dat
     for split in ("train", "val", "test"):  # the final report's figures too
       for key in (f"{split}_loss", f"{split}_accuracy", split):
         assert figures[key] == expected_figures[key], key
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_end_with_the_one_process_figures(tmp_path, converted, shared_data):
+  """The final report runs on the mesh in every process, as the periodic evaluation does:
+  two processes of 2 devices (joined as `jaxllm launch local` joins them) write the eval.json
+  of one process with 4, and no process gathers the whole parameters (a model that needs
+  FSDP to fit would not fit there)."""
+  runner = ("import sys\nfrom jaxllm import cli, multihost\n"
+            "def gathered(tree):\n  raise RuntimeError('whole parameters gathered')\n"
+            "multihost.host_copy = gathered\nsys.exit(cli.main(sys.argv[1:]))\n")
+  args = [sys.executable, "-c", runner, *SPAM, f"--config.train.init_from={converted}",
+          f"--config.data.path={shared_data / 'SMSSpamCollection'}", "--config.mesh.fsdp=4",
+          "--config.mesh.rules=[('vocab', None)]"]
+  base = {k: v for k, v in os.environ.items() if not k.startswith("JAXLLM_")}
+
+  def start(workdir, devices, **env):
+    env = {**base, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+           "JAX_PLATFORMS": "cpu", "TFDS_DATA_DIR": str(tmp_path / f"tfds-{workdir}"), **env}
+    return subprocess.Popen([*args, "--workdir", str(tmp_path / workdir)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+  coordinator = f"127.0.0.1:{_free_port()}"
+  procs = [start("one", 4)] + [
+      start("two", 2, JAXLLM_COORDINATOR=coordinator, JAXLLM_NUM_PROCESSES="2",
+            JAXLLM_PROCESS_ID=str(i)) for i in range(2)]
+  outputs = [_finish(p) for p in procs]
+  for code, _, err in outputs:
+    assert code == 0, err[-3000:]
+  assert "over 4 cpu device(s) in 2 process(es)" in outputs[1][1]
+  gloo = re.compile(r"^(\[Gloo\]|(\[Gloo\] Rank )?\d* ?is connected to \d+ peer ranks)")
+  assert [line for line in outputs[2][1].splitlines() if not gloo.match(line)] == []
+  one, two = (json.loads((tmp_path / w / "eval.json").read_text()) for w in ("one", "two"))
+  for split in ("train", "val", "test"):
+    assert two[split] == one[split], split  # counts, confusion, precision, recall, F1
+    assert two[f"{split}_accuracy"] == one[f"{split}_accuracy"]
+    assert two[f"{split}_loss"] == pytest.approx(one[f"{split}_loss"], rel=1e-6)
+  assert one["test"]["count"] == 300 and one["train"]["count"] == 1045
 
 
 def test_a_resumed_finetune_reads_no_init_from_weights(tmp_path, converted, shared_data):

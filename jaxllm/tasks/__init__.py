@@ -17,7 +17,7 @@ import importlib
 import ml_collections
 
 from jaxllm.errors import JaxllmError
-from jaxllm.tasks.common import Task, eval_means
+from jaxllm.tasks.common import Task, eval_means, eval_sums, split_figures
 
 NAMES = ("lm", "mlm", "classify", "instruct", "dpo")
 
@@ -30,4 +30,4 @@ def build(config: ml_collections.ConfigDict) -> Task:
   return importlib.import_module(f"jaxllm.tasks.{config.train.task}").make_task(config)
 
 
-__all__ = ["NAMES", "Task", "build", "eval_means"]
+__all__ = ["NAMES", "Task", "build", "eval_means", "eval_sums", "split_figures"]

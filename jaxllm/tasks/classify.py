@@ -3,8 +3,8 @@
 
 The book's ch. 6 recipe: labelled texts from data.path (classes balanced, a seeded 70/10/20
 split, right-padded), batches shuffled per epoch with drop_last; periodic figures are loss
-and accuracy on train and validation, the final report (`evaluate.evaluate_finetuned`) adds
-precision, recall, F1 and the confusion matrix on all three splits.
+and accuracy on train and validation; the final report adds precision, recall, F1 and the
+confusion matrix (summed by the evaluation step itself) on all three splits.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import functools
 import ml_collections
 import numpy as np
 
-from jaxllm import heads
+from jaxllm import evaluate, heads
 from jaxllm.data import classification
 from jaxllm.tasks import common, losses
 
@@ -46,23 +46,35 @@ def make_task(config: ml_collections.ConfigDict) -> common.Task:
     batch = {k: v[picked] for k, v in splits["train"].items()}
     return common.microbatches(batch, train.grad_accum, rows)
 
-  def eval_batches(split):
+  def split_batches(split, limit=0):
     for i, batch in enumerate(classification.batches(splits[split], train.batch_size)):
-      if train.eval_batches and i >= train.eval_batches:
+      if limit and i >= limit:
         return
       yield common.pad_rows(batch, train.batch_size)
 
+  def report_figures(split, sums):
+    confusion_CxC = np.rint(sums["confusion"]).astype(np.int64)
+    metrics = evaluate.classification_metrics(confusion_CxC, data.labels)
+    return {f"{split}_accuracy": metrics["accuracy"],
+            f"{split}_loss": float(sums["loss"] / max(sums["count"], 1e-9)), split: metrics}
+
+  sums = dict(backbone=model, lora_scale=params.lora_scale, pooling=pooling)
   sizes = ", ".join(f"{k} {len(v['label_B'])}" for k, v in data.splits.items())
   return common.Task(
       model=model, tokenizer=tokenizer, init_params=params.init, param_axes=params.axes,
       loss_fn=functools.partial(losses.classification_loss, backbone=model,
                                 lora_scale=params.lora_scale, pooling=pooling,
                                 deterministic=model.config.dropout == 0.0),
-      eval_fn=functools.partial(losses.classification_sums, backbone=model,
-                                lora_scale=params.lora_scale, pooling=pooling),
-      train_batch=train_batch, eval_batches=eval_batches, token_key="tokens_BxL",
+      eval_fn=functools.partial(losses.classification_sums, **sums),
+      train_batch=train_batch,
+      eval_batches=functools.partial(split_batches, limit=train.eval_batches),
+      token_key="tokens_BxL",
       export=functools.partial(common.export_finetuned, lora_scale=params.lora_scale),
-      report=common.finetuned_report(config, model, tokenizer), trainable=params.trainable,
+      report=common.finetuned_report("classify"), trainable=params.trainable,
+      report_splits=classification.SPLITS, report_batches=split_batches,
+      report_fn=functools.partial(losses.classification_sums, **sums,
+                                  num_classes=len(data.labels)),
+      report_figures=report_figures, saved_params=params.saved,
       pretrained_into=(("backbone",),), batches_per_epoch=batches_per_epoch, lm_head=False,
       description=(f"{sizes} examples, classes {data.labels}, padded to {data.max_length} "
                    f"tokens (pad id {data.pad_id}), {pooling} pooling; {params.description}"))

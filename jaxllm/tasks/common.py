@@ -46,6 +46,13 @@ class Task:
   only those rows of each microbatch, the ones this process's devices hold), and
   `eval_batches(split)` the batches of train.batch_size rows (padded with weight-0 rows) that
   every evaluation sees.
+
+  The final report (eval.json) is an evaluation too, compiled on the mesh with the state's
+  shardings and run by every process: `report_fn` (default eval_fn) over `report_batches(split)`
+  (every batch of the split) for each of `report_splits`, each split's sums made figures by
+  `report_figures(split, sums)` (default: "<split>_<name>" = sum / count); then `report` adds
+  what is not a sum over batches (a text sample, generated responses) and writes its files on
+  process 0.
   """
 
   model: Backbone  # a GPT or an encoder, whose config goes into config.json
@@ -58,7 +65,7 @@ class Task:
   eval_batches: Callable[[str], Iterable[Batch]]
   token_key: str  # the batch entry whose size counts the tokens a step sees
   export: Callable[[Params], dict[str, Params]]  # what to save: folder name -> parameters
-  report: Callable[[pathlib.Path, dict[str, Params], dict], dict]  # final figures (process 0)
+  report: Callable[[pathlib.Path, Params, dict], dict]  # (workdir, saved params, figures)
   weight_fn: Callable = train_lib.rows_weight  # items a microbatch's mean is over
   trainable: Params | None = None  # bools like the parameters; None = all train
   pretrained_into: tuple[tuple[str, ...], ...] = ((),)  # subtrees train.init_from fills
@@ -69,18 +76,39 @@ class Task:
   lm_head: bool = True
   # DPO: a frozen reference's forward pass over every token too, which MFU counts.
   reference_forward: bool = False
+  report_splits: tuple[str, ...] = ()
+  report_batches: Callable[[str], Iterable[Batch]] | None = None
+  report_fn: Callable | None = None
+  report_figures: Callable[[str, dict[str, np.ndarray]], dict] | None = None
+  # The parameters as saved (adapters merged): what the report and `jaxllm eval` evaluate.
+  # None: the training parameters as they are.
+  saved_params: Callable[[Params], Params] | None = None
 
 
-def eval_means(results: Iterable[dict[str, Any]]) -> dict[str, np.ndarray]:
-  """The figures of a split from its batches' `eval_fn` results: each sum, added up in
-  float64 over the batches, over the summed "count" (arrays stay arrays: one figure per
-  vectorised trial)."""
+def eval_sums(results: Iterable[dict[str, Any]]) -> dict[str, np.ndarray]:
+  """A split's sums from its batches' `eval_fn` results, added up in float64 (arrays stay
+  arrays: one figure per vectorised trial, a confusion matrix)."""
   sums: dict[str, Any] = {}
   for result in results:
     for name, value in result.items():
       sums[name] = sums.get(name, 0.0) + np.asarray(value, np.float64)
-  count = np.maximum(sums.pop("count", 0.0), 1e-9)
-  return {name: value / count for name, value in sums.items()}
+  return sums
+
+
+def sum_means(sums: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Each sum over the summed "count"."""
+  count = np.maximum(sums.get("count", 0.0), 1e-9)
+  return {name: value / count for name, value in sums.items() if name != "count"}
+
+
+def eval_means(results: Iterable[dict[str, Any]]) -> dict[str, np.ndarray]:
+  """The figures of a split from its batches' `eval_fn` results: each sum over the count."""
+  return sum_means(eval_sums(results))
+
+
+def split_figures(split: str, sums: dict[str, np.ndarray]) -> dict[str, float]:
+  """"<split>_<name>": sum / count, the figures of an evaluated split."""
+  return {f"{split}_{name}": float(value) for name, value in sum_means(sums).items()}
 
 
 # --- The backbone -------------------------------------------------------------------------
@@ -219,6 +247,7 @@ class Finetuned:
   trainable: Params
   lora_scale: float
   description: str
+  saved: Callable[[Params], Params] | None = None  # adapters merged (Task.saved_params)
 
 
 def finetuned_params(config: ml_collections.ConfigDict, model: Backbone,
@@ -258,7 +287,8 @@ def finetuned_params(config: ml_collections.ConfigDict, model: Backbone,
   description = (f"{count_trainable(abstract, trainable):,} of {total:,} parameters trained "
                  f"({config.train.trainable}{adapters})")
   scale = lora.scale(config.lora.alpha, config.lora.rank) if targets else 0.0
-  return Finetuned(init, axes, trainable, scale, description)
+  saved = functools.partial(merged_params, lora_scale=scale) if targets else None
+  return Finetuned(init, axes, trainable, scale, description, saved)
 
 
 def export_finetuned(params: Params, lora_scale: float) -> dict[str, Params]:
@@ -271,15 +301,17 @@ def export_finetuned(params: Params, lora_scale: float) -> dict[str, Params]:
   return out
 
 
-def finetuned_report(config: ml_collections.ConfigDict, model: Backbone,
-                     tokenizer: tokenizer_lib.Tokenizer) -> Callable:
-  """A finetuning task's final report: `evaluate.evaluate_finetuned` on the saved model, as
-  `jaxllm eval` runs it later, with training's figures."""
-  def report(workdir: pathlib.Path, saved: dict[str, Params], summary: dict) -> dict:
-    from jaxllm import evaluate  # evaluate imports the losses of this package
+def merged_params(params: Params, lora_scale: float) -> Params:
+  """The parameters a finetuned run saves, as one tree: adapters merged into their kernels
+  (the DPO reference kept), so `eval_fn` takes them as it takes the training ones."""
+  return losses.effective_params(params, lora_scale)
 
-    params = {"backbone": saved["params"], "head": saved.get("head", {})}
-    return evaluate.evaluate_finetuned(config, model, params, tokenizer, workdir, extra=summary)
+
+def finetuned_report(task: str) -> Callable:
+  """The final report of a task whose figures are all evaluation sums: those, and its name."""
+  def report(workdir: pathlib.Path, params: Params, figures: dict) -> dict:
+    del workdir, params
+    return {**figures, "task": task}
   return report
 
 

@@ -75,9 +75,8 @@ def make_task(config: ml_collections.ConfigDict) -> common.Task:
     batch = pair_batch(pairs["train"], epoch_rows(epoch)[index], **shape)
     return common.microbatches(batch, train.grad_accum, rows)
 
-  def eval_batches(split):
-    count = min(train.eval_batches * train.batch_size or len(records[split]),
-                len(records[split]))
+  def split_batches(split, limit=0):
+    count = min(limit * train.batch_size or len(records[split]), len(records[split]))
     order = np.argsort(pair_lengths[split][:count], kind="stable")
     for i in range(0, count, train.batch_size):
       yield common.pad_rows(pair_batch(pairs[split], order[i:i + train.batch_size], **shape),
@@ -88,9 +87,13 @@ def make_task(config: ml_collections.ConfigDict) -> common.Task:
       loss_fn=functools.partial(losses.dpo_loss, **dpo,
                                 deterministic=model.config.dropout == 0.0),
       eval_fn=functools.partial(losses.dpo_sums, **dpo),
-      train_batch=train_batch, eval_batches=eval_batches, token_key="inputs_BxPxL",
+      train_batch=train_batch,
+      eval_batches=functools.partial(split_batches, limit=train.eval_batches),
+      token_key="inputs_BxPxL",
       export=functools.partial(common.export_finetuned, lora_scale=params.lora_scale),
-      report=common.finetuned_report(config, model, tokenizer), trainable=params.trainable,
+      report=common.finetuned_report("dpo"), trainable=params.trainable,
+      report_splits=("train", "val", "test"), report_batches=split_batches,
+      saved_params=params.saved,
       pretrained_into=(("backbone",), ("reference",)),
       batches_per_epoch=sampler.batches_per_epoch,
       reference_forward=True,

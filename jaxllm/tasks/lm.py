@@ -15,6 +15,7 @@ import ml_collections
 
 from jaxllm import data as data_lib
 from jaxllm import generate as generate_lib
+from jaxllm import multihost
 from jaxllm import train as train_lib
 from jaxllm.model import init_params, logical_axes
 from jaxllm.tasks import common
@@ -41,16 +42,18 @@ def make_task(config: ml_collections.ConfigDict) -> common.Task:
     loss_sum, count = train_lib.eval_step(params, batch, model=model)
     return {"loss": loss_sum, "count": count}
 
-  def report(workdir: pathlib.Path, saved, summary):
+  def report(workdir: pathlib.Path, params, figures):
     if train.sample_tokens <= 0:  # no sample asked for: nothing to compile
-      return summary
+      return figures
+    # Every process samples (the parameters are sharded over all of them); process 0 writes.
     prompt = train.sample_prompt
     sample = generate_lib.generate_text(
-        model, saved["params"], tokenizer, prompt, max_new_tokens=train.sample_tokens,
+        model, params, tokenizer, prompt, max_new_tokens=train.sample_tokens,
         temperature=0.8, top_k=200, seed=train.seed)
-    (workdir / "sample.txt").write_text(prompt + sample)
-    print(f"--- sample (temperature 0.8, top-k 200) ---\n{prompt}{sample}\n---")
-    return summary
+    if multihost.is_main():
+      (workdir / "sample.txt").write_text(prompt + sample)
+      print(f"--- sample (temperature 0.8, top-k 200) ---\n{prompt}{sample}\n---")
+    return figures
 
   return common.Task(
       model=model, tokenizer=tokenizer,

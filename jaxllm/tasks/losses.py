@@ -112,15 +112,22 @@ def classification_loss(params: Params, batch: dict[str, jax.Array], rng: jax.Ar
 
 
 def classification_sums(params: Params, batch: dict[str, jax.Array], *, backbone: GPT | Encoder,
-                        lora_scale: float = 0.0, pooling: str = "last") -> dict[str, jax.Array]:
-  """Summed loss and correct predictions over the rows whose weight_B is 1 (not padding)."""
+                        lora_scale: float = 0.0, pooling: str = "last",
+                        num_classes: int = 0) -> dict[str, jax.Array]:
+  """Summed loss and correct predictions over the rows whose weight_B is 1 (not padding);
+  with `num_classes`, also their "confusion" counts, CxC (rows true, columns predicted)."""
   logits_BxC = classifier_logits(params, batch, backbone=backbone, lora_scale=lora_scale,
                                  pooling=pooling)
   losses_B = optax.softmax_cross_entropy_with_integer_labels(logits_BxC, batch["label_B"])
-  correct_B = jnp.argmax(logits_BxC, axis=-1) == batch["label_B"]
+  predicted_B = jnp.argmax(logits_BxC, axis=-1)
   weight_B = batch["weight_B"]
-  return {"loss": jnp.sum(losses_B * weight_B), "accuracy": jnp.sum(correct_B * weight_B),
+  sums = {"loss": jnp.sum(losses_B * weight_B),
+          "accuracy": jnp.sum((predicted_B == batch["label_B"]) * weight_B),
           "count": jnp.sum(weight_B)}
+  if num_classes:
+    true_BxC = jax.nn.one_hot(batch["label_B"], num_classes) * weight_B[:, None]
+    sums["confusion"] = true_BxC.T @ jax.nn.one_hot(predicted_B, num_classes)
+  return sums
 
 
 def token_losses(params: Params, batch: dict[str, jax.Array], rng: jax.Array | None = None,
