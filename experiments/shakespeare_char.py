@@ -10,8 +10,13 @@ from jaxllm.config import default_config
 # For `jaxllm reproduce --all --cpu`: sized for a 2-core CPU.
 CPU = True
 
-# nanoGPT (PyTorch, 2-core CPU): validation loss 1.8857 at step 2,000, in 104 s.
-EXPECTED = {"val_loss": ("<=", 1.88, "nanoGPT README, CPU run: 1.8857 at step 2,000")}
+# nanoGPT's README gives 1.8857 at step 2,000: one draw of 20 evaluation batches. Measured the
+# way this experiment evaluates (200 batches of each split, nanoGPT's default eval_iters) by
+# `python benchmarks/shakespeare_seeds.py` on a 2-core AMD EPYC: nanoGPT's recipe 1.9013,
+# 1.8883, 1.8871 (seeds 1337, 1, 2; mean 1.8922, std 0.0079), this experiment 1.9061,
+# 1.9087, 1.8975 (mean 1.9041, std 0.0059). Expected: nanoGPT's mean + 3 seed stds.
+EXPECTED = {"val_loss": ("<=", 1.916, "nanoGPT's recipe, 200 batches, 3 seeds: 1.8922 "
+                                      "+ 3 x 0.0079")}
 
 
 def get_config():
@@ -39,7 +44,7 @@ def get_config():
   c.train.weight_decay = 0.1
   c.train.grad_clip = 1.0
   c.train.eval_every = 250
-  c.train.eval_batches = 20
+  c.train.eval_batches = 200  # nanoGPT's default eval_iters (its CPU run used 20)
   c.train.log_every = 10
   c.train.seed = 1337
   c.train.sample_prompt = "\n"

@@ -38,6 +38,7 @@ def get_config():
   c.model.preset = "bert-nano"  # 4 layers, 4 heads, d_model 128, context 128
   c.model.bias = None  # a decoder key
   c.train.task = "mlm"
+  c.train.eval_batches = 20  # as its figures were measured
   c.train.steps = 6000
   c.train.decay_steps = 6000
   c.train.batch_size = 16
