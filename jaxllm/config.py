@@ -359,8 +359,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
 
 
 # Model keys that say how the network runs, not what it is: a run started from another
-# (train.init_from) or read back (`jaxllm eval`, `generate`) may set them; the others are the
-# stored architecture's.
+# (train.init_from) or read back (`jaxllm eval`) sets them (stacked or per-layer parameters are
+# read into either layout); the others are the stored architecture's.
 RUNTIME_KEYS = ("dropout", "dtype", "matmul_dtype", "remat", "scan_layers")
 
 

@@ -28,7 +28,6 @@ from typing import Any, Iterable, Sequence
 import jax
 import ml_collections
 import numpy as np
-from tqdm.auto import tqdm
 
 from jaxllm import config as config_lib
 from jaxllm import generate as generate_lib
@@ -39,6 +38,7 @@ from jaxllm import train as train_lib
 from jaxllm.data import batches as batches_lib
 from jaxllm.data import instruction
 from jaxllm.errors import JaxllmError
+from jaxllm.progress import progress_bar
 from jaxllm.model import GPT
 from jaxllm.tasks import common
 from jaxllm.tokenizer import Tokenizer
@@ -59,7 +59,8 @@ def perplexity(model: GPT, params: Any, tokens: np.ndarray, batch_size: int = 8,
   starts = batches_lib.sliding_starts(len(tokens), length, length)
   eval_fn = jax.jit(functools.partial(train_lib.eval_step, model=model))
   total, count = 0.0, 0.0
-  for i in tqdm(range(0, len(starts), batch_size), desc="perplexity", disable=not progress):
+  for i in progress_bar(range(0, len(starts), batch_size), desc="perplexity",
+                        disable=not progress):
     loss_sum, n = eval_fn(params, batches_lib.gather(tokens, starts[i:i + batch_size], length))
     total, count = total + float(loss_sum), count + float(n)
   loss = total / count
@@ -104,7 +105,8 @@ def generate_responses(model: GPT, backbone_params: Any, tokenizer: Tokenizer,
   responses: list[str] = [""] * len(records)
   order = np.argsort([len(p) for p in prompts], kind="stable")  # similar lengths together
   chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-  with tqdm(total=len(records), desc="generate", unit="response", disable=not progress) as bar:
+  with progress_bar(total=len(records), desc="generate", unit="response",
+                    disable=not progress) as bar:
     for chunk in chunks:
       longest = max(len(prompts[i]) for i in chunk)
       room = model.config.context_length - longest
@@ -172,7 +174,7 @@ def judge_responses(entries: Sequence[dict], *, url: str, model: str, template: 
                     timeout: float = 120.0, progress: bool = True) -> dict[str, Any]:
   """Scores of each response; their mean over the parsable ones (the book skips the rest)."""
   scores = []
-  for entry in tqdm(entries, desc="judge", unit="response", disable=not progress):
+  for entry in progress_bar(entries, desc="judge", unit="response", disable=not progress):
     scores.append(parse_score(query_judge(judge_prompt(entry, template), url=url, model=model,
                                           timeout=timeout)))
   valid = [s for s in scores if s is not None]

@@ -26,7 +26,6 @@ from typing import Any
 import jax
 import ml_collections
 import optax
-from tqdm.auto import tqdm
 
 from jaxllm import checkpoint as checkpoint_lib
 from jaxllm import config as config_lib
@@ -40,6 +39,7 @@ from jaxllm import tasks as tasks_lib
 from jaxllm import train as train_lib
 from jaxllm.errors import JaxllmError, Preempted
 from jaxllm.model import count_params
+from jaxllm.progress import progress_bar
 
 
 @dataclasses.dataclass
@@ -64,16 +64,6 @@ def log(setup: Setup, message: str, bar=None) -> None:
     (bar.write if bar is not None else print)(message)
 
 
-def _check_train_config(train: ml_collections.ConfigDict) -> None:
-  if train.batch_size % train.grad_accum:
-    raise JaxllmError(f"train.batch_size={train.batch_size} is not divisible by "
-                      f"train.grad_accum={train.grad_accum}")
-  if train.schedule not in ("cosine", "constant"):
-    raise JaxllmError(f"train.schedule must be cosine or constant, got '{train.schedule}'")
-  if train.steps <= 0 and train.epochs <= 0:
-    raise JaxllmError("set train.steps (or train.epochs) to a positive number")
-
-
 def total_steps(train: ml_collections.ConfigDict, task: tasks_lib.Task) -> int:
   """train.steps, or train.epochs passes over the task's batches."""
   if train.epochs <= 0:
@@ -87,7 +77,7 @@ def total_steps(train: ml_collections.ConfigDict, task: tasks_lib.Task) -> int:
 def set_up(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Setup:
   """The task, the mesh and shardings, the optimizer and the checkpoint manager."""
   train = config.train
-  _check_train_config(train)
+  config_lib.check_train(train)
   multihost.initialize()  # before anything touches a device
   task = tasks_lib.build(config)
   mesh = sharding.make_mesh(config.mesh)
@@ -318,8 +308,8 @@ def train_loop(setup: Setup, state, start_step: int, progress: bool,
     run.writer.write({"step": 0, **run.last_eval})
   log(setup, f"step {start_step}: " + _figures_text(run.last_eval))
   log(setup, f"TensorBoard: tensorboard --logdir {setup.workdir / 'tensorboard'}")
-  bar = tqdm(total=total, initial=start_step, desc=train.task, unit="step",
-             disable=not (progress and setup.main), dynamic_ncols=True)
+  bar = progress_bar(total=total, initial=start_step, desc=train.task, unit="step",
+                     disable=not (progress and setup.main), dynamic_ncols=True)
   train_start = time.perf_counter()
   batches = prefetch.Prefetcher(functools.partial(_train_batch, setup), start_step, total,
                                 setup.config.data.prefetch)
@@ -331,9 +321,9 @@ def train_loop(setup: Setup, state, start_step: int, progress: bool,
         run.meter.add(tokens, length, time.perf_counter() - wait_start)
         state, metrics = step_fn(state, batch)
         done = step + 1
-        is_eval = (done % train.eval_every == 0 or done == total or (
+        is_eval = (config_lib.every(done, train.eval_every) or done == total or (
             train.epochs > 0 and done % task.batches_per_epoch == 0))
-        if done % train.log_every == 0 or is_eval:
+        if config_lib.every(done, train.log_every) or is_eval:
           _log_step(setup, run, done, metrics, (eval_fn, state.params) if is_eval else None, bar)
         if is_eval and on_evaluation is not None:
           on_evaluation(done, run.last_eval)
@@ -391,13 +381,12 @@ def _metrics_writer(setup: Setup, start_step: int) -> metrics_lib.MetricsWriter:
   multihost.sync("jaxllm: metrics read")
   if not setup.main:
     return metrics_lib.MetricsWriter(os.devnull)
-  path.unlink(missing_ok=True)
+  metrics_lib.replace_records(path, history)  # the old file stays whole until the new one is
   if not start_step:  # a fresh run: no events of an earlier one
     shutil.rmtree(setup.workdir / "tensorboard", ignore_errors=True)
   writer = metrics_lib.MetricsWriter(path, setup.workdir / "tensorboard",
                                      purge_step=start_step + 1 if start_step else None)
-  for record in history:
-    writer.write(record, events=False)  # already in the event files
+  writer.records.extend(history)  # in the file now, and already in the event files
   return writer
 
 
@@ -459,6 +448,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
   """
   start_time = time.perf_counter()
   setup = set_up(config, pathlib.Path(workdir))
-  state, start_step = initial_state(setup)
-  state, summary = train_loop(setup, state, start_step, progress, on_evaluation)
+  with setup.manager:  # its threads end on errors too (a sweep runs many trials)
+    state, start_step = initial_state(setup)
+    state, summary = train_loop(setup, state, start_step, progress, on_evaluation)
   return finish(setup, state, summary, start_time)

@@ -91,6 +91,21 @@ def test_train_then_generate(tmp_path, shared_data, capsys):
     assert message in _error_line(capsys)
 
 
+def test_zero_intervals_mean_only_at_the_ends(tmp_path, shared_data, capsys):
+  corpus = tmp_path / "verdict.txt"
+  corpus.write_text((shared_data / "the-verdict.txt").read_text())
+  assert _train_text(tmp_path / "run", corpus, "--config.train.steps=6",
+                     "--config.train.eval_every=0", "--config.train.log_every=0",
+                     "--config.train.sample_tokens=0") == 0
+  records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text(
+      ).splitlines()]
+  assert [(r["step"], "loss" in r, "val_loss" in r) for r in records] == [
+      (0, False, True), (6, True, True)]
+  capsys.readouterr()
+  assert _train_text(tmp_path / "bad", corpus, "--config.train.grad_accum=0") == 2
+  assert "train.grad_accum must be at least 1, got 0" in _error_line(capsys)
+
+
 def test_unknown_config_key_is_named(tmp_path, capsys):
   assert _train(tmp_path, "--config.train.stepz=3") == 2
   assert "unknown config key 'train.stepz'" in _error_line(capsys)

@@ -113,9 +113,7 @@ def split_figures(split: str, sums: dict[str, np.ndarray]) -> dict[str, float]:
 
 # --- The backbone -------------------------------------------------------------------------
 
-# Model keys that say how the network runs, not what it is: this run's, not init_from's
-# (stacked or per-layer parameters are read into either layout).
-RUNTIME_KEYS = ("dropout", "dtype", "matmul_dtype", "remat", "scan_layers")
+
 
 Backbone = GPT | Encoder
 BackboneConfig = config_lib.ModelConfig | config_lib.EncoderConfig
@@ -149,7 +147,7 @@ def backbone(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Tokeniz
       raise JaxllmError(f"model.architecture={config.model.architecture}, but train.init_from "
                         f"{config.train.init_from} holds a {kind} model (its architecture is "
                         f"the run's: leave model.architecture unset)")
-    runtime = {key: config.model[key] for key in RUNTIME_KEYS
+    runtime = {key: config.model[key] for key in config_lib.RUNTIME_KEYS
                if hasattr(architecture, key)}
     model_config = dataclasses.replace(architecture, **runtime)
     config_lib.resolve(config.model, architecture.vocab_size)  # this run's keys are valid
