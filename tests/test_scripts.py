@@ -33,12 +33,12 @@ def _run(tmp_path, script):
 def test_quickstart_installs_jaxllm_alone_then_trains(tmp_path):
   calls = _run(tmp_path, "scripts/quickstart.sh")
   installs = [c for c in calls if "pip install" in c and "-e" in c]
-  assert installs == ["python -m pip install --quiet -e ."]
+  assert installs == ["python -m pip install --quiet -c constraints.txt -e ."]
   assert calls[-1].startswith("jaxllm train --config experiments/shakespeare_char.py")
 
 
 def test_ci_installs_the_test_extras_then_runs_pytest(tmp_path):
   calls = _run(tmp_path, ".ci/run")
   installs = [c for c in calls if "pip install" in c and "-e" in c]
-  assert installs == ["python -m pip install --quiet -e .[test,hf]"]
+  assert installs == ["python -m pip install --quiet -c constraints.txt -e .[test,hf]"]
   assert calls[-1] == "python -m pytest -q"
