@@ -5,6 +5,9 @@ through $JAXLLM_SHARED_DATA, by default the `shared/data` folder beside the repo
 GPT-2's BPE files through $TIKTOKEN_CACHE_DIR (default `shared/tiktoken_cache`). Without them a
 test that needs them skips, saying which variable to set; under CI=true it fails instead, so a
 CI without the mirror is red rather than green with skips.
+
+`pytest -m "not slow"` is the fast tier for the edit-test loop: SLOW below lists the tests
+left out of it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import shutil
 import tempfile
 import threading
 import types
+import warnings
 
 import pytest
 
@@ -131,3 +135,120 @@ def judge_server():
   server.shutdown()
   server.server_close()
 
+
+# The fast tier leaves these out: `pytest -m "not slow"`. Seconds from `pytest --durations=0`
+# on a 2-core CPU shared with other work (load ~7; setup + call; a module fixture's setup is
+# charged to its first user, so a fixture's users are listed together): every test of 8 s or
+# more, then the slowest of the fast tier's own runs (load ~2) until it took under 3 minutes.
+# An entry is a node id, a test function (all its parameters) or a file.
+SLOW = {
+    # The `runs` fixture: jaxllm train on 4 devices, on 2 processes of 2, and the 8-device
+    # helper, 357 s in all.
+    "tests/test_sharding.py::test_every_mesh_gives_the_same_losses",
+    "tests/test_sharding.py::test_the_mesh_check_sees_a_1e_3_change",
+    "tests/test_sharding.py::test_bf16_matmuls_give_the_same_losses_on_every_mesh",
+    "tests/test_sharding.py::test_llama_components_give_the_same_losses_on_every_mesh",
+    "tests/test_sharding.py::test_encoder_gives_the_same_losses_on_every_mesh",
+    "tests/test_sharding.py::test_fsdp_divides_parameter_and_optimizer_bytes",
+    "tests/test_sharding.py::test_tensor_parallel_splits_heads_and_mlp_as_the_rules_say",
+    "tests/test_sharding.py::test_remat_keeps_losses_and_cuts_step_memory",
+    "tests/test_sharding.py::test_errors_name_both_numbers",
+    "tests/test_sharding.py::test_two_processes_train_as_one_with_four_devices",
+    # The `converted` fixture's users, subprocesses on meshes.
+    "tests/test_trainer.py::test_finetuning_gives_the_same_losses_on_every_mesh",  # 128
+    "tests/test_trainer.py::test_lora_adapters_split_like_their_kernels",  # 57
+    "tests/test_trainer.py::test_two_processes_end_with_the_one_process_figures",  # 30 (load ~2)
+    "tests/test_trainer.py::test_a_resumed_finetune_reads_no_init_from_weights",  # 24 (load ~2)
+    "tests/test_trainer.py::test_finetune_resumes_exactly_after_sigkill_and_sigterm",  # 48
+    "tests/test_trainer.py::test_gradient_accumulation_gives_the_whole_batch_gradient",  # 71 (5)
+    "tests/test_dpo.py::test_instruct_then_dpo_then_eval",  # 208
+    "tests/test_dpo.py::test_loss_is_ln2_when_the_policy_is_the_reference",  # 53
+    "tests/test_matmul.py::test_shakespeare_200_steps_track_float32",  # 204
+    "tests/test_matmul.py::test_gpt2_small_shapes_train_like_float32",  # 92
+    "tests/test_sweep.py::test_grid_killed_midway_finishes_only_what_is_missing",  # 121
+    "tests/test_sweep.py::test_tpe_with_median_pruning_prunes",  # 87
+    "tests/test_sweep.py::test_two_workers_share_one_study",  # 78
+    "tests/test_vectorized.py::test_eight_trials_at_once_equal_eight_runs",  # 91
+    "tests/test_vectorized.py::test_trials_of_other_seeds_and_init_scales_equal_their_runs",  # 74
+    "tests/test_vectorized.py::test_a_vectorised_grid_sweep",  # 64
+    "tests/test_launch.py::test_local_two_processes_equal_one",  # 83
+    "tests/test_finetune.py::test_classifier_then_instructions_end_to_end",  # 72
+    "tests/test_finetune.py::test_how_the_network_runs_is_this_runs_under_init_from",  # 27
+    "tests/test_generate.py::test_generation_past_the_context_slides_a_window",  # 55
+    "tests/test_generate.py::test_padded_vocabulary_ids_are_never_sampled",  # 53
+    "tests/test_generate.py::test_rows_stop_at_eot_and_emit_nothing_after",  # 12
+    "tests/test_convert.py::test_logits_match_transformers",  # 54
+    "tests/test_convert.py::test_export_then_import_round_trip",  # 45
+    "tests/test_convert.py::test_every_gpt2_size_maps_onto_its_preset",  # 32 (4)
+    "tests/test_convert.py::test_both_formats_import_to_the_same_params",  # 9
+    "tests/test_llama_weights.py::test_a_converted_llama_generates_and_trains_like_a_gpt2_run",  # 48
+    "tests/test_llama_weights.py::test_weights_in_and_out_match_transformers",  # 23 (3)
+    "tests/test_llama_weights.py::test_sharded_checkpoint_with_an_index",  # 9
+    "tests/test_llama_weights.py::test_cached_greedy_decoding_equals_transformers_generate",  # 8
+    "tests/test_lora.py::test_merged_weights_give_the_logits_of_adapters_on_the_fly",  # 48 (2)
+    "tests/test_lora.py::test_merge_handles_stacked_layers_and_rejects_bad_targets",  # 10
+    "tests/test_lora.py::test_only_adapters_train",  # 8
+    "tests/test_train.py::test_gradient_accumulation_matches_one_big_batch",  # 34
+    "tests/test_train.py::test_eval_step_weighs_tokens",  # 22
+    "tests/test_train.py::test_train_step_is_deterministic",  # 19
+    "tests/test_train.py::test_tiny_model_overfits_tiny_corpus",  # 13
+    "tests/test_encoder.py::test_mlm_task_resumes_exactly_and_reports_its_baseline",  # 32
+    "tests/test_encoder.py::test_masked_lm_logits_match_transformers_and_export_round_trips",  # 30
+    "tests/test_encoder.py::test_padding_changes_no_real_position",  # 22
+    "tests/test_encoder.py::test_masked_lm_loss_counts_selected_positions_only",  # 22
+    "tests/test_encoder.py::test_convert_makes_encoder_runs_and_exports_them_back",  # 8
+    "tests/test_encoder.py::test_one_line_errors",  # 8
+    "tests/test_cli.py::test_a_second_run_loads_its_compiled_programs_from_the_cache",  # 33
+    "tests/test_cli.py::test_train_then_generate",  # 22
+    # The `compile_cache` fixture's users, jaxllm train in subprocesses.
+    "tests/test_checkpoint.py::test_resume_after_sigkill_and_sigterm_is_exact",  # 31
+    "tests/test_checkpoint.py::test_restore_onto_another_mesh",  # 9
+    "tests/test_model.py::test_llama_cache_holds_kv_heads_and_decodes_like_the_full_forward",  # 12
+    "tests/test_model.py::test_llama_options_build_the_named_parameters",  # 11
+    "tests/test_heads.py::test_classifier_reads_the_last_real_token_whatever_the_padding",  # 10
+    "tests/test_instruction.py::test_masked_positions_contribute_exactly_zero_gradient",  # 10
+    "tests/test_reproduce.py::test_all_cpu_experiments_in_dependency_order",  # 9
+    # Measured in the fast tier itself (load ~3), where a module's first test pays its start.
+    "tests/test_encoder.py::test_classifier_and_bare_model_match_transformers_and_round_trip",  # 23
+    "tests/test_dpo.py::test_masked_prompt_tokens_change_no_gradient",  # 19
+    "tests/test_evaluate.py::test_the_classifier_step_sums_the_confusion_matrix_of_its_real_rows",  # 15
+    "tests/test_evaluate.py::test_responses_in_the_books_format",  # 9
+    "tests/test_generate.py::test_batched_equals_one_at_a_time",  # 11
+    "tests/test_generate.py::test_cached_sampling_equals_uncached",  # 6
+    "tests/test_generate.py::test_forced_eot_stops_every_row_at_once",  # 5
+    "tests/test_checkpoint.py::test_save_policy_and_keep",  # 10
+    "tests/test_instruction.py::test_instruction_losses_go_through_the_models_own_lm_head",  # 8
+    "tests/test_model.py::test_bfloat16_compute",  # 7
+    "tests/test_model.py::test_scanned_model_decodes_with_a_cache",  # 6
+    "tests/test_model.py::test_scanned_model_generates_the_unscanned_tokens",  # 6
+    "tests/test_reproduce.py::test_reproduce_trains_then_reads_the_finished_run",  # 7
+    "tests/test_convert.py::test_missing_and_broken_files_are_one_line_errors",  # 5
+    "tests/test_cli.py::test_zero_intervals_mean_only_at_the_ends",  # 13
+    "tests/test_checkpoint.py::test_mismatched_checkpoint_is_one_line_error",  # 9
+    "tests/test_evaluate.py::test_perplexity_of_a_uniform_model_is_the_vocabulary_size",  # 8
+    "tests/test_finetune.py::test_trainable_groups_select_what_the_book_trains",  # 7
+    "tests/test_generate.py::test_repeated_calls_do_not_recompile",  # 3
+    "tests/test_metrics.py::test_event_files_without_importing_torch",  # 3
+    "tests/test_data.py::test_tiny_shakespeare_splits_join_back_to_the_file",  # 3
+    "tests/test_multihost.py::test_a_failure_on_process_0_stops_the_others_with_its_message",  # 3
+    "tests/test_multihost.py::test_the_others_read_what_process_0_prepared_and_all_agree",  # 6
+    "tests/test_finetune.py::test_a_frozen_backbone_stays_bit_identical",  # 9
+    "tests/test_data.py::test_tiny_shakespeare_char_tokens",  # 5
+    "tests/test_token_files.py::test_killed_preparation_continues_to_the_same_files",  # 4
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
+def pytest_collection_modifyitems(config, items):
+  matched = set()
+  for item in items:
+    names = {item.nodeid, item.nodeid.split("[")[0], item.nodeid.split("::")[0]} & SLOW
+    if names:
+      item.add_marker(pytest.mark.slow)
+      matched |= names
+  # A renamed slow test would silently rejoin the fast tier: name the stale entries.
+  files = {item.nodeid.split("::")[0] for item in items}
+  stale = sorted(e for e in SLOW - matched if e.split("::")[0] in files)
+  if stale and not any("::" in arg for arg in config.args):
+    warnings.warn(pytest.PytestWarning(f"tests/conftest.py SLOW names tests that do not exist "
+                                       f"(renamed?): {', '.join(stale)}"))
