@@ -142,13 +142,6 @@ def main_first(fn: Callable[[], Any]) -> Any:
   return result if is_main() else fn()
 
 
-def agree(value: int) -> int:
-  """Process 0's `value` on every process (e.g. the checkpoint step they all restore)."""
-  if jax.process_count() == 1:
-    return value
-  return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
-
-
 def everywhere(flag: bool) -> bool:
   """Whether `flag` holds on every process (a collective: every process must call it)."""
   if jax.process_count() == 1:

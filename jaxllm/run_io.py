@@ -25,9 +25,9 @@ import orbax.checkpoint as ocp
 from jaxllm import checkpoint as checkpoint_lib
 from jaxllm import config as config_lib
 from jaxllm import encoder as encoder_lib
+from jaxllm import model as model_lib
 from jaxllm import tokenizer as tokenizer_lib
 from jaxllm.errors import JaxllmError
-from jaxllm import model as model_lib
 from jaxllm.model import GPT, abstract_variables
 
 import flax.linen as nn

@@ -27,7 +27,6 @@ def prepare():
 
 try:
   print("read:", multihost.main_first(prepare))
-  print("step:", multihost.agree(40 if multihost.is_main() else 30))
   # As a checkpoint one process alone cannot read: neither restores it.
   print("everywhere:", multihost.everywhere(True), multihost.everywhere(multihost.is_main()))
 except JaxllmError as e:
@@ -61,7 +60,7 @@ def test_the_others_read_what_process_0_prepared_and_all_agree(tmp_path):
   codes, outputs, _ = _two_processes(tmp_path, "ok")
   assert codes == [0, 0], outputs
   for out in outputs:
-    assert "read: prepared by process 0" in out and "step: 40" in out, out
+    assert "read: prepared by process 0" in out, out
     assert "everywhere: True False" in out, out
 
 
