@@ -248,7 +248,7 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, storable: Any) -> d
   if (where / "fingerprint").is_dir():
     items["fingerprint"] = ocp.args.JsonRestore()
   try:
-    restored, reason = manager.restore(step, args=ocp.args.Composite(**items)), None
+    restored, reason = _read_alone(where, items), None
   except Exception as e:
     restored, reason = None, f"it cannot be read: {first_line(e)}"
   if not multihost.everywhere(reason is None):
@@ -264,6 +264,24 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, storable: Any) -> d
   multihost.sync(f"jaxllm: checkpoint {step} set aside")
   manager.reload()
   return None
+
+
+def _read_alone(where: pathlib.Path, items: dict[str, Any]) -> dict[str, Any]:
+  """Reads one step's `items` with no barrier between processes.
+
+  Orbax's restore ends at a barrier of every process: one whose read fails skips it, and
+  its next collective (the agreement in `_restore_step`) would meet the others' barrier
+  instead. Each process reads its own shards anyway; agreeing is `_restore_step`'s job.
+  """
+  alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                             active_processes={jax.process_index()})
+  restored = {}
+  for name, args in items.items():
+    handler = (ocp.StandardCheckpointHandler if name == "state"
+               else ocp.JsonCheckpointHandler)(multiprocessing_options=alone)
+    with ocp.Checkpointer(handler, multiprocessing_options=alone) as reader:
+      restored[name] = reader.restore(where / name, args=args)
+  return restored
 
 
 def first_line(error: Exception) -> str:
