@@ -149,6 +149,10 @@ def _parser() -> argparse.ArgumentParser:
   sweep.add_argument("--grace-seconds", type=int,
                      help="a running trial silent this long is retried (default 30)")
   sweep.add_argument("--progress", action="store_true", help="progress bars for each trial")
+  # Listed here for --help; `main` hands `jaxllm launch ...` to jaxllm/launch.py before parsing.
+  commands.add_parser("launch", add_help=False,
+                      help="run a jaxllm command on several processes or hosts: local, Cloud "
+                           "TPU, xpk, SLURM (`jaxllm launch --help`)")
   return parser
 
 

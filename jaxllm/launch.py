@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -55,7 +56,10 @@ def local(command: Sequence[str], processes: int, devices_per_process: int = 0,
   if devices_per_process:
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count="
                         f"{devices_per_process}").strip()
-  children, outputs = [], {}
+  children, outputs, terminated = [], {}, False
+  # SIGTERM (a scheduler's "stop now") goes on to every process, which saves and exits 75.
+  in_main_thread = threading.current_thread() is threading.main_thread()  # where signals go
+  previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
   try:
     for index in range(processes):
       quiet = index > 0  # process 0 writes to the terminal
@@ -72,8 +76,19 @@ def local(command: Sequence[str], processes: int, devices_per_process: int = 0,
   except KeyboardInterrupt:  # Ctrl-C reached every process too; _stop collects them
     print("jaxllm launch: interrupted", file=sys.stderr)
     return 130
+  except _Terminated:
+    print("jaxllm launch: SIGTERM; passing it on to every process", file=sys.stderr)
+    terminated = True
   finally:
+    if in_main_thread:  # a second SIGTERM must not cut _stop short
+      signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _stop(children, grace_seconds)
+    if in_main_thread:
+      signal.signal(signal.SIGTERM, previous)
+  if terminated:  # 75 if every process saved and stopped as asked, else the first other status
+    statuses = [_shell_status(child.returncode) for child in children]
+    return next((status for status in statuses if status != PREEMPTED_EXIT_STATUS),
+                PREEMPTED_EXIT_STATUS)
   for output in outputs.values():
     output.thread.join(timeout=1)  # a grandchild may hold a pipe open; its output can go
   if failed is None:
@@ -82,6 +97,14 @@ def local(command: Sequence[str], processes: int, devices_per_process: int = 0,
     print(f"jaxllm launch: its last output:\n{outputs[failed].tail.decode(errors='replace')}",
           file=sys.stderr)
   return _shell_status(children[failed].returncode)
+
+
+class _Terminated(Exception):
+  """SIGTERM reached the launcher."""
+
+
+def _raise_terminated(signum, frame) -> None:
+  raise _Terminated
 
 
 class _Output:

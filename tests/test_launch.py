@@ -5,6 +5,7 @@ SLURM step detection, and local jobs: tiny children that print a lot or fail, a 
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import time
@@ -234,3 +235,45 @@ def test_tpu_failed_create_ends_the_job(tmp_path, capsys):
   commands["create"] = ["sh", "-c", f"echo create >> {log}; exit 1"]  # e.g. a wrong zone
   assert launch.run_tpu(commands, max_restarts=3, dry_run=False) == 1
   assert log.read_text().split() == ["create", "delete"]
+
+
+# A job's process that saves and exits 75 on SIGTERM, as jaxllm train does.
+SAVING = """
+import os, pathlib, signal, sys, time
+here = pathlib.Path(sys.argv[1]) / os.environ["JAXLLM_PROCESS_ID"]
+def save_and_stop(signum, frame):
+  here.with_suffix(".saved").touch()
+  sys.exit(75)
+signal.signal(signal.SIGTERM, save_and_stop)
+here.with_suffix(".ready").touch()
+time.sleep(600)
+"""
+LAUNCHER = """
+import sys
+from jaxllm import launch
+sys.exit(launch.local([sys.executable, "-c", sys.argv[1], sys.argv[2]], 2))
+"""
+
+
+def test_local_passes_sigterm_on_to_every_process(tmp_path):
+  launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, SAVING, str(tmp_path)],
+                              cwd=REPO, stderr=subprocess.PIPE, text=True)
+  deadline = time.monotonic() + 60
+  while len(list(tmp_path.glob("*.ready"))) < 2 and time.monotonic() < deadline:
+    time.sleep(0.05)
+  launcher.send_signal(signal.SIGTERM)
+  _, err = launcher.communicate(timeout=60)
+  # Before, the launcher died at once (-15) and its processes ran on, unsaved.
+  assert launcher.returncode == 75, err
+  assert sorted(p.name for p in tmp_path.glob("*.saved")) == ["0.saved", "1.saved"]
+  assert "jaxllm launch: SIGTERM; passing it on to every process" in err
+
+
+def test_jaxllm_help_lists_every_command(capsys):
+  with pytest.raises(SystemExit) as exit_:
+    cli.main(["--help"])
+  assert exit_.value.code == 0
+  commands = ("train", "generate", "finetune", "eval", "convert", "reproduce", "sweep", "launch")
+  listed = capsys.readouterr().out.splitlines()
+  for command in commands:
+    assert any(line.split()[:1] == [command] for line in listed), command
