@@ -3,7 +3,7 @@
     source scripts/setup.sh && python benchmarks/checkpoint_overhead.py [--repeats 2]
 
 Each run is a fresh `jaxllm train` process in a new run directory. "without" replaces
-`jaxllm.checkpoint.save` by a no-op, so nothing is written; "with" saves asynchronously every
+`jaxllm.training.checkpoint.save` by a no-op, so nothing is written; "with" saves asynchronously every
 250 steps (checkpoint.every_steps=250, checkpoint.async=true: 8 saves in 2,000 steps). Runs
 alternate, so a change in the machine's load hits both. Prints each run's wall time, the
 training loop's steps/s and the time the loop spent blocked in saves, then the ratio of the
@@ -28,7 +28,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # host memory before the background write): on a busy machine a steadier figure than wall time.
 RUNNER = """
 import sys, time
-from jaxllm import checkpoint, cli
+from jaxllm import cli
+from jaxllm.training import checkpoint
 save, blocked = checkpoint.save, []
 def timed_save(*args, **kwargs):
   start = time.perf_counter()

@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 
-from jaxllm import metrics
+from jaxllm.training import metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

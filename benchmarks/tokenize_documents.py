@@ -27,8 +27,8 @@ import statistics
 import sys
 import time
 
-from jaxllm import tokenizer as tokenizer_lib
 from jaxllm.data import corpus
+from jaxllm.data import tokenizer as tokenizer_lib
 from jaxllm.data import tokens as tokens_lib
 
 BLOCK_CHARS = 1 << 20  # about what `corpus.read_utf8` yields of a local file at a time

@@ -25,10 +25,12 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from jaxllm import config as config_lib  # noqa: E402
-from jaxllm import metrics  # noqa: E402
+from jaxllm import (
+  metrics,  # noqa: E402
+  trainer,  # noqa: E402
+  vectorized,  # noqa: E402
+)
 from jaxllm import tasks as tasks_lib  # noqa: E402
-from jaxllm import trainer  # noqa: E402
-from jaxllm import vectorized  # noqa: E402
 
 
 def _config(data_dir: pathlib.Path, steps: int, work: pathlib.Path):

@@ -9,8 +9,8 @@ Every measurement is a fresh process of its own (its peak RSS is the kernel's hi
 for that process), run one after another on an otherwise idle machine. PyTorch is
 benchmarks/torch_reference.py: nanoGPT's model and step with fused AdamW, in float32 eager
 and bf16 autocast (`--compile` adds torch.compile); transformers' `generate` for decoding.
-jaxllm is its own train step (jaxllm.train.train_step under jit, the state donated, as the
-trainer runs it), in float32 and with `model.matmul_dtype=bfloat16`, and `jaxllm.generate`.
+jaxllm is its own train step (jaxllm.training.step.train_step under jit, the state donated, as the
+trainer runs it), in float32 and with `model.matmul_dtype=bfloat16`, and `jaxllm.serve.generate`.
 Each row prints both figures and their ratio, jaxllm's speed over PyTorch's best
 (> 1: jaxllm is faster); with --baseline, also each figure's change since that file.
 
@@ -58,9 +58,9 @@ def jax_train(shape_name: str, matmul_dtype: str, steps: int, warmup: int,
   import jax
 
   from jaxllm import malloc
-  from jaxllm import train as train_lib
   from jaxllm.config import default_config, model_config
-  from jaxllm.model import GPT, init_params
+  from jaxllm.models.gpt import GPT, init_params
+  from jaxllm.training import step as train_lib
   malloc.tune()  # as every `jaxllm` command does
   shape = SHAPES[shape_name]
   c = default_config()
@@ -101,8 +101,8 @@ def jax_decode(prompt_tokens: int, new_tokens: int, repeats: int) -> dict:
 
   from jaxllm import malloc
   from jaxllm.config import default_config, model_config
-  from jaxllm.generate import generate
-  from jaxllm.model import GPT, init_params
+  from jaxllm.models.gpt import GPT, init_params
+  from jaxllm.serve.generate import generate
   malloc.tune()
   c = default_config()
   c.model.preset = "gpt2-small"

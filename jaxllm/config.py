@@ -48,7 +48,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                          rope_scaling_factor=32.0, rope_low_freq_factor=1.0,
                          rope_high_freq_factor=4.0, rope_original_context=8192,
                          **{**_LLAMA, "tie_embeddings": True}),
-    # Encoders (model.architecture=bert, jaxllm/encoder.py). bert-nano: gpt-nano's sizes with
+    # Encoders (model.architecture=bert, jaxllm/models/bert.py). bert-nano: gpt-nano's sizes with
     # a longer context; bert-base: Devlin et al.'s 110M model with its WordPiece vocabulary.
     "bert-nano": dict(architecture="bert", n_layer=4, n_head=4, d_model=128,
                       context_length=128),
@@ -65,8 +65,8 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.preset = ""  # a key of PRESETS; explicit sizes below override it
-  # "gpt" (a causal decoder, jaxllm/model.py) or "bert" (a bidirectional encoder,
-  # jaxllm/encoder.py: tasks mlm and classify). None: the preset's, else gpt.
+  # "gpt" (a causal decoder, jaxllm/models/gpt.py) or "bert" (a bidirectional encoder,
+  # jaxllm/models/bert.py: tasks mlm and classify). None: the preset's, else gpt.
   c.model.architecture = None
   c.model.n_layer = None
   c.model.n_head = None
@@ -101,7 +101,7 @@ def default_config() -> ml_collections.ConfigDict:
   # summed in another order, can grow over hundreds of steps.
   c.model.dtype = "float32"
   # "bfloat16": every weight matmul takes bf16 operands and accumulates and returns float32,
-  # forward and backward (jaxllm/matmul.py); the rest stays float32. 1.33x at GPT-2 small's
+  # forward and backward (jaxllm/models/matmul.py); the rest stays float32. 1.33x at GPT-2 small's
   # shapes on a CPU with bf16 dot instructions; losses within ~2e-3 of float32's.
   c.model.matmul_dtype = "float32"
   # Std of the token and position embeddings at init: GPT-2's 0.02, or 1.0 for PyTorch's
@@ -176,7 +176,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.mesh.fsdp = 1  # batch rows split and weights + optimizer state split (FSDP / ZeRO-3)
   c.mesh.tensor = 1  # heads, MLP units and vocabulary split (Megatron tensor parallel)
   # (logical axis, mesh axis or axes or None) pairs replacing those axes' rules in
-  # jaxllm.sharding.DEFAULT_RULES, e.g. --config.mesh.rules="[('vocab', None)]".
+  # jaxllm.training.sharding.DEFAULT_RULES, e.g. --config.mesh.rules="[('vocab', None)]".
   c.mesh.rules = ()
 
   c.lora = ml_collections.ConfigDict()
@@ -451,7 +451,7 @@ class ModelConfig:
   qkv_bias: bool = True
   tie_embeddings: bool = True
   dtype: str = "float32"
-  matmul_dtype: str = "float32"  # "bfloat16": bf16 operands, float32 products (jaxllm/matmul.py)
+  matmul_dtype: str = "float32"  # "bfloat16": bf16 operands, float32 products (jaxllm/models/matmul.py)
   layer_norm_epsilon: float = 1e-5
   embedding_init_std: float = 0.02
   remat: str = "none"  # "none" | "full" | "dots": what each block keeps for the backward pass
@@ -591,7 +591,7 @@ def model_config(model: ml_collections.ConfigDict, vocab_size: int | None = None
 
 @dataclasses.dataclass(frozen=True)
 class EncoderConfig:
-  """A resolved BERT-style encoder (jaxllm/encoder.py); Hugging Face's BertConfig names in
+  """A resolved BERT-style encoder (jaxllm/models/bert.py); Hugging Face's BertConfig names in
   comments."""
 
   vocab_size: int  # vocab_size

@@ -1,4 +1,13 @@
-"""The one exception type for problems a user can fix (bad config, missing data, ...)."""
+"""Errors and exit statuses, for every module to import.
+
+    0   done
+    2   a problem the user can fix (JaxllmError: a missing file, an unknown config key, ...)
+    75  preempted (EX_TEMPFAIL, "try again later"): a checkpoint was saved; the same command
+        resumes. Not success (0), which would end a scheduler's job, nor failure.
+"""
+
+USAGE_EXIT_STATUS = 2
+PREEMPTED_EXIT_STATUS = 75
 
 
 class JaxllmError(Exception):

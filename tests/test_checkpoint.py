@@ -15,14 +15,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxllm import checkpoint as checkpoint_lib
 from jaxllm import cli
 from jaxllm import config as config_lib
-from jaxllm import run_io
-from jaxllm import train as train_lib
+from jaxllm.data.tokenizer import CharTokenizer
 from jaxllm.errors import JaxllmError
-from jaxllm.model import GPT, init_params
-from jaxllm.tokenizer import CharTokenizer
+from jaxllm.models.gpt import GPT, init_params
+from jaxllm.training import checkpoint as checkpoint_lib
+from jaxllm.training import rundir as run_io
+from jaxllm.training import step as train_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -31,7 +31,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # at the next step boundary and exits with status 75).
 RUNNER = textwrap.dedent("""
     import os, signal, sys
-    from jaxllm import checkpoint, cli
+    from jaxllm import cli
+    from jaxllm.training import checkpoint
     kill_at, how = int(sys.argv[1]), sys.argv[2]
     save = checkpoint.save
     def save_then_kill(manager, step, *args, **kwargs):
@@ -143,8 +144,11 @@ MESH_SCRIPT = textwrap.dedent("""
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     import jax, ml_collections, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from jaxllm import checkpoint, config as config_lib, sharding, train as train_lib
-    from jaxllm.model import GPT, init_params
+    from jaxllm import config as config_lib
+    from jaxllm.training import checkpoint
+    from jaxllm.training import sharding
+    from jaxllm.training import step as train_lib
+    from jaxllm.models.gpt import GPT, init_params
 
     config = config_lib.default_config()
     config.model.preset = "gpt-micro"

@@ -7,8 +7,8 @@ import pytest
 
 from jaxllm import config as config_lib
 from jaxllm.data import classification
+from jaxllm.data.tokenizer import TiktokenTokenizer
 from jaxllm.errors import JaxllmError
-from jaxllm.tokenizer import TiktokenTokenizer
 
 
 def _sms_config():

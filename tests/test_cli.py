@@ -9,7 +9,7 @@ import numpy as np
 from test_metrics import read_events
 
 from jaxllm import cli
-from jaxllm import run_io
+from jaxllm.training import rundir as run_io
 
 TINY = ["--config.model.preset=gpt-micro", "--config.data.tokenizer=char",
         "--config.train.batch_size=4", "--config.train.eval_batches=2", "--config.train.log_every=5",

@@ -10,9 +10,9 @@ from safetensors.numpy import load_file, save_file
 
 from jaxllm import cli
 from jaxllm import config as config_lib
-from jaxllm import convert
-from jaxllm import run_io
-from jaxllm.model import GPT, abstract_variables, stack_layers
+from jaxllm.models.gpt import GPT, abstract_variables, stack_layers
+from jaxllm.training import rundir as run_io
+from jaxllm.weights import convert
 
 # A small GPT-2 with GPT-2's vocabulary, so GPT-2's tokenizer works with it.
 HPARAMS = {"vocab_size": 50257, "context_length": 16, "d_model": 32, "n_head": 4, "n_layer": 2,
@@ -134,7 +134,7 @@ def test_export_then_import_round_trip(tmp_path, capsys):
   # A model.scan_layers run (stacked blocks) exports the same files, its layers unstacked.
   config = run_io.load_run(tmp_path / "run")[0]
   config.model.scan_layers = True
-  convert.write_run(tmp_path / "scanned", config, stack_layers(first, 2))
+  run_io.write_run(tmp_path / "scanned", config, stack_layers(first, 2))
   export(tmp_path / "scanned", tmp_path / "from_scanned")
 
   # `jaxllm generate` reads the converted run: greedy decoding = argmax of its logits.

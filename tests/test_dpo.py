@@ -11,9 +11,9 @@ import pytest
 from jaxllm import cli
 from jaxllm import config as config_lib
 from jaxllm.data import instruction
-from jaxllm.model import GPT, init_params
+from jaxllm.data.tokenizer import TiktokenTokenizer
+from jaxllm.models.gpt import GPT, init_params
 from jaxllm.tasks import dpo, losses
-from jaxllm.tokenizer import TiktokenTokenizer
 
 TINY = config_lib.ModelConfig(vocab_size=50257, context_length=128, n_layer=2, n_head=2,
                               d_model=32)

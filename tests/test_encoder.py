@@ -1,5 +1,5 @@
-"""The BERT-style encoder (jaxllm/encoder.py) against Hugging Face transformers' BERT, and
-its weights in and out (jaxllm/bert_weights.py)."""
+"""The BERT-style encoder (jaxllm/models/bert.py) against Hugging Face transformers' BERT, and
+its weights in and out (jaxllm/weights/bert.py)."""
 
 import json
 import shutil
@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm import bert_weights
-from jaxllm import encoder as encoder_lib
 from jaxllm.errors import JaxllmError
+from jaxllm.models import bert as encoder_lib
+from jaxllm.weights import bert as bert_weights
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -140,9 +140,11 @@ def _one_line_error(capsys, argv):
 
 
 def test_convert_makes_encoder_runs_and_exports_them_back(tmp_path, capsys):
-  from jaxllm import cli, convert, run_io
+  from jaxllm import cli
   from jaxllm import config as config_lib
   from jaxllm.tasks import common, losses
+  from jaxllm.training import rundir as run_io
+  from jaxllm.weights import convert
 
   tokens, mask, _ = _batch()
   types = np.zeros_like(tokens)  # classification feeds one segment
@@ -275,7 +277,7 @@ def _mlm_config(shared_data, steps):
 
 
 def test_mlm_task_resumes_exactly_and_reports_its_baseline(tmp_path, shared_data, capsys):
-  from jaxllm import trainer
+  from jaxllm.training import loop as trainer
 
   def losses(workdir):
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]

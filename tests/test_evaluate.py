@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 
 from jaxllm import config as config_lib
-from jaxllm import evaluate
-from jaxllm import generate as generate_lib
-from jaxllm import heads
 from jaxllm.data import instruction
+from jaxllm.data.tokenizer import CharTokenizer
 from jaxllm.errors import JaxllmError
-from jaxllm.model import GPT, init_params
+from jaxllm.eval import figures, responses
+from jaxllm.models import heads
+from jaxllm.models.gpt import GPT, init_params
+from jaxllm.serve import generate as generate_lib
 from jaxllm.tasks import losses
-from jaxllm.tokenizer import CharTokenizer
 
 RECORDS = [{"instruction": "Name a color.", "input": "", "output": "Blue."},
            {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5."},
@@ -22,13 +22,13 @@ RECORDS = [{"instruction": "Name a color.", "input": "", "output": "Blue."},
 
 def test_classification_metrics():
   confusion = [[3, 1], [2, 4]]  # rows true, columns predicted: 10 examples, 7 right
-  report = evaluate.classification_metrics(np.array(confusion), ["ham", "spam"])
+  report = figures.classification_metrics(np.array(confusion), ["ham", "spam"])
   assert report["confusion"] == confusion and report["count"] == 10
   assert report["accuracy"] == pytest.approx(0.7)
   assert report["precision"] == pytest.approx(4 / 5)  # of spam, the positive class
   assert report["recall"] == pytest.approx(4 / 6)
   assert report["f1"] == pytest.approx(2 * 0.8 * (4 / 6) / (0.8 + 4 / 6))
-  three = evaluate.classification_metrics(np.array([[1, 0, 0], [0, 1, 1], [0, 0, 1]]),
+  three = figures.classification_metrics(np.array([[1, 0, 0], [0, 1, 1], [0, 0, 1]]),
                                           ["a", "b", "c"])
   assert three["precision"] == pytest.approx((1 + 1 + 0.5) / 3)  # macro
   assert three["recall"] == pytest.approx((1 + 0.5 + 1) / 3)
@@ -62,10 +62,10 @@ def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
                                      d_model=16))
   zeros = jax.tree.map(jnp.zeros_like, init_params(model, jax.random.key(0)))  # logits all 0
   tokens = np.arange(40, dtype=np.int32) % 50
-  figures = evaluate.perplexity(model, zeros, tokens, batch_size=2)
-  assert figures["tokens"] == 32  # windows start at 0, 8, 16, 24 (the book's stride rule)
-  assert figures["loss"] == pytest.approx(np.log(50), rel=1e-6)
-  assert figures["perplexity"] == pytest.approx(50.0, rel=1e-5)
+  result = figures.perplexity(model, zeros, tokens, batch_size=2)
+  assert result["tokens"] == 32  # windows start at 0, 8, 16, 24 (the book's stride rule)
+  assert result["loss"] == pytest.approx(np.log(50), rel=1e-6)
+  assert result["perplexity"] == pytest.approx(50.0, rel=1e-5)
 
 
 def test_responses_in_the_books_format():
@@ -74,7 +74,7 @@ def test_responses_in_the_books_format():
   model = GPT(config_lib.ModelConfig(vocab_size=tokenizer.vocab_size, context_length=256,
                                      n_layer=1, n_head=2, d_model=16))
   params = init_params(model, jax.random.key(0))
-  entries = evaluate.generate_responses(model, params, tokenizer, RECORDS, template="alpaca",
+  entries = responses.generate_responses(model, params, tokenizer, RECORDS, template="alpaca",
                                         max_new_tokens=5, batch_size=2, progress=False)
   assert [list(e) for e in entries] == [["instruction", "input", "output", "model_response"]] * 3
   assert [e["output"] for e in entries] == [r["output"] for r in RECORDS]
@@ -91,7 +91,7 @@ def test_responses_in_the_books_format():
 
 def test_judge_scores_over_a_real_http_server(judge_server):
   entries = [{**r, "model_response": f"answer {i}"} for i, r in enumerate(RECORDS)]
-  result = evaluate.judge_responses(entries, url=judge_server.url, model="llama3",
+  result = responses.judge_responses(entries, url=judge_server.url, model="llama3",
                                     progress=False)
   assert result["scores"] == [85, 40, None]
   assert result["judge_score"] == pytest.approx(62.5)
@@ -106,12 +106,12 @@ def test_judge_scores_over_a_real_http_server(judge_server):
       "score the model response `answer 1` on a scale from 0 to 100, where 100 is the best "
       "score. Respond with the integer number only.")
   # A URL ending in /v1 works too; a closed port is a one-line error.
-  assert evaluate.query_judge("x", url=judge_server.url + "/v1/", model="m") == "Score: 85"
+  assert responses.query_judge("x", url=judge_server.url + "/v1/", model="m") == "Score: 85"
   with pytest.raises(JaxllmError, match="unreachable"):
-    evaluate.query_judge("x", url="http://127.0.0.1:9", model="m", timeout=2)
+    responses.query_judge("x", url="http://127.0.0.1:9", model="m", timeout=2)
 
 
 def test_parse_score():
-  assert evaluate.parse_score("87") == 87
-  assert evaluate.parse_score("The score is 100.") == 100
-  assert evaluate.parse_score("250") is None and evaluate.parse_score("none") is None
+  assert responses.parse_score("87") == 87
+  assert responses.parse_score("The score is 100.") == 100
+  assert responses.parse_score("250") is None and responses.parse_score("none") is None

@@ -10,12 +10,11 @@ import pytest
 
 from jaxllm import cli
 from jaxllm import config as config_lib
-from jaxllm.tasks import common
-from jaxllm import heads
-from jaxllm.tasks import losses
-from jaxllm import train as train_lib
 from jaxllm.errors import JaxllmError
-from jaxllm.model import GPT, init_params
+from jaxllm.models import heads
+from jaxllm.models.gpt import GPT, init_params
+from jaxllm.tasks import common, losses
+from jaxllm.training import step as train_lib
 
 TINY = config_lib.ModelConfig(vocab_size=48, context_length=16, n_layer=3, n_head=2, d_model=32)
 MICRO = ["--config.model.n_layer=1", "--config.model.n_head=2", "--config.model.d_model=32",

@@ -5,11 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm import generate as generate_lib
 from jaxllm.config import ModelConfig
+from jaxllm.data.tokenizer import CharTokenizer
 from jaxllm.errors import JaxllmError
-from jaxllm.model import GPT, init_params
-from jaxllm.tokenizer import CharTokenizer
+from jaxllm.models.gpt import GPT, init_params
+from jaxllm.serve import generate as generate_lib
 
 CONFIG = ModelConfig(vocab_size=97, context_length=64, n_layer=2, n_head=4, d_model=64)
 # Lengths 3, 7, 1 and 20 in one batch: every row but the longest decodes over prefill padding.

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from jaxllm import config as config_lib
-from jaxllm import heads
-from jaxllm.model import GPT, init_params
+from jaxllm.models import heads
+from jaxllm.models.gpt import GPT, init_params
 
 TINY = config_lib.ModelConfig(vocab_size=40, context_length=16, n_layer=2, n_head=2, d_model=32)
 

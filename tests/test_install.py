@@ -6,6 +6,7 @@ import importlib.metadata
 import pathlib
 import re
 import sys
+
 import tomllib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

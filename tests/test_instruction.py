@@ -11,12 +11,12 @@ import optax
 import pytest
 
 from jaxllm import config as config_lib
-from jaxllm import sharding
-from jaxllm.tasks import losses
 from jaxllm.data import instruction
+from jaxllm.data.tokenizer import TiktokenTokenizer
 from jaxllm.errors import JaxllmError
-from jaxllm.model import GPT, init_params
-from jaxllm.tokenizer import TiktokenTokenizer
+from jaxllm.models.gpt import GPT, init_params
+from jaxllm.tasks import losses
+from jaxllm.training import sharding
 
 EOT = 50256
 WITH_INPUT = {"instruction": "Identify the correct spelling of the following word.",

@@ -14,7 +14,7 @@ from unittest import mock
 import pytest
 
 from jaxllm import cli
-from jaxllm import launch
+from jaxllm.tools import launch
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 JOB = ["train", "--config", "experiments/shakespeare_char.py", "--workdir", "/shared/runs/x",
@@ -222,7 +222,7 @@ SALLOC_SHELL = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "8", "SLURM_NODELIST": "gpu
 def test_slurm_step_detection(environment, detected):
   from jax._src.clusters import slurm_cluster  # what jax.distributed.initialize() would use
 
-  from jaxllm import multihost
+  from jaxllm.training import multihost
 
   assert multihost.cluster_detected(environment) == detected
   if detected:  # then JAX finds its process count and id there
@@ -250,7 +250,7 @@ time.sleep(600)
 """
 LAUNCHER = """
 import sys
-from jaxllm import launch
+from jaxllm.tools import launch
 sys.exit(launch.local([sys.executable, "-c", sys.argv[1], sys.argv[2]], 2))
 """
 

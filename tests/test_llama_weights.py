@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from jaxllm import cli
-from jaxllm import run_io
-from jaxllm import tokenizer as tokenizer_lib
+from jaxllm.data import tokenizer as tokenizer_lib
+from jaxllm.training import rundir as run_io
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -151,7 +151,7 @@ def test_a_converted_llama_generates_and_trains_like_a_gpt2_run(tmp_path, shared
 
 
 def test_cached_greedy_decoding_equals_transformers_generate(tmp_path, shared_data):
-  from jaxllm import generate as generate_lib
+  from jaxllm.serve import generate as generate_lib
 
   folder = tmp_path / "hf"
   hf_model = _model("llama")
@@ -207,8 +207,8 @@ def _broken_copy(folder, tmp_path, change_tensors=None, change_config=None):
 
 
 def _convert_error(folder, tmp_path):
-  from jaxllm import llama_weights
   from jaxllm.errors import JaxllmError
+  from jaxllm.weights import llama as llama_weights
 
   with pytest.raises(JaxllmError) as error:
     llama_weights.import_llama(folder, tmp_path / "run")

@@ -2,21 +2,18 @@
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxllm import config as config_lib
-from jaxllm.tasks import common
-from jaxllm import heads
-from jaxllm import lora
-from jaxllm.tasks import losses
-from jaxllm import train as train_lib
 from jaxllm.errors import JaxllmError
-from jaxllm.model import GPT, abstract_variables, init_params
-
-import flax.linen as nn
+from jaxllm.models import heads, lora
+from jaxllm.models.gpt import GPT, abstract_variables, init_params
+from jaxllm.tasks import common, losses
+from jaxllm.training import step as train_lib
 
 TINY = config_lib.ModelConfig(vocab_size=48, context_length=16, n_layer=2, n_head=2, d_model=32)
 TARGETS = ("qkv", "out", "fc", "proj", "head")

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from test_train import _lm_step
 
-from jaxllm import cli, matmul
-from jaxllm import train as train_lib
+from jaxllm import cli
 from jaxllm.config import default_config, model_config
-from jaxllm.model import GPT, init_params
+from jaxllm.models import matmul
+from jaxllm.models.gpt import GPT, init_params
+from jaxllm.training import step as train_lib
 
 BF16 = jnp.bfloat16
 

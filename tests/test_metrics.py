@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from jaxllm import metrics
 from jaxllm.errors import JaxllmError
+from jaxllm.training import metrics
 
 
 def read_events(directory):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-import pytest
 
 from jaxllm import config as config_lib
 from jaxllm import tasks

@@ -6,14 +6,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from jaxllm import generate
-from jaxllm import model as model_lib
-from jaxllm.config import PRESETS, ModelConfig
 from jax.sharding import PartitionSpec as P
 
-from jaxllm.model import (GPT, abstract_variables, count_params, init_cache, init_params,
-                          logical_axes, stack_layers)
+from jaxllm.config import PRESETS, ModelConfig
+from jaxllm.models import gpt as model_lib
+from jaxllm.models.gpt import (
+  GPT,
+  abstract_variables,
+  count_params,
+  init_cache,
+  init_params,
+  logical_axes,
+  stack_layers,
+)
+from jaxllm.serve import generate
 
 CONFIG = ModelConfig(vocab_size=97, context_length=64, n_layer=2, n_head=4, d_model=64)
 GPT2_VOCAB = 50257
@@ -242,7 +248,7 @@ def test_llama_cache_holds_kv_heads_and_decodes_like_the_full_forward(tokens_BxL
 
 
 def test_rotary_attention_depends_on_relative_positions_only():
-  from jaxllm.model import apply_rope, rope_frequencies
+  from jaxllm.models.gpt import apply_rope, rope_frequencies
   inv_freq = rope_frequencies(LLAMA)
   q = jax.random.normal(jax.random.key(0), (1, 1, 1, 16))
   k = jax.random.normal(jax.random.key(1), (1, 1, 1, 16))

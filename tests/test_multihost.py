@@ -15,7 +15,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # Process 0 writes the file the others read (as the token cache), or fails as a bad corpus does.
 CHILD = """
 import pathlib, sys
-from jaxllm import multihost
+from jaxllm.training import multihost
 from jaxllm.errors import JaxllmError
 multihost.initialize()
 shared, fail = pathlib.Path(sys.argv[1]), sys.argv[2] == "fail"
@@ -84,8 +84,11 @@ def test_a_failure_on_process_0_stops_the_others_with_its_message(tmp_path):
 RESTORE_CHILD = """
 import pathlib, sys
 import jax, numpy as np
-from jaxllm import checkpoint, config as config_lib, multihost, train
-from jaxllm.model import GPT, init_params
+from jaxllm import config as config_lib
+from jaxllm.training import checkpoint
+from jaxllm.training import multihost
+from jaxllm.training import step as train
+from jaxllm.models.gpt import GPT, init_params
 multihost.initialize()
 directory, damage = pathlib.Path(sys.argv[1]), sys.argv[2]
 config = config_lib.default_config()

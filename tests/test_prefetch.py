@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from jaxllm.prefetch import Prefetcher
+from jaxllm.training.prefetch import Prefetcher
 
 
 @pytest.mark.parametrize("depth", [0, 1, 3])

@@ -6,8 +6,8 @@ import pathlib
 import pytest
 
 from jaxllm import cli
-from jaxllm import reproduce
 from jaxllm.errors import JaxllmError
+from jaxllm.tools import reproduce
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 EXPECTED = {"val_loss": ("<=", 1.88, "nanoGPT README"), "steps": ("==", 30),

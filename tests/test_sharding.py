@@ -20,11 +20,10 @@ import numpy as np
 import pytest
 
 from jaxllm import config as config_lib
-from jaxllm import multihost
-from jaxllm import sharding
-from jaxllm import train as train_lib
 from jaxllm.errors import JaxllmError
-from jaxllm.model import GPT, init_params
+from jaxllm.models.gpt import GPT, init_params
+from jaxllm.training import multihost, sharding
+from jaxllm.training import step as train_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = config_lib.ModelConfig(vocab_size=64, context_length=16, n_layer=2, n_head=4, d_model=32)

@@ -13,8 +13,8 @@ import time
 import optuna
 import pytest
 
-from jaxllm import sweep
 from jaxllm.errors import JaxllmError
+from jaxllm.tools import sweep
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

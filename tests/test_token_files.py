@@ -15,9 +15,8 @@ import pytest
 
 from jaxllm import config as config_lib
 from jaxllm import data as data_lib
-from jaxllm import tokenizer as tokenizer_lib
-from jaxllm.data import corpus
-from jaxllm.data import token_files
+from jaxllm.data import corpus, token_files
+from jaxllm.data import tokenizer as tokenizer_lib
 from jaxllm.data import tokens as tokens_lib
 from jaxllm.errors import JaxllmError
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from jaxllm import tokenizer as tokenizer_lib
+from jaxllm.data import tokenizer as tokenizer_lib
 from jaxllm.errors import JaxllmError
 
 

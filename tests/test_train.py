@@ -9,8 +9,8 @@ import pytest
 
 from jaxllm import config as config_lib
 from jaxllm import data as data_lib
-from jaxllm import train as train_lib
-from jaxllm.model import GPT, init_params
+from jaxllm.models.gpt import GPT, init_params
+from jaxllm.training import step as train_lib
 
 TINY = config_lib.ModelConfig(vocab_size=32, context_length=16, n_layer=2, n_head=2, d_model=32)
 

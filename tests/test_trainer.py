@@ -14,14 +14,13 @@ import numpy as np
 import optax
 import pytest
 from safetensors.numpy import save_file
-
-from jaxllm import cli
-from jaxllm import run_io
-from jaxllm import config as config_lib
-from jaxllm import tasks
-from jaxllm import trainer
-from jaxllm import train as train_lib
 from test_checkpoint import RUNNER, _finish
+
+from jaxllm import cli, tasks
+from jaxllm import config as config_lib
+from jaxllm.training import loop as trainer
+from jaxllm.training import rundir as run_io
+from jaxllm.training import step as train_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # The spam classifier CPU experiment, short: 8 steps of batch 8, every loss logged.

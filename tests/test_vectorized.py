@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from jaxllm import config as config_lib
-from jaxllm import trainer
-from jaxllm import vectorized
 from jaxllm.errors import JaxllmError
+from jaxllm.tools import vectorized
+from jaxllm.training import loop as trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Learning rates where 20 steps train stably: past ~3e-3 with this warmup the loss turns
@@ -41,7 +41,8 @@ def _metrics(workdir):
 SPLIT_RUN = """
 import json, os, sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-from jaxllm import config, vectorized
+from jaxllm import config
+from jaxllm.tools import vectorized
 vectorized.run(config.from_dict(json.loads(sys.argv[1])), json.loads(sys.argv[2]), sys.argv[3:])
 """
 

@@ -23,7 +23,7 @@ from typing import Iterator, Sequence
 import ml_collections
 import numpy as np
 
-from jaxllm import tokenizer as tokenizer_lib
+from jaxllm.data import tokenizer as tokenizer_lib
 from jaxllm.errors import JaxllmError
 
 SPLITS = ("train", "val", "test")

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import ml_collections
 import numpy as np
 
-from jaxllm import tokenizer as tokenizer_lib
+from jaxllm.data import tokenizer as tokenizer_lib
 from jaxllm.data.classification import read_utf8
 from jaxllm.errors import JaxllmError
 

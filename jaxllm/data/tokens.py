@@ -30,12 +30,12 @@ from typing import Iterable, Iterator
 
 import filelock
 import ml_collections
-from absl import logging as absl_logging
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging as absl_logging
 
-from jaxllm import tokenizer as tokenizer_lib
 from jaxllm.data import corpus, text_builder, token_files
+from jaxllm.data import tokenizer as tokenizer_lib
 from jaxllm.errors import JaxllmError
 from jaxllm.progress import progress_bar
 

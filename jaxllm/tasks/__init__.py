@@ -1,4 +1,4 @@
-"""What the one trainer (jaxllm/trainer.py) trains: a task is data and pure functions.
+"""What the one trainer (jaxllm/training/loop.py) trains: a task is data and pure functions.
 
     lm         next-token pretraining on a corpus (jaxllm/tasks/lm.py)
     mlm        masked-token pretraining of an encoder (jaxllm/tasks/mlm.py)
@@ -12,14 +12,20 @@ jaxllm/tasks/losses.py, the backbone, masks and batch helpers in jaxllm/tasks/co
 
 from __future__ import annotations
 
-import importlib
+from typing import Callable
 
 import ml_collections
 
 from jaxllm.errors import JaxllmError
+from jaxllm.tasks import classify, dpo, instruct, lm, mlm
 from jaxllm.tasks.common import Task, eval_means, eval_sums, split_figures
 
-NAMES = ("lm", "mlm", "classify", "instruct", "dpo")
+# train.task -> the function that builds it from the config.
+REGISTRY: dict[str, Callable[[ml_collections.ConfigDict], Task]] = {
+    "lm": lm.make_task, "mlm": mlm.make_task, "classify": classify.make_task,
+    "instruct": instruct.make_task, "dpo": dpo.make_task,
+}
+NAMES = tuple(REGISTRY)
 
 
 def build(config: ml_collections.ConfigDict) -> Task:
@@ -27,7 +33,7 @@ def build(config: ml_collections.ConfigDict) -> Task:
   if config.train.task not in NAMES:
     raise JaxllmError(f"train.task must be one of {', '.join(NAMES)}, got "
                       f"'{config.train.task}'")
-  return importlib.import_module(f"jaxllm.tasks.{config.train.task}").make_task(config)
+  return REGISTRY[config.train.task](config)
 
 
-__all__ = ["NAMES", "Task", "build", "eval_means", "eval_sums", "split_figures"]
+__all__ = ["NAMES", "REGISTRY", "Task", "build", "eval_means", "eval_sums", "split_figures"]

@@ -14,8 +14,9 @@ import functools
 import ml_collections
 import numpy as np
 
-from jaxllm import evaluate, heads
 from jaxllm.data import classification
+from jaxllm.eval import figures
+from jaxllm.models import heads
 from jaxllm.tasks import common, losses
 
 
@@ -54,7 +55,7 @@ def make_task(config: ml_collections.ConfigDict) -> common.Task:
 
   def report_figures(split, sums):
     confusion_CxC = np.rint(sums["confusion"]).astype(np.int64)
-    metrics = evaluate.classification_metrics(confusion_CxC, data.labels)
+    metrics = figures.classification_metrics(confusion_CxC, data.labels)
     return {f"{split}_accuracy": metrics["accuracy"],
             f"{split}_loss": float(sums["loss"] / max(sums["count"], 1e-9)), split: metrics}
 

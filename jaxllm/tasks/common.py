@@ -22,15 +22,15 @@ from jax.sharding import PartitionSpec as P
 
 from jaxllm import config as config_lib
 from jaxllm import data as data_lib
-from jaxllm import lora
-from jaxllm import multihost
-from jaxllm import run_io
-from jaxllm import tokenizer as tokenizer_lib
-from jaxllm import train as train_lib
-from jaxllm.encoder import Encoder
+from jaxllm.data import tokenizer as tokenizer_lib
 from jaxllm.errors import JaxllmError
-from jaxllm.model import GPT, init_params, logical_axes, param_dtype
+from jaxllm.models import lora
+from jaxllm.models.bert import Encoder
+from jaxllm.models.gpt import GPT, init_params, logical_axes, param_dtype
 from jaxllm.tasks import losses
+from jaxllm.training import multihost
+from jaxllm.training import rundir as run_io
+from jaxllm.training import step as train_lib
 
 Params = Any
 Batch = dict[str, np.ndarray]

@@ -14,9 +14,10 @@ import json
 
 import ml_collections
 
-from jaxllm import evaluate, multihost
 from jaxllm.data import instruction
+from jaxllm.eval import responses
 from jaxllm.tasks import common, losses
+from jaxllm.training import multihost
 
 
 def make_task(config: ml_collections.ConfigDict) -> common.Task:
@@ -46,16 +47,16 @@ def make_task(config: ml_collections.ConfigDict) -> common.Task:
     """Greedy responses to the test prompts (the book's file) and, with judge.url, their
     scores; every process generates (the parameters are sharded), process 0 writes."""
     main = multihost.is_main()
-    entries = evaluate.generate_responses(
+    entries = responses.generate_responses(
         model, params["backbone"], tokenizer, records["test"], template=config.instruct.template,
         max_new_tokens=config.instruct.max_new_tokens,
         batch_size=config.instruct.generate_batch_size, progress=main)
-    path = workdir / evaluate.RESPONSES_FILE
+    path = workdir / responses.RESPONSES_FILE
     if main:
       path.write_text(json.dumps(entries, indent=4) + "\n")
     figures = {**figures, "task": "instruct", "responses": str(path)}
     if config.judge.url and main:  # one process asks the judge
-      judged = evaluate.judge_responses(entries, url=config.judge.url, model=config.judge.model,
+      judged = responses.judge_responses(entries, url=config.judge.url, model=config.judge.model,
                                         template=config.instruct.template,
                                         timeout=config.judge.timeout, progress=main)
       figures.update({k: v for k, v in judged.items() if k != "scores"})

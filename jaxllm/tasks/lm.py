@@ -14,11 +14,11 @@ import jax
 import ml_collections
 
 from jaxllm import data as data_lib
-from jaxllm import generate as generate_lib
-from jaxllm import multihost
-from jaxllm import train as train_lib
-from jaxllm.model import init_params, logical_axes
+from jaxllm.models.gpt import init_params, logical_axes
+from jaxllm.serve import generate as generate_lib
 from jaxllm.tasks import common
+from jaxllm.training import multihost
+from jaxllm.training import step as train_lib
 
 
 def make_task(config: ml_collections.ConfigDict) -> common.Task:

@@ -27,12 +27,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxllm import encoder as encoder_lib
-from jaxllm import heads
-from jaxllm import lora
-from jaxllm.encoder import Encoder
 from jaxllm.errors import JaxllmError
-from jaxllm.model import GPT
+from jaxllm.models import bert as encoder_lib
+from jaxllm.models import heads, lora
+from jaxllm.models.bert import Encoder
+from jaxllm.models.gpt import GPT
 
 Params = dict[str, Any]
 

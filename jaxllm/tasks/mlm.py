@@ -1,4 +1,4 @@
-"""Masked-language-model pretraining of an encoder (jaxllm/encoder.py), BERT's way.
+"""Masked-language-model pretraining of an encoder (jaxllm/models/bert.py), BERT's way.
 
 Data is the `lm` task's: windows of a tokenized corpus (`config.data`), random or sliding, as
 a function of (seed, step). Each window is corrupted by `mask_tokens`: every real, non-special
@@ -34,10 +34,10 @@ import numpy as np
 import optax
 
 from jaxllm import data as data_lib
-from jaxllm import encoder as encoder_lib
-from jaxllm.encoder import Encoder
 from jaxllm.errors import JaxllmError
-from jaxllm.model import init_params, logical_axes
+from jaxllm.models import bert as encoder_lib
+from jaxllm.models.bert import Encoder
+from jaxllm.models.gpt import init_params, logical_axes
 from jaxllm.tasks import common
 
 SELECT_RATE, MASK_SHARE, RANDOM_SHARE = 0.15, 0.8, 0.1

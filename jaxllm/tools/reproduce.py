@@ -28,6 +28,7 @@ from typing import Any, Sequence
 
 from jaxllm import config as config_lib
 from jaxllm.errors import JaxllmError
+from jaxllm.training import loop as trainer
 
 CHECKS = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, ">": operator.gt,
           "==": operator.eq, "between": lambda x, low, high: low <= x <= high}
@@ -125,7 +126,6 @@ def reproduce(experiment: str | pathlib.Path, workdir: str | pathlib.Path | None
   request = config_lib.to_dict(config)
   changed = changed_keys(workdir, request) if figures_path.is_file() else None
   if rerun or changed != []:
-    from jaxllm import trainer
 
     if figures_path.is_file() and not rerun:
       why = (f"it was made with other settings: {', '.join(changed[:3])}"

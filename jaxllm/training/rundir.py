@@ -17,20 +17,20 @@ import json
 import pathlib
 from typing import Any
 
+import flax.linen as nn
 import jax
 import ml_collections
-from absl import logging as absl_logging
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 
-from jaxllm import checkpoint as checkpoint_lib
 from jaxllm import config as config_lib
-from jaxllm import encoder as encoder_lib
-from jaxllm import model as model_lib
-from jaxllm import tokenizer as tokenizer_lib
+from jaxllm.data import tokenizer as tokenizer_lib
 from jaxllm.errors import JaxllmError
-from jaxllm.model import GPT, abstract_variables
-
-import flax.linen as nn
+from jaxllm.models import bert as encoder_lib
+from jaxllm.models import gpt as model_lib
+from jaxllm.models import heads
+from jaxllm.models.gpt import GPT, abstract_variables
+from jaxllm.training import checkpoint as checkpoint_lib
 
 
 def resolve_model(model: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Tokenizer
@@ -158,7 +158,6 @@ def load_finetuned(workdir: str | pathlib.Path, overrides=()):
 
 def load_head(workdir: pathlib.Path, config: ml_collections.ConfigDict, model) -> Any:
   """A finished classifier run's head/ (its classes from config.classifier.labels)."""
-  from jaxllm import heads
 
   if not (workdir / "head").is_dir():
     raise JaxllmError(f"{workdir / 'head'} not found (is {workdir} a finished classifier "
@@ -169,3 +168,16 @@ def load_head(workdir: pathlib.Path, config: ml_collections.ConfigDict, model) -
   return load_params(workdir, target, name="head",
                      fix=f"classifier.labels in {workdir / 'config.json'} and the head "
                          f"disagree (was the folder edited by hand?)")
+
+
+def write_run(out: str | pathlib.Path, config, params: Any,
+              tokenizer: dict | None = None) -> pathlib.Path:
+  """A run directory that `jaxllm generate --workdir`, `load_run` and
+  `train.init_from` read: config.json, tokenizer.json (GPT-2's BPE unless given) and params/."""
+  out = pathlib.Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+  tokenizer = tokenizer or {"kind": "tiktoken", "name": "gpt2"}
+  (out / "tokenizer.json").write_text(json.dumps(tokenizer) + "\n")
+  save_params(out, params)
+  return out

@@ -1,6 +1,6 @@
 """BERT weights in and out: Hugging Face `BertModel`, `BertForMaskedLM` and
 `BertForSequenceClassification` folders (`config.json` + `model.safetensors`) as
-jaxllm/encoder.py parameters, and back.
+jaxllm/models/bert.py parameters, and back.
 
 Every encoder parameter is a transpose and reshape of Hugging Face tensors ([out, in] Linear
 weights); a layer's query, key and value form one fused qkv kernel (D, 3, H, K), its
@@ -20,8 +20,14 @@ from typing import Any
 import numpy as np
 from flax import traverse_util
 
-from jaxllm.encoder import EncoderConfig
+from jaxllm import config as config_lib
+from jaxllm.data.tokenizer import WordPieceTokenizer
 from jaxllm.errors import JaxllmError
+from jaxllm.models import bert as encoder_lib
+from jaxllm.models.bert import EncoderConfig
+from jaxllm.training import checkpoint as checkpoint_lib
+from jaxllm.training import rundir as run_io
+from jaxllm.weights import common
 
 ARCHITECTURES = ("BertModel", "BertForMaskedLM", "BertForSequenceClassification")
 REQUIRED_KEYS = ("vocab_size", "max_position_embeddings", "num_hidden_layers",
@@ -46,9 +52,8 @@ def encoder_config(hf: dict, source: str) -> EncoderConfig:
   """The EncoderConfig of a Hugging Face BertConfig (config.json)."""
   if hf.get("model_type") != "bert":
     raise JaxllmError(f"{source}: model_type is '{hf.get('model_type')}', not 'bert'")
-  from jaxllm import convert
 
-  convert.required(hf, REQUIRED_KEYS, pathlib.Path(source) / "config.json")
+  common.required(hf, REQUIRED_KEYS, pathlib.Path(source) / "config.json")
   if hf.get("hidden_act", "gelu") != "gelu":
     raise JaxllmError(f"{source}: hidden_act '{hf['hidden_act']}' is not supported (BERT's "
                       f"exact 'gelu' is)")
@@ -221,7 +226,6 @@ def read_folder(folder: str | pathlib.Path) -> tuple[EncoderConfig, dict, dict |
   from safetensors import SafetensorError
   from safetensors.numpy import load_file
 
-  from jaxllm import convert
 
   folder = pathlib.Path(folder)
   config_path, weights = folder / "config.json", folder / "model.safetensors"
@@ -238,7 +242,7 @@ def read_folder(folder: str | pathlib.Path) -> tuple[EncoderConfig, dict, dict |
     tensors = {name.removeprefix("bert."): value for name, value in load_file(str(weights)).items()}
   except (SafetensorError, OSError) as e:
     raise JaxllmError(f"{weights} cannot be read ({e}); download it again") from None
-  convert.check_tensors(tensors, tensor_shapes(cfg, tensors), weights, config_path, "BERT",
+  common.check_tensors(tensors, tensor_shapes(cfg, tensors), weights, config_path, "BERT",
                         harmless=_KNOWN_EXTRAS.fullmatch)
   params, head = to_params(cfg, tensors)
   architecture = (hf.get("architectures") or ["BertModel"])[0]
@@ -268,7 +272,6 @@ def write_folder(folder: str | pathlib.Path, cfg: EncoderConfig, params: dict,
 def run_config(cfg: EncoderConfig, hf: dict, head: dict | None):
   """The jaxllm config of a converted BERT: its sizes (bert-base's preset when they match);
   a classifier folder's run is a classify run with its labels and [CLS] pooling."""
-  from jaxllm import config as config_lib
 
   config = config_lib.default_config()
   model = config.model
@@ -309,10 +312,6 @@ def import_bert(source: str | pathlib.Path, out: str | pathlib.Path) -> dict:
   BertForSequenceClassification, head/ as a classify run's. Returns the sizes."""
   import jax
 
-  from jaxllm import checkpoint as checkpoint_lib
-  from jaxllm import convert, run_io
-  from jaxllm import encoder as encoder_lib
-  from jaxllm.tokenizer import WordPieceTokenizer
 
   folder = pathlib.Path(source)
   cfg, params, head, _ = read_folder(folder)
@@ -322,7 +321,7 @@ def import_bert(source: str | pathlib.Path, out: str | pathlib.Path) -> dict:
   checkpoint_lib.check_matches(params, fresh, f"the converted BERT in {folder}",
                                f"{folder / 'config.json'} and its tensors disagree")
   config = run_config(cfg, json.loads((folder / "config.json").read_text()), head)
-  convert.write_run(out, config, params, tokenizer.to_json())
+  run_io.write_run(out, config, params, tokenizer.to_json())
   if head is not None:
     run_io.save_params(pathlib.Path(out), head, name="head")
   return sizes(cfg)
@@ -334,7 +333,6 @@ def export_bert(config, model, params: dict, tokenizer, workdir: str | pathlib.P
   run with [CLS] pooling, else BertForMaskedLM; tokenizer.json beside for WordPiece."""
   import jax
 
-  from jaxllm import run_io
 
   head, architecture, labels = None, "BertForMaskedLM", None
   if config.train.task == "classify":

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from jaxllm.model import GPT
+from jaxllm.models.gpt import GPT
 
 
 @flax.struct.dataclass

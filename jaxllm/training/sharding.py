@@ -24,11 +24,12 @@ import flax.linen as nn
 import jax
 import ml_collections
 import optax
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from jaxllm import train as train_lib
 from jaxllm.errors import JaxllmError
-from jaxllm.model import GPT, abstract_variables, logical_axes
+from jaxllm.models.gpt import GPT, abstract_variables, logical_axes
+from jaxllm.training import step as train_lib
 
 MESH_AXES = ("data", "fsdp", "tensor")
 # Batch rows are split over every axis that holds a different slice of the data.

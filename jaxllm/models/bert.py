@@ -1,5 +1,5 @@
 """A BERT-style bidirectional encoder in Flax Linen: the other branch of the transformer family,
-beside jaxllm/model.py's decoders.
+beside jaxllm/models/gpt.py's decoders.
 
 BERT (Devlin et al. 2019) as Hugging Face's `BertModel` computes it: token + learned position +
 token-type (segment) embeddings, a LayerNorm, then blocks of full (not causal) self-attention
@@ -13,7 +13,7 @@ with a final one, as GPT-2 does). Two heads ride on the hidden states:
   BertForSequenceClassification's classifier reads.
 
 Parameters name their logical axes as the decoder's do ("vocab", "embed", "heads", "kv",
-"mlp"), so jaxllm/sharding.py's rules split them on any mesh.
+"mlp"), so jaxllm/training/sharding.py's rules split them on any mesh.
 
 Shapes are in the names: B batch, L sequence, D d_model, H heads, K head dim, F MLP hidden,
 V vocabulary.
@@ -28,8 +28,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.config import EncoderConfig
+
 # The decoder's initialisers (normal, zeros, ones with logical axes): BERT's std is GPT-2's.
-from jaxllm.model import _init, _ones, _zeros, attention, param_dtype
+from jaxllm.models.gpt import _init, _ones, _zeros, attention, param_dtype
 
 STD = 0.02
 

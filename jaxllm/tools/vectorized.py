@@ -31,14 +31,14 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxllm import config as config_lib
-from jaxllm import evaluate as evaluate_lib
-from jaxllm import metrics as metrics_lib
-from jaxllm import run_io
-from jaxllm import sharding
 from jaxllm import tasks as tasks_lib
-from jaxllm import train as train_lib
-from jaxllm import trainer
 from jaxllm.errors import JaxllmError
+from jaxllm.eval import report
+from jaxllm.training import loop as trainer
+from jaxllm.training import metrics as metrics_lib
+from jaxllm.training import rundir as run_io
+from jaxllm.training import sharding
+from jaxllm.training import step as train_lib
 
 # The keys trials may differ in: optimizer hyperparameters, traced inside the step (the
 # learning rate schedule's as its table), and those of TASK_KEYS.
@@ -195,4 +195,4 @@ def _finish(writer, workdir, params, figures: dict) -> dict:
   writer.close()
   workdir = pathlib.Path(workdir)
   run_io.save_params(workdir, params)
-  return evaluate_lib.write_figures(workdir, figures)
+  return report.write_figures(workdir, figures)

@@ -40,6 +40,9 @@ from typing import Any, Sequence
 
 from jaxllm import config as config_lib
 from jaxllm.errors import JaxllmError
+from jaxllm.tools import vectorized
+from jaxllm.training import loop as trainer
+from jaxllm.training import metrics as metrics_lib
 
 SAMPLERS = ("grid", "random", "tpe")
 PRUNERS = ("none", "median", "halving")
@@ -221,7 +224,6 @@ def _counted(study) -> list:
 def _objective(config_path: pathlib.Path, overrides: Sequence[str], spec: dict,
                sweep_dir: pathlib.Path, progress: bool):
   import optuna
-  from jaxllm import trainer
 
   def objective(trial):
     # Trial numbers are handed out atomically: exactly `trials` of them rank below the limit.
@@ -288,12 +290,11 @@ def run(config_path: str | pathlib.Path, spec: dict, sweep_dir: str | pathlib.Pa
 
 def _run_vectorized(study, config_path: pathlib.Path, overrides: Sequence[str], spec: dict,
                     sweep_dir: pathlib.Path) -> None:
-  """Groups of `spec["vectorize"]` trials, each group trained at once (jaxllm/vectorized.py).
+  """Groups of `spec["vectorize"]` trials, each group trained at once (jaxllm/tools/vectorized.py).
 
   One worker: a group cut short by a kill is failed and asked again on the next run.
   """
   import optuna
-  from jaxllm import vectorized
 
   for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
     if trial.user_attrs.get("vectorised"):
@@ -412,7 +413,6 @@ def _plots(rows: list[dict], spec: dict, sweep_dir: pathlib.Path) -> None:
 
 def _curves(rows: list[dict], sweep_dir: pathlib.Path, plt) -> None:
   """Every trial's validation loss against steps, from its metrics.jsonl."""
-  from jaxllm import metrics as metrics_lib
 
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for row in rows:

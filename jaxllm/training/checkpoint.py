@@ -32,9 +32,9 @@ import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from jaxllm import multihost
 from jaxllm.errors import JaxllmError
-from jaxllm.train import TrainState
+from jaxllm.training import multihost
+from jaxllm.training.step import TrainState
 
 
 def _warn(message: str) -> None:

@@ -6,7 +6,7 @@
     jaxllm launch slurm --nodes 2 --gpus-per-node 8 -- train ...
 
 Every host runs the same jaxllm command (what follows `--`); jaxllm joins the processes with
-`jax.distributed.initialize` (jaxllm/multihost.py). `local` really runs N processes here,
+`jax.distributed.initialize` (jaxllm/training/multihost.py). `local` really runs N processes here,
 joined on 127.0.0.1 (gloo on CPU); the first to fail stops the others. The others print their
 commands with `--dry-run` and otherwise run them: `gcloud compute tpus tpu-vm` (create,
 install on `--worker=all`, run on `--worker=all`, and on a preempted run or a lost slice
@@ -29,8 +29,7 @@ import threading
 import time
 from typing import Sequence
 
-from jaxllm.cli import PREEMPTED_EXIT_STATUS
-from jaxllm.errors import JaxllmError
+from jaxllm.errors import PREEMPTED_EXIT_STATUS, JaxllmError
 
 XPK_RESTART_STATUS = 42  # what JobSet's restart policy treats as "restart me"
 STOP_GRACE_SECONDS = 10.0  # for the other local processes to save before they are killed

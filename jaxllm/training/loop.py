@@ -27,19 +27,17 @@ import jax
 import ml_collections
 import optax
 
-from jaxllm import checkpoint as checkpoint_lib
 from jaxllm import config as config_lib
-from jaxllm import evaluate as evaluate_lib
-from jaxllm import metrics as metrics_lib
-from jaxllm import multihost
-from jaxllm import prefetch
-from jaxllm import run_io
-from jaxllm import sharding
 from jaxllm import tasks as tasks_lib
-from jaxllm import train as train_lib
 from jaxllm.errors import JaxllmError, Preempted
-from jaxllm.model import count_params
+from jaxllm.eval import report, responses
+from jaxllm.models.gpt import count_params
 from jaxllm.progress import progress_bar
+from jaxllm.training import checkpoint as checkpoint_lib
+from jaxllm.training import metrics as metrics_lib
+from jaxllm.training import multihost, prefetch, sharding
+from jaxllm.training import rundir as run_io
+from jaxllm.training import step as train_lib
 
 
 @dataclasses.dataclass
@@ -99,7 +97,7 @@ def set_up(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Setup:
   manager = checkpoint_lib.make_manager(workdir / "checkpoints", config.checkpoint)
   if main:
     run_io.save_run_files(workdir, config, task.tokenizer)
-    for stale in ("eval.json", evaluate_lib.RESPONSES_FILE):  # outputs of a finished run
+    for stale in ("eval.json", responses.RESPONSES_FILE):  # outputs of a finished run
       (workdir / stale).unlink(missing_ok=True)
   microbatch = train.batch_size // train.grad_accum
   return Setup(
@@ -221,7 +219,7 @@ def evaluate(setup: Setup, eval_fn, params: Any) -> dict[str, float]:
   """Each evaluated split's figures: the task's sums over its evaluation batches / count."""
   figures = {}
   for split in ("train", "val"):
-    sums = evaluate_lib.split_sums(eval_fn, params, setup.task.eval_batches(split), setup.mesh,
+    sums = report.split_sums(eval_fn, params, setup.task.eval_batches(split), setup.mesh,
                                    setup.rules, setup.config.train.batch_size)
     figures.update(tasks_lib.split_figures(split, sums))
   return figures
@@ -411,7 +409,7 @@ def finish(setup: Setup, state, summary: dict, start_time: float) -> dict[str, A
   for name, tree in saved.items():
     run_io.save_params(setup.workdir, tree, name=name)
   records, final = summary.pop("records"), summary.pop("final")
-  figures = evaluate_lib.final_report(task, params, shardings, setup.mesh, setup.rules,
+  figures = report.final_report(task, params, shardings, setup.mesh, setup.rules,
                                       setup.config.train.batch_size, setup.workdir,
                                       {**summary, **final})
   if not setup.main:
@@ -419,7 +417,7 @@ def finish(setup: Setup, state, summary: dict, start_time: float) -> dict[str, A
   config = setup.config
   metrics_lib.plot_losses(records, setup.workdir / "loss.png", title=(
       f"{config.train.task}: {count_params(saved['params']) / 1e6:.2f}M parameters"))
-  figures = evaluate_lib.write_figures(
+  figures = report.write_figures(
       setup.workdir, {**figures, "wall_seconds": time.perf_counter() - start_time})
   print(f"step {summary['steps']}: {_figures_text(final)}; {summary['steps_per_s']:.1f} "
         f"steps/s (waiting for data {summary['input_wait']:.1%} of it), wall time "

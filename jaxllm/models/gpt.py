@@ -8,10 +8,10 @@ position embeddings with Llama 3's frequency scaling (`position`, `rope_*`), a S
 with its own width (`mlp`, `mlp_hidden`), grouped-query attention with fewer key/value heads
 (`n_kv_head`; the KV cache holds only those), biases per kind of layer (`bias`, `qkv_bias`)
 and Qwen3's QK-norm (`qk_norm`). Parameters are float32 whatever the compute dtype;
-`matmul_dtype=bfloat16` sends every weight matmul through jaxllm/matmul.py (bf16 operands,
+`matmul_dtype=bfloat16` sends every weight matmul through jaxllm/models/matmul.py (bf16 operands,
 float32 products, the same parameters). Every parameter names its logical axes ("vocab",
 "embed", "heads", "kv_heads", "mlp", ...) and a few activations name theirs ("batch",
-"sequence", ...), so sharding is a table of rules (jaxllm/sharding.py), not model code;
+"sequence", ...), so sharding is a table of rules (jaxllm/training/sharding.py), not model code;
 outside an `nn.logical_axis_rules` context the activation constraints do nothing.
 
 Two options change how the blocks run, not what they compute: `remat` recomputes each block's
@@ -33,8 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm import matmul
 from jaxllm.config import ModelConfig
+from jaxllm.models import matmul
 
 # A KV cache: one {"k": BxSxGxK, "v": BxSxGxK} dict per layer.
 KVCache = list[dict[str, jax.Array]] | dict[str, jax.Array]  # per layer, or stacked

@@ -1,5 +1,5 @@
 """GPT-2 weights in and out: OpenAI's checkpoints as jaxllm run directories, and back.
-(Llama-family checkpoints: jaxllm/llama_weights.py, BERT encoders: jaxllm/bert_weights.py;
+(Llama-family checkpoints: jaxllm/weights/llama.py, BERT encoders: jaxllm/weights/bert.py;
 `import_checkpoint` and `export_hf` take any of them.)
 
 Reads the two formats OpenAI's GPT-2 is found in, and never unpickles anything:
@@ -31,14 +31,15 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from jaxllm import checkpoint as checkpoint_lib
-from jaxllm import bert_weights
 from jaxllm import config as config_lib
-from jaxllm import llama_weights
-from jaxllm import model as model_lib
-from jaxllm import run_io
 from jaxllm.errors import JaxllmError
-from jaxllm.model import GPT, abstract_variables
+from jaxllm.models import gpt as model_lib
+from jaxllm.models.gpt import GPT, abstract_variables
+from jaxllm.training import checkpoint as checkpoint_lib
+from jaxllm.training import rundir as run_io
+from jaxllm.weights import bert as bert_weights
+from jaxllm.weights import common
+from jaxllm.weights import llama as llama_weights
 
 # Hugging Face model names -> jaxllm presets (the same sizes).
 GPT2_NAMES = {"gpt2": "gpt2-small", "gpt2-medium": "gpt2-medium", "gpt2-large": "gpt2-large",
@@ -83,56 +84,12 @@ def tensor_table(hparams: dict) -> dict[str, tuple[tuple[str, ...], tuple[int, .
   return table
 
 
-def named(names: list[str], shown: int = 3) -> str:
-  """"'a', 'b', 'c' and 4 more": a few of a long list of names, then how many more."""
-  listed = ", ".join(f"'{name}'" for name in names[:shown])
-  return listed + (f" and {len(names) - shown} more" if len(names) > shown else "")
-
-
-def check_tensors(tensors: dict, shapes: dict[str, tuple], source, config, what: str,
-                  harmless=lambda name: False) -> None:
-  """One-line errors unless `tensors` holds every name of `shapes` in that shape (None: any
-  size) and nothing else but what `harmless` accepts (buffers, tied copies): a tensor left
-  over would be dropped from the converted model without a word."""
-  for name, want in shapes.items():
-    if name not in tensors:
-      raise JaxllmError(f"{source} lacks '{name}', which {config} implies; the checkpoint is "
-                        f"incomplete, or {config} describes another size")
-    have = tuple(tensors[name].shape)
-    if len(have) != len(want) or any(w not in (None, h) for h, w in zip(have, want)):
-      raise JaxllmError(f"{source}: '{name}' has shape {list(have)} but {config} implies "
-                        f"[{', '.join('*' if w is None else str(w) for w in want)}]; the "
-                        f"checkpoint and its config disagree")
-  extra = sorted(name for name in tensors if name not in shapes and not harmless(name))
-  if extra:
-    count = f"{len(extra)} tensor{'s' if len(extra) > 1 else ''}"
-    raise JaxllmError(f"{source} holds {count} that {what} has not ({named(extra)}); convert "
-                      f"a {what} checkpoint (those tensors would be dropped)")
-
-
-def required(config: dict, keys, path) -> None:
-  """A one-line error naming the first of `keys` a config file lacks."""
-  for key in keys:
-    if key not in config:
-      raise JaxllmError(f"{path} lacks '{key}' (it needs {', '.join(keys)}); copy "
-                        f"{pathlib.Path(path).name} again from the model's repository")
-
-
-def _read_json(path: pathlib.Path, what: str) -> dict:
-  if not path.is_file():
-    raise JaxllmError(f"{path} not found ({what})")
-  try:
-    return json.loads(path.read_text())
-  except json.JSONDecodeError as e:
-    raise JaxllmError(f"{path} is not valid JSON ({e})") from e
-
-
 def read_hf(folder: pathlib.Path) -> tuple[dict, dict[str, np.ndarray]]:
   """(hyperparameters, tensors) of a Hugging Face GPT-2 folder."""
   from safetensors import SafetensorError
   from safetensors.numpy import load_file
 
-  config = _read_json(folder / "config.json", "a Hugging Face GPT-2 folder holds config.json "
+  config = common.read_json(folder / "config.json", "a Hugging Face GPT-2 folder holds config.json "
                       "beside model.safetensors; copy it from the model's page")
   model_type = config.get("model_type", "gpt2")
   if model_type == "bert":
@@ -145,9 +102,9 @@ def read_hf(folder: pathlib.Path) -> tuple[dict, dict[str, np.ndarray]]:
   if activation not in ("gelu_new", "gelu_pytorch_tanh"):
     raise JaxllmError(f"{folder / 'config.json'}: activation_function '{activation}' is not "
                       f"GPT-2's tanh GELU (gelu_new), which jaxllm computes")
-  required(config, ("n_embd", "n_head", "n_layer", "vocab_size"), folder / "config.json")
+  common.required(config, ("n_embd", "n_head", "n_layer", "vocab_size"), folder / "config.json")
   if "n_positions" not in config and "n_ctx" not in config:
-    required(config, ("n_positions",), folder / "config.json")
+    common.required(config, ("n_positions",), folder / "config.json")
   d_model = int(config["n_embd"])
   if config.get("n_inner") not in (None, 4 * d_model):
     raise JaxllmError(f"{folder / 'config.json'}: n_inner {config['n_inner']} is not 4 * n_embd, "
@@ -171,9 +128,9 @@ def read_hf(folder: pathlib.Path) -> tuple[dict, dict[str, np.ndarray]]:
 
 def read_openai_tf(folder: pathlib.Path) -> tuple[dict, dict[str, np.ndarray]]:
   """(hyperparameters, tensors in Hugging Face's names and shapes) of OpenAI's TF checkpoint."""
-  hparams_json = _read_json(folder / "hparams.json", "OpenAI's GPT-2 folder holds hparams.json "
+  hparams_json = common.read_json(folder / "hparams.json", "OpenAI's GPT-2 folder holds hparams.json "
                             "beside model.ckpt.*; download it with the checkpoint")
-  required(hparams_json, ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer"),
+  common.required(hparams_json, ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer"),
            folder / "hparams.json")
   hparams = {"vocab_size": int(hparams_json["n_vocab"]),
              "context_length": int(hparams_json["n_ctx"]), "d_model": int(hparams_json["n_embd"]),
@@ -224,7 +181,7 @@ def read_gpt2(folder: str | pathlib.Path) -> tuple[dict, dict[str, np.ndarray]]:
     raise JaxllmError(f"{folder} holds no GPT-2 checkpoint (expected model.safetensors + "
                       f"config.json, or model.ckpt.* + hparams.json)")
   shapes = {name: shape for name, (_, shape) in tensor_table(hparams).items()}
-  check_tensors(tensors, shapes, source, config, "GPT-2")
+  common.check_tensors(tensors, shapes, source, config, "GPT-2")
   return hparams, tensors
 
 
@@ -278,24 +235,11 @@ def from_params(params: Any, hparams: dict) -> dict[str, np.ndarray]:
   return tensors
 
 
-def write_run(out: str | pathlib.Path, config, params: Any,
-              tokenizer: dict | None = None) -> pathlib.Path:
-  """A run directory that `jaxllm generate --workdir`, `run_io.load_run` and
-  `train.init_from` read: config.json, tokenizer.json (GPT-2's BPE unless given) and params/."""
-  out = pathlib.Path(out)
-  out.mkdir(parents=True, exist_ok=True)
-  (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-  tokenizer = tokenizer or {"kind": "tiktoken", "name": "gpt2"}
-  (out / "tokenizer.json").write_text(json.dumps(tokenizer) + "\n")
-  run_io.save_params(out, params)
-  return out
-
-
 def import_gpt2(source: str | pathlib.Path, out: str | pathlib.Path) -> dict:
   """Converts a GPT-2 checkpoint folder into a jaxllm run directory; returns its hyperparameters."""
   hparams, tensors = read_gpt2(source)
   config = run_config(hparams)
-  write_run(out, config, to_params(hparams, tensors, config))
+  run_io.write_run(out, config, to_params(hparams, tensors, config))
   return hparams
 
 
@@ -386,7 +330,7 @@ def download(name: str, cache_dir: str | pathlib.Path | None = None) -> pathlib.
     if not (folder / file).is_file():
       print(f"downloading {HF_URL.format(name=name, file=file)}")
       _fetch(name, file, folder / file)
-  config = _read_json(folder / "config.json", "the download was cut short; delete the folder")
+  config = common.read_json(folder / "config.json", "the download was cut short; delete the folder")
   want = config_lib.PRESETS[GPT2_NAMES[name]]
   have = {"n_layer": config.get("n_layer"), "n_head": config.get("n_head"),
           "d_model": config.get("n_embd"), "context_length": config.get("n_positions")}

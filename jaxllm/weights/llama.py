@@ -28,7 +28,12 @@ from typing import Any
 import numpy as np
 
 from jaxllm import config as config_lib
+from jaxllm.data import tokenizer as tokenizer_lib
 from jaxllm.errors import JaxllmError
+from jaxllm.models.gpt import GPT, abstract_variables
+from jaxllm.training import checkpoint as checkpoint_lib
+from jaxllm.training import rundir as run_io
+from jaxllm.weights import common
 
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                "mistral": "MistralForCausalLM"}
@@ -68,9 +73,8 @@ def _rope(hf: dict) -> dict:
 
 def run_config(hf: dict, source: str):
   """The jaxllm config of a Hugging Face Llama-family config.json."""
-  from jaxllm import convert
 
-  convert.required(hf, REQUIRED_KEYS, pathlib.Path(source) / "config.json")
+  common.required(hf, REQUIRED_KEYS, pathlib.Path(source) / "config.json")
   model_type = hf.get("model_type")
   d, heads = hf["hidden_size"], hf["num_attention_heads"]
   if hf.get("head_dim") not in (None, d // heads):
@@ -161,7 +165,6 @@ def _is_buffer(name: str) -> bool:
 def checked_tensors(tensors: dict[str, np.ndarray], cfg, folder: pathlib.Path) -> dict:
   """The tensors under jaxllm's names for them (no "model."), every one checked against the
   config: none missing, none of another shape, none left over but buffers."""
-  from jaxllm import convert
 
   t = {name.removeprefix("model."): value for name, value in tensors.items()}
   if cfg.tie_embeddings and "lm_head.weight" in t:
@@ -169,7 +172,7 @@ def checked_tensors(tensors: dict[str, np.ndarray], cfg, folder: pathlib.Path) -
     if not np.array_equal(t.pop("lm_head.weight"), t.get("embed_tokens.weight")):
       raise JaxllmError(f"{folder}: lm_head.weight differs from embed_tokens.weight, yet "
                         f"config.json says tie_word_embeddings; set it to false")
-  convert.check_tensors(t, tensor_shapes(cfg), folder, folder / "config.json",
+  common.check_tensors(t, tensor_shapes(cfg), folder, folder / "config.json",
                         "a Llama-family model", harmless=_is_buffer)
   return t
 
@@ -274,7 +277,6 @@ def check_exportable(cfg, workdir) -> None:
 
 def _tokenizer_spec(folder: pathlib.Path) -> dict:
   """The run's tokenizer.json: the folder's tokenizer.json, with its eos token as end-of-text."""
-  from jaxllm import tokenizer as tokenizer_lib
 
   path = folder / "tokenizer.json"
   if not path.is_file():
@@ -297,9 +299,6 @@ def import_llama(source: str | pathlib.Path, out: str | pathlib.Path) -> dict:
   """Converts a Hugging Face Llama/Qwen2/Mistral folder into a jaxllm run directory."""
   import flax.linen as nn
 
-  from jaxllm import checkpoint as checkpoint_lib
-  from jaxllm import convert
-  from jaxllm.model import GPT, abstract_variables
 
   folder = pathlib.Path(source)
   hf = json.loads((folder / "config.json").read_text())
@@ -310,7 +309,7 @@ def import_llama(source: str | pathlib.Path, out: str | pathlib.Path) -> dict:
   target = nn.unbox(abstract_variables(GPT(cfg))["params"])
   checkpoint_lib.check_matches(params, target, f"the converted {hf['model_type']} checkpoint",
                                f"{folder / 'config.json'} and its tensors disagree")
-  convert.write_run(out, config, params, spec)
+  run_io.write_run(out, config, params, spec)
   return sizes(cfg)
 
 

@@ -23,9 +23,7 @@ import os
 import pathlib
 import sys
 
-# A preempted training run exits with EX_TEMPFAIL ("try again later"): not success (0), which
-# would end a scheduler's job, nor failure.
-PREEMPTED_EXIT_STATUS = 75
+from jaxllm.errors import PREEMPTED_EXIT_STATUS
 
 
 def _split_config_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -149,7 +147,7 @@ def _parser() -> argparse.ArgumentParser:
   sweep.add_argument("--grace-seconds", type=int,
                      help="a running trial silent this long is retried (default 30)")
   sweep.add_argument("--progress", action="store_true", help="progress bars for each trial")
-  # Listed here for --help; `main` hands `jaxllm launch ...` to jaxllm/launch.py before parsing.
+  # Listed here for --help; `main` hands `jaxllm launch ...` to jaxllm/tools/launch.py before parsing.
   commands.add_parser("launch", add_help=False,
                       help="run a jaxllm command on several processes or hosts: local, Cloud "
                            "TPU, xpk, SLURM (`jaxllm launch --help`)")
@@ -157,13 +155,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args, overrides: list[str]) -> None:
-  from jaxllm import config as config_lib
-  from jaxllm import trainer
+  import jaxllm
 
-  config = config_lib.load_config(args.config)
-  config_lib.apply_overrides(config, overrides)
+  config = jaxllm.load_config(args.config, overrides)
   workdir = args.workdir or pathlib.Path("runs") / pathlib.Path(args.config).stem
-  trainer.run(config, workdir, progress=not args.no_progress)
+  jaxllm.train(config, workdir, progress=not args.no_progress)
 
 
 def _eval(args, overrides: list[str]) -> None:
@@ -171,9 +167,10 @@ def _eval(args, overrides: list[str]) -> None:
 
   import numpy as np
 
-  from jaxllm import evaluate, run_io
   from jaxllm.data import classification
   from jaxllm.errors import JaxllmError
+  from jaxllm.eval import figures, report
+  from jaxllm.training import rundir as run_io
 
   if args.text:
     other = [o for o in overrides if not o.startswith("model.")]
@@ -183,34 +180,28 @@ def _eval(args, overrides: list[str]) -> None:
     _, model, params, tokenizer = run_io.load_run(
         args.workdir, decoder_for="next-token perplexity", overrides=overrides)
     tokens = np.asarray(tokenizer.encode(classification.read_utf8(args.text)), np.int32)
-    figures = evaluate.perplexity(model, params, tokens, args.batch_size,
-                                  progress=not args.no_progress)
-    print(f"{args.text}: {figures['tokens']:,} tokens, loss {figures['loss']:.4f}, "
-          f"perplexity {figures['perplexity']:.2f}")
+    result = figures.perplexity(model, params, tokens, args.batch_size,
+                                progress=not args.no_progress)
+    print(f"{args.text}: {result['tokens']:,} tokens, loss {result['loss']:.4f}, "
+          f"perplexity {result['perplexity']:.2f}")
     return
   config, model, params, tokenizer = run_io.load_finetuned(args.workdir, overrides)
-  figures = evaluate.evaluate_finetuned(config, model, params, tokenizer, args.workdir,
-                                        progress=not args.no_progress)
-  print(json.dumps({k: v for k, v in figures.items() if not isinstance(v, dict)}, indent=2))
+  result = report.evaluate_finetuned(config, model, params, tokenizer, args.workdir,
+                                     progress=not args.no_progress)
+  print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}, indent=2))
 
 
 def _convert(args) -> None:
-  from jaxllm import convert
+  import jaxllm
 
-  if args.to == "hf":
-    hparams = convert.export_hf(args.source, args.out)
-  else:
-    source = args.source
-    if source in convert.GPT2_NAMES and not pathlib.Path(source).is_dir():
-      source = convert.download(source, args.cache_dir)
-    hparams = convert.import_checkpoint(source, args.out)
+  hparams = jaxllm.convert(args.source, args.out, to=args.to, cache_dir=args.cache_dir)
   print(f"wrote {args.out}: {hparams['n_layer']} layers, {hparams['n_head']} heads, d_model "
         f"{hparams['d_model']}, context {hparams['context_length']}, vocab {hparams['vocab_size']}")
 
 
 def _sweep(args, overrides: list[str]) -> None:
   from jaxllm import config as config_lib
-  from jaxllm import sweep
+  from jaxllm.tools import sweep
 
   module, _ = config_lib.load_experiment(args.config)
   spec = sweep.sweep_spec(module, args.param, trials=args.trials, sampler=args.sampler,
@@ -228,8 +219,8 @@ def _sweep(args, overrides: list[str]) -> None:
 
 
 def _launch(argv: list[str]) -> int:
-  from jaxllm import launch
   from jaxllm.errors import JaxllmError
+  from jaxllm.tools import launch
 
   try:
     return launch.main(argv)
@@ -239,9 +230,9 @@ def _launch(argv: list[str]) -> int:
 
 
 def _generate(args) -> None:
-  from jaxllm import generate as generate_lib
-  from jaxllm import run_io
   from jaxllm.errors import JaxllmError
+  from jaxllm.serve import generate as generate_lib
+  from jaxllm.training import rundir as run_io
 
   _, model, params, tokenizer = run_io.load_run(args.workdir, decoder_for="generating text")
   prompt = args.prompt.encode("latin-1", "backslashreplace").decode("unicode_escape")
@@ -282,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "sweep":
       _sweep(args, overrides)
     elif args.command == "reproduce":
-      from jaxllm import reproduce
+      from jaxllm.tools import reproduce
 
       if args.all == bool(args.experiment):
         raise JaxllmError("give one experiment file, or --all (not both)")

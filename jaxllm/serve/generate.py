@@ -24,9 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxllm.data.tokenizer import Tokenizer
 from jaxllm.errors import JaxllmError
-from jaxllm.model import GPT, init_cache
-from jaxllm.tokenizer import Tokenizer
+from jaxllm.models.gpt import GPT, init_cache
 
 # Marks output slots after a row stopped at eot (never a real token id).
 _STOPPED = -1

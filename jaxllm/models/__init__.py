@@ -1,0 +1,1 @@
+"""Networks: the GPT decoder, the BERT encoder, their shared layers, heads and LoRA."""

@@ -1,0 +1,1 @@
+"""Serving: sampling and cached decoding."""

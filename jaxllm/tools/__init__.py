@@ -1,0 +1,1 @@
+"""Tools for experiments: sweeps, vectorised trials, reproduction, launchers."""

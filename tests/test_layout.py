@@ -1,0 +1,89 @@
+"""The package's shape: imports point one way (no circles, counting imports inside functions),
+and the public API is what `import jaxllm` gives."""
+
+import ast
+import pathlib
+
+import jaxllm
+
+PACKAGE = pathlib.Path(jaxllm.__file__).parent
+
+
+def _modules() -> dict[str, pathlib.Path]:
+  modules = {}
+  for path in PACKAGE.rglob("*.py"):
+    parts = ("jaxllm",) + path.relative_to(PACKAGE).with_suffix("").parts
+    modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+  return modules
+
+
+def import_graph() -> dict[str, set[str]]:
+  """module -> the jaxllm modules it imports anywhere in its file (at the top or inside a
+  function). `from P import m` of a submodule m is an import of P.m; importing P.m also runs
+  P's __init__, which counts unless P is the importer's own package (being imported already)."""
+  modules = _modules()
+  graph = {name: set() for name in modules}
+  for name, path in modules.items():
+    own = {".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)}
+    if path.name == "__init__.py":
+      own.add(name)
+    for node in ast.walk(ast.parse(path.read_text())):
+      targets = []
+      if isinstance(node, ast.Import):
+        targets = [alias.name for alias in node.names]
+      elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+        submodules = [f"{node.module}.{a.name}" for a in node.names
+                      if f"{node.module}.{a.name}" in modules]
+        targets = submodules or [node.module]
+      for target in targets:
+        if not target.startswith("jaxllm"):
+          continue
+        parts = target.split(".")
+        for i in range(1, len(parts) + 1):  # the module and the packages above it
+          prefix = ".".join(parts[:i])
+          if prefix in modules and prefix not in own and prefix != name:
+            graph[name].add(prefix)
+  return graph
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+  """Strongly connected components of more than one module (Tarjan)."""
+  index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+  def visit(v):
+    index[v] = low[v] = len(index)
+    stack.append(v)
+    on_stack.add(v)
+    for w in sorted(graph[v]):
+      if w not in index:
+        visit(w)
+        low[v] = min(low[v], low[w])
+      elif w in on_stack:
+        low[v] = min(low[v], index[w])
+    if low[v] == index[v]:
+      component = []
+      while True:
+        w = stack.pop()
+        on_stack.discard(w)
+        component.append(w)
+        if w == v:
+          break
+      if len(component) > 1:
+        found.append(sorted(component))
+
+  for v in sorted(graph):
+    if v not in index:
+      visit(v)
+  return found
+
+
+def test_the_circle_finder_sees_a_circle_through_a_function_import():
+  graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+  assert circles(graph) == [["a", "b", "c"]]
+  assert circles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_circles():
+  graph = import_graph()
+  assert "jaxllm.training.loop" in graph["jaxllm.tasks.lm"] or graph["jaxllm.tasks.lm"]  # it reads
+  assert circles(graph) == []
