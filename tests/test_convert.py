@@ -10,7 +10,8 @@ from safetensors.numpy import load_file, save_file
 
 from jaxllm import cli
 from jaxllm import config as config_lib
-from jaxllm.models.gpt import GPT, abstract_variables, stack_layers
+from jaxllm.models.gpt import GPT, abstract_variables
+from jaxllm.models.stacking import stack_layers
 from jaxllm.training import rundir as run_io
 from jaxllm.weights import convert
 

@@ -98,3 +98,11 @@ def test_ruff_finds_nothing():
   result = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "."], cwd=repo,
                           capture_output=True, text=True)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-1000:]
+
+
+def test_modules_and_functions_are_short():
+  """scripts/code_sizes.py: no module over 400 lines, no function over 60."""
+  result = subprocess.run([sys.executable, "scripts/code_sizes.py"], cwd=PACKAGE.parent,
+                          capture_output=True, text=True)
+  assert result.returncode == 0, result.stdout
+  assert "largest: " in result.stdout

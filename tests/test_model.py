@@ -9,7 +9,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from jaxllm.config import PRESETS, ModelConfig
-from jaxllm.models import gpt as model_lib
+from jaxllm.models import stacking
 from jaxllm.models.gpt import (
   GPT,
   abstract_variables,
@@ -17,8 +17,8 @@ from jaxllm.models.gpt import (
   init_cache,
   init_params,
   logical_axes,
-  stack_layers,
 )
+from jaxllm.models.stacking import stack_layers
 from jaxllm.serve import generate
 
 CONFIG = ModelConfig(vocab_size=97, context_length=64, n_layer=2, n_head=4, d_model=64)
@@ -200,7 +200,7 @@ def test_scanned_model_generates_the_unscanned_tokens(params):
                           temperature=0.0)
   assert out == generate.generate(GPT(CONFIG), params, prompts, 6, temperature=0.0)
   # and unstacked again: the per-layer params of a scanned run
-  assert model_lib.unstack_layers(stack_layers(params, CONFIG.n_layer)).keys() == params.keys()
+  assert stacking.unstack_layers(stack_layers(params, CONFIG.n_layer)).keys() == params.keys()
 
 # --- Llama-family options ---------------------------------------------------------------------
 

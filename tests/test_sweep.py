@@ -14,7 +14,7 @@ import optuna
 import pytest
 
 from jaxllm.errors import JaxllmError
-from jaxllm.tools import sweep
+from jaxllm.tools import sweep, sweep_results
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -95,7 +95,7 @@ def test_curves_read_a_metrics_file_cut_by_a_kill(tmp_path):
   (tmp_path / "trial_000" / "metrics.jsonl").write_text(
       '{"step": 5, "val_loss": 3.0}\n{"step": 10, "val_loss": 2.5}\n{"step": 15, "val_')
   rows = [{"trial": 0, "best": True, "workdir": str(tmp_path / "trial_000")}]
-  sweep._curves(rows, tmp_path, plt)
+  sweep_results._curves(rows, tmp_path, plt)
   assert (tmp_path / "curves.png").stat().st_size > 0
 
 

@@ -50,7 +50,18 @@ def _split_config_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="jaxllm", description="GPT-style language models in JAX.")
   commands = parser.add_subparsers(dest="command", required=True)
+  _add_train(commands)
+  _add_generate(commands)
+  _add_finetune(commands)
+  _add_eval(commands)
+  _add_convert(commands)
+  _add_reproduce(commands)
+  _add_sweep(commands)
+  _add_launch(commands)
+  return parser
 
+
+def _add_train(commands) -> None:
   train = commands.add_parser(
       "train", help="pretrain a model",
       description="Train as an experiment file says; override any key with --config.KEY=VALUE.")
@@ -58,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
   train.add_argument("--workdir", help="run directory (default: runs/<experiment name>)")
   train.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+
+def _add_generate(commands) -> None:
   generate = commands.add_parser("generate", help="sample text from a trained run")
   generate.add_argument("--workdir", required=True, help="the run directory of `jaxllm train`")
   generate.add_argument("--prompt", default="\n")
@@ -68,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
   generate.add_argument("--seed", type=int, default=0)
   generate.add_argument("--num-samples", type=int, default=1)
 
+
+def _add_finetune(commands) -> None:
   finetune = commands.add_parser(
       "finetune", help="finetune a model: classification, instructions, preferences (DPO)",
       description="The trainer of `jaxllm train`, for experiments whose train.task is classify, "
@@ -77,6 +92,8 @@ def _parser() -> argparse.ArgumentParser:
   finetune.add_argument("--workdir", help="run directory (default: runs/<experiment name>)")
   finetune.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+
+def _add_eval(commands) -> None:
   evaluate = commands.add_parser(
       "eval", help="evaluate a run",
       description="A finetuned run: its task's figures on its splits, into DIR/eval.json "
@@ -87,6 +104,8 @@ def _parser() -> argparse.ArgumentParser:
   evaluate.add_argument("--batch-size", type=int, default=8, help="windows per batch (--text)")
   evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+
+def _add_convert(commands) -> None:
   convert = commands.add_parser(
       "convert", help="import GPT-2 / Llama / Qwen2 / Mistral / BERT weights as a run "
                       "directory, or export one",
@@ -105,6 +124,8 @@ def _parser() -> argparse.ArgumentParser:
   convert.add_argument("--to", choices=("jaxllm", "hf"), default="jaxllm")
   convert.add_argument("--cache-dir", help="where names are downloaded (default ~/.cache/jaxllm)")
 
+
+def _add_reproduce(commands) -> None:
   reproduce = commands.add_parser(
       "reproduce", help="check a run against the figures its experiment expects",
       description="Trains the experiment (or reads its finished run in --workdir) and prints "
@@ -122,6 +143,8 @@ def _parser() -> argparse.ArgumentParser:
   reproduce.add_argument("--rerun", action="store_true", help="train even if a run is there")
   reproduce.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+
+def _add_sweep(commands) -> None:
   sweep = commands.add_parser(
       "sweep", help="a hyperparameter sweep on an Optuna study",
       description="Trials of an experiment over the parameters of its SWEEP dict and of "
@@ -147,11 +170,13 @@ def _parser() -> argparse.ArgumentParser:
   sweep.add_argument("--grace-seconds", type=int,
                      help="a running trial silent this long is retried (default 30)")
   sweep.add_argument("--progress", action="store_true", help="progress bars for each trial")
+
+
+def _add_launch(commands) -> None:
   # Listed here for --help; `main` hands `jaxllm launch ...` to jaxllm/tools/launch.py before parsing.
   commands.add_parser("launch", add_help=False,
                       help="run a jaxllm command on several processes or hosts: local, Cloud "
                            "TPU, xpk, SLURM (`jaxllm launch --help`)")
-  return parser
 
 
 def _train(args, overrides: list[str]) -> None:
@@ -201,7 +226,7 @@ def _convert(args) -> None:
 
 def _sweep(args, overrides: list[str]) -> None:
   from jaxllm import config as config_lib
-  from jaxllm.tools import sweep
+  from jaxllm.tools import sweep, sweep_results
 
   module, _ = config_lib.load_experiment(args.config)
   spec = sweep.sweep_spec(module, args.param, trials=args.trials, sampler=args.sampler,
@@ -215,7 +240,7 @@ def _sweep(args, overrides: list[str]) -> None:
   study = sweep.run(args.config, spec, sweep_dir, overrides, args.storage,
                     progress=args.progress)
   print((sweep_dir / "results.md").read_text() if (sweep_dir / "results.md").is_file() else "")
-  print(f"{len(sweep.results(study, spec))} trials; results in {sweep_dir}")
+  print(f"{len(sweep_results.results(study, spec))} trials; results in {sweep_dir}")
 
 
 def _launch(argv: list[str]) -> int:

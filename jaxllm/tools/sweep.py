@@ -29,7 +29,6 @@ against each parameter and every trial's validation curve as PNGs.
 from __future__ import annotations
 
 import ast
-import csv
 import itertools
 import json
 import math
@@ -40,9 +39,8 @@ from typing import Any, Sequence
 
 from jaxllm import config as config_lib
 from jaxllm.errors import JaxllmError
-from jaxllm.tools import vectorized
+from jaxllm.tools import sweep_results, vectorized
 from jaxllm.training import loop as trainer
-from jaxllm.training import metrics as metrics_lib
 
 SAMPLERS = ("grid", "random", "tpe")
 PRUNERS = ("none", "median", "halving")
@@ -212,22 +210,13 @@ def make_study(spec: dict, name: str, sweep_dir: pathlib.Path, storage: str = ""
       time.sleep(1.0 + attempt)
 
 
-def _counted(study) -> list:
-  """Trials that count towards the asked number: all but failed (and surplus) ones."""
-  import optuna
-
-  states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
-            optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
-  return study.get_trials(deepcopy=False, states=states)
-
-
 def _objective(config_path: pathlib.Path, overrides: Sequence[str], spec: dict,
                sweep_dir: pathlib.Path, progress: bool):
   import optuna
 
   def objective(trial):
     # Trial numbers are handed out atomically: exactly `trials` of them rank below the limit.
-    rank = sum(1 for t in _counted(trial.study) if t.number < trial.number)
+    rank = sum(1 for t in sweep_results.counted(trial.study) if t.number < trial.number)
     if rank >= spec["trials"]:
       trial.study.stop()
       raise _Surplus()
@@ -273,7 +262,7 @@ def run(config_path: str | pathlib.Path, spec: dict, sweep_dir: str | pathlib.Pa
   (sweep_dir / "sweep.json").write_text(json.dumps(spec, indent=2) + "\n")
 
   def after_trial(study, trial):
-    write_results(study, spec, sweep_dir)
+    sweep_results.write_results(study, spec, sweep_dir)
     done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
                                                     optuna.trial.TrialState.PRUNED))
     if len(done) >= spec["trials"]:
@@ -281,10 +270,10 @@ def run(config_path: str | pathlib.Path, spec: dict, sweep_dir: str | pathlib.Pa
 
   if spec.get("vectorize", 1) > 1:
     _run_vectorized(study, config_path, overrides, spec, sweep_dir)
-  elif len(_finished(study)) < spec["trials"]:
+  elif len(sweep_results.finished(study)) < spec["trials"]:
     study.optimize(_objective(config_path, overrides, spec, sweep_dir, progress),
                    callbacks=[after_trial], catch=(_Surplus,))
-  write_results(study, spec, sweep_dir)
+  sweep_results.write_results(study, spec, sweep_dir)
   return study
 
 
@@ -300,12 +289,12 @@ def _run_vectorized(study, config_path: pathlib.Path, overrides: Sequence[str], 
     if trial.user_attrs.get("vectorised"):
       study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
   if spec["sampler"] == "grid":
-    done = [t.params for t in _counted(study)]
+    done = [t.params for t in sweep_results.counted(study)]
     keys = list(spec["params"])
     for values in itertools.product(*(spec["params"][k] for k in keys)):
       if dict(zip(keys, values)) not in done:
         study.enqueue_trial(dict(zip(keys, values)))
-  while (missing := spec["trials"] - len(_finished(study))) > 0:
+  while (missing := spec["trials"] - len(sweep_results.finished(study))) > 0:
     group = [study.ask() for _ in range(min(spec["vectorize"], missing))]
     trials = [{key: _suggest(trial, key, v) for key, v in spec["params"].items()}
               for trial in group]
@@ -324,110 +313,4 @@ def _run_vectorized(study, config_path: pathlib.Path, overrides: Sequence[str], 
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
       else:
         study.tell(trial, float(value))
-    write_results(study, spec, sweep_dir)
-
-
-def _finished(study) -> list:
-  import optuna
-
-  return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
-                                                  optuna.trial.TrialState.PRUNED))
-
-
-# --- Results --------------------------------------------------------------------------------
-
-
-def results(study, spec: dict) -> list[dict[str, Any]]:
-  """One row per counted trial: number, state, parameters, metric, seconds, best, workdir."""
-  import optuna
-
-  complete = [t for t in study.get_trials(deepcopy=False)
-              if t.state == optuna.trial.TrialState.COMPLETE]
-  pick = min if spec["direction"] == "minimize" else max
-  best = pick(complete, key=lambda t: t.value).number if complete else None
-  rows = []
-  for t in _counted(study):
-    last = max(t.intermediate_values) if t.intermediate_values else None
-    value = t.value if t.state == optuna.trial.TrialState.COMPLETE else (
-        t.intermediate_values[last] if last is not None else None)
-    rows.append({"trial": t.number, "state": t.state.name.lower(), **t.params,
-                 spec["metric"]: value, "seconds": t.user_attrs.get("seconds"),
-                 "best": t.number == best, "workdir": t.user_attrs.get("workdir", "")})
-  return rows
-
-
-def write_results(study, spec: dict, sweep_dir: pathlib.Path) -> None:
-  rows = results(study, spec)
-  if not rows:
-    return
-  columns = list(dict.fromkeys(k for row in rows for k in row))
-  with open(sweep_dir / "results.csv", "w", newline="") as f:
-    writer = csv.DictWriter(f, columns)
-    writer.writeheader()
-    writer.writerows(rows)
-  lines = [f"## Sweep {study.study_name}: {spec['metric']} ({spec['direction']}), "
-           f"{spec['sampler']} sampler, pruner {spec['pruner']}", "",
-           "| " + " | ".join(c for c in columns if c != "best") + " |",
-           "|" + "---|" * (len(columns) - 1)]
-  for row in rows:
-    cells = [_cell(row.get(c)) for c in columns if c != "best"]
-    if row["best"]:
-      cells[0] = f"**{cells[0]} (best)**"
-    lines.append("| " + " | ".join(cells) + " |")
-  (sweep_dir / "results.md").write_text("\n".join(lines) + "\n")
-  _plots(rows, spec, sweep_dir)
-
-
-def _cell(value: Any) -> str:
-  if value is None:
-    return ""
-  return f"{value:.6g}" if isinstance(value, float) else str(value)
-
-
-def _plots(rows: list[dict], spec: dict, sweep_dir: pathlib.Path) -> None:
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  metric = spec["metric"]
-  for key in spec["params"]:
-    points = [(row.get(key), row[metric], row["state"]) for row in rows
-              if row.get(key) is not None and row[metric] is not None]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for state, marker in (("complete", "o"), ("pruned", "x")):
-      chosen = [(x, y) for x, y, s in points if s == state]
-      if chosen:
-        ax.scatter(*zip(*chosen), marker=marker, label=state)
-    if isinstance(spec["params"][key], dict) and spec["params"][key]["type"] == "loguniform":
-      ax.set_xscale("log")
-    ax.set_xlabel(key)
-    ax.set_ylabel(metric)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(sweep_dir / f"{metric}_vs_{key}.png", dpi=100)
-    plt.close(fig)
-  _curves(rows, sweep_dir, plt)
-
-
-def _curves(rows: list[dict], sweep_dir: pathlib.Path, plt) -> None:
-  """Every trial's validation loss against steps, from its metrics.jsonl."""
-
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  for row in rows:
-    path = pathlib.Path(row["workdir"]) / "metrics.jsonl" if row["workdir"] else None
-    if path is None or not path.is_file():
-      continue
-    records = metrics_lib.read_metrics(path)
-    points = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    if points:
-      ax.plot(*zip(*points), "o-" if row["best"] else "-", markersize=3,
-              label=f"trial {row['trial']}" + (" (best)" if row["best"] else ""))
-  ax.set_xlabel("step")
-  ax.set_ylabel("validation loss")
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(sweep_dir / "curves.png", dpi=100)
-  plt.close(fig)
+    sweep_results.write_results(study, spec, sweep_dir)

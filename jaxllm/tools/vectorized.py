@@ -34,11 +34,11 @@ from jaxllm import config as config_lib
 from jaxllm import tasks as tasks_lib
 from jaxllm.errors import JaxllmError
 from jaxllm.eval import report
-from jaxllm.training import loop as trainer
 from jaxllm.training import metrics as metrics_lib
 from jaxllm.training import rundir as run_io
 from jaxllm.training import sharding
 from jaxllm.training import step as train_lib
+from jaxllm.training.setup import total_steps
 
 # The keys trials may differ in: optimizer hyperparameters, traced inside the step (the
 # learning rate schedule's as its table), and those of TASK_KEYS.
@@ -98,7 +98,7 @@ def run(config: ml_collections.ConfigDict, trials: Sequence[dict],
   # Trials of other seeds or init scales: a task each; else one task's batches for all.
   seeded = any(len({_value(c, key) for c in configs}) > 1 for key in TASK_KEYS)
   trial_tasks = [task, *map(tasks_lib.build, configs[1:])] if seeded else [task]
-  total = trainer.total_steps(train, task)
+  total = total_steps(train, task)
   hp = _hyperparameters(configs, total)
   optimizer = train_lib.make_optimizer(train, total, task.trainable)  # the state's layout
 
@@ -131,6 +131,17 @@ def run(config: ml_collections.ConfigDict, trials: Sequence[dict],
         f"{total} steps" + (f", {count // devices} per device on {devices} devices"
                             if devices > 1 else ""))
   train_start = time.perf_counter()
+  state, last = _loop(train, total, trial_tasks, step_fn, eval_fn, state, hp, writers, last)
+  seconds = time.perf_counter() - train_start
+  return [_finish(writer, workdir, jax.tree.map(lambda x, k=k: x[k], state.params),
+                  {"steps": total, **last[k], "train_seconds": seconds, "vectorised_trials":
+                   count, "wall_seconds": time.perf_counter() - start_time})
+          for k, (writer, workdir) in enumerate(zip(writers, workdirs))]
+
+
+def _loop(train, total: int, trial_tasks, step_fn, eval_fn, state, hp, writers, last):
+  """Every step of every trial at once, logged and evaluated as the trainer does; returns
+  (state, the last evaluation's figures of each trial)."""
   for step in range(total):
     state, metrics = step_fn(state, _stack([t.train_batch(step, None) for t in trial_tasks]),
                              hp)
@@ -139,15 +150,11 @@ def run(config: ml_collections.ConfigDict, trials: Sequence[dict],
     if config_lib.every(done, train.log_every) or is_eval:
       host = jax.device_get(metrics)
       if is_eval:
-        last = _evaluate(trial_tasks, eval_fn, state.params, count)
+        last = _evaluate(trial_tasks, eval_fn, state.params, len(writers))
       for k, writer in enumerate(writers):
         writer.write({"step": done, **{name: float(v[k]) for name, v in host.items()},
                       "lr": float(hp["lr_table"][k, step]), **(last[k] if is_eval else {})})
-  seconds = time.perf_counter() - train_start
-  return [_finish(writer, workdir, jax.tree.map(lambda x, k=k: x[k], state.params),
-                  {"steps": total, **last[k], "train_seconds": seconds, "vectorised_trials":
-                   count, "wall_seconds": time.perf_counter() - start_time})
-          for k, (writer, workdir) in enumerate(zip(writers, workdirs))]
+  return state, last
 
 
 def _trial_shardings(mesh_config: ml_collections.ConfigDict, count: int):

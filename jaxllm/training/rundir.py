@@ -27,8 +27,7 @@ from jaxllm import config as config_lib
 from jaxllm.data import tokenizer as tokenizer_lib
 from jaxllm.errors import JaxllmError
 from jaxllm.models import bert as encoder_lib
-from jaxllm.models import gpt as model_lib
-from jaxllm.models import heads
+from jaxllm.models import heads, stacking
 from jaxllm.models.gpt import GPT, abstract_variables
 from jaxllm.training import checkpoint as checkpoint_lib
 
@@ -131,7 +130,7 @@ def load_params(workdir: str | pathlib.Path, target: Any,
         absl_logging.set_verbosity(verbosity)
     except Exception as e:  # truncated, missing or overwritten metadata files
       raise JaxllmError(f"{damaged} ({checkpoint_lib.first_line(e)})") from None
-    target = model_lib.abstract_in_layout(target, model_lib.is_stacked(tree))
+    target = stacking.abstract_in_layout(target, stacking.is_stacked(tree))
     if cast_floats:
       target = checkpoint_lib.with_stored_floats(tree, target)
     checkpoint_lib.check_matches(tree, target, f"parameters in {path}", fix)
@@ -142,7 +141,7 @@ def load_params(workdir: str | pathlib.Path, target: Any,
   if (path / FINGERPRINT).is_file():  # folders written before fingerprints have none
     if checkpoint_lib.fingerprint(params) != json.loads((path / FINGERPRINT).read_text()):
       raise JaxllmError(f"{damaged} (its arrays do not match {FINGERPRINT})")
-  params = model_lib.to_layout(params, wanted)
+  params = stacking.to_layout(params, wanted)
   return jax.tree.map(lambda x, want: x if x.dtype == want.dtype else x.astype(want.dtype),
                       params, wanted)
 

@@ -33,7 +33,7 @@ import numpy as np
 
 from jaxllm import config as config_lib
 from jaxllm.errors import JaxllmError
-from jaxllm.models import gpt as model_lib
+from jaxllm.models import stacking
 from jaxllm.models.gpt import GPT, abstract_variables
 from jaxllm.training import checkpoint as checkpoint_lib
 from jaxllm.training import rundir as run_io
@@ -260,8 +260,8 @@ def export_hf(workdir: str | pathlib.Path, out: str | pathlib.Path) -> dict:
 
   config, model, params, tokenizer = run_io.load_run(workdir)
   cfg = model.config
-  if model_lib.is_stacked(params):  # model.scan_layers: Hugging Face keeps one set per layer
-    params = model_lib.unstack_layers(params)
+  if stacking.is_stacked(params):  # model.scan_layers: Hugging Face keeps one set per layer
+    params = stacking.unstack_layers(params)
   if isinstance(cfg, config_lib.EncoderConfig):
     return bert_weights.export_bert(config, model, params, tokenizer, workdir, out)
   if cfg.norm == "rmsnorm" or cfg.position == "rope" or cfg.mlp == "swiglu":
