@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import jaxllm
+import jaxllm.config
 
 PACKAGE = pathlib.Path(jaxllm.__file__).parent
 
@@ -106,3 +107,16 @@ def test_modules_and_functions_are_short():
                           capture_output=True, text=True)
   assert result.returncode == 0, result.stdout
   assert "largest: " in result.stdout
+
+
+def test_the_configuration_page_is_current():
+  """docs/configuration.md is generated from the defaults' comments; regenerate it when a key
+  changes (python scripts/config_reference.py)."""
+  result = subprocess.run([sys.executable, "scripts/config_reference.py", "--check"],
+                          cwd=PACKAGE.parent, capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr
+  page = (PACKAGE.parent / "docs" / "configuration.md").read_text()
+  config = jaxllm.config.default_config()
+  for section, keys in config.items():
+    for key in keys:
+      assert f"| `{section}.{key}` |" in page, (section, key)

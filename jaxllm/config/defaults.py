@@ -70,12 +70,12 @@ def _model() -> ml_collections.ConfigDict:
   # "gpt" (a causal decoder, jaxllm/models/gpt.py) or "bert" (a bidirectional encoder,
   # jaxllm/models/bert.py: tasks mlm and classify). None: the preset's, else gpt.
   s.architecture = None
-  s.n_layer = None
-  s.n_head = None
-  s.d_model = None
-  s.context_length = None
+  s.n_layer = None  # transformer blocks (None: the preset's)
+  s.n_head = None  # attention heads
+  s.d_model = None  # width of the residual stream
+  s.context_length = None  # the longest sequence, in tokens
   s.vocab_size = None  # None: the tokenizer's vocabulary size
-  s.dropout = 0.0
+  s.dropout = 0.0  # in training: on the embeddings and on each sublayer's output
   # Architecture. None: the preset's value, else GPT-2's (given after the colon).
   s.bias = None  # biases in every Linear and LayerNorm: True
   s.qkv_bias = None  # biases of the q/k/v projections: same as bias
@@ -86,9 +86,9 @@ def _model() -> ml_collections.ConfigDict:
   s.rope_theta = None  # rotary base: 10000.0
   # Llama 3's rotary frequency scaling; factor 0 = none: 0.0, 1.0, 4.0, 8192
   s.rope_scaling_factor = None
-  s.rope_low_freq_factor = None
-  s.rope_high_freq_factor = None
-  s.rope_original_context = None
+  s.rope_low_freq_factor = None  # Llama 3 scaling: low-frequency factor
+  s.rope_high_freq_factor = None  # Llama 3 scaling: high-frequency factor
+  s.rope_original_context = None  # Llama 3 scaling: the context it was trained for
   s.mlp = None  # "gelu" (GPT-2's tanh approximation) or "swiglu": gelu
   s.mlp_hidden = None  # MLP hidden units: 4 * d_model (gelu); required for swiglu
   s.n_kv_head = None  # key/value heads (grouped-query attention; 1 = multi-query): n_head
@@ -96,7 +96,7 @@ def _model() -> ml_collections.ConfigDict:
   # Encoders only. Segment (token-type) embeddings: 2; LayerNorm before each sublayer, with a
   # final one (GPT-2's order), instead of BERT's after each residual sum: False.
   s.type_vocab_size = None
-  s.pre_norm = None
+  s.pre_norm = None  # encoders only: pre-LayerNorm blocks (see type_vocab_size)
   # Compute dtype; parameters are float32 (bfloat16 computes on float32 parameters).
   # "float64" (parameters, optimizer state and all arithmetic; needs JAX_ENABLE_X64=1) is for
   # numerical checks: on every mesh its losses agree to ~1e-12 where float32's rounding,
@@ -127,7 +127,7 @@ def _data() -> ml_collections.ConfigDict:
   s.tokenizer = "gpt2"  # any tiktoken encoding name, or "char"
   s.train_split = "train"  # TFDS splits, joined with "+"
   s.val_split = ""  # "": carve val_fraction off the end of the training text
-  s.val_fraction = 0.1
+  s.val_fraction = 0.1  # the end fraction of the text kept for validation
   s.separator = "<|endoftext|>"  # put between documents; "" joins them as they are
   s.sampling = "random"  # "random" offsets (nanoGPT) or "sliding" windows (the book)
   s.stride = 0  # sliding-window stride; 0 = context_length
@@ -141,22 +141,22 @@ def _train() -> ml_collections.ConfigDict:
   s.steps = 1000  # optimizer steps
   s.epochs = 0  # > 0: train this many passes over the sliding windows instead
   s.batch_size = 12  # sequences per optimizer step (all microbatches together)
-  s.learning_rate = 1e-3
+  s.learning_rate = 1e-3  # peak learning rate (after warmup)
   s.min_learning_rate = 1e-4  # end of the cosine decay
   s.schedule = "cosine"  # "cosine" (linear warmup + cosine decay) or "constant"
-  s.warmup_steps = 100
+  s.warmup_steps = 100  # linear warmup from 0
   s.decay_steps = 0  # 0 = steps
   s.weight_decay = 0.1  # applied to matrices (ndim >= 2) only
-  s.beta1 = 0.9
-  s.beta2 = 0.95
+  s.beta1 = 0.9  # AdamW's first-moment decay
+  s.beta2 = 0.95  # AdamW's second-moment decay
   s.grad_clip = 1.0  # global-norm clipping; 0 disables it
   s.grad_accum = 1  # microbatches per optimizer step
   s.eval_every = 250  # also evaluated before the first step and after the last; 0 = only then
-  s.eval_batches = 20
+  s.eval_batches = 20  # batches of each split per evaluation
   s.log_every = 10  # 0 = log only where the run evaluates
-  s.seed = 1337
+  s.seed = 1337  # parameters, batches and dropout follow from it
   s.peak_flops = 0.0  # per-device FLOP/s for MFU; 0 = measure a matmul at start-up
-  s.sample_prompt = "\n"
+  s.sample_prompt = "\n"  # the text sample's prompt (backslash escapes allowed)
   s.sample_tokens = 200  # the text sample at the end of pretraining; 0 = none
   # What the trainer optimises (jaxllm/tasks/): "lm" (next-token pretraining), "mlm" (an
   # encoder's masked-token pretraining), "classify", "instruct" (Alpaca-style instruction
@@ -209,10 +209,10 @@ def _classifier() -> ml_collections.ConfigDict:
   s = ml_collections.ConfigDict()
   s.format = "auto"  # auto (.csv, .jsonl, else tsv), tsv, csv or jsonl
   s.text_column = "text"  # header name / JSON key, or a 0-based index (no header)
-  s.label_column = "label"
+  s.label_column = "label"  # header name / JSON key of the label, or a 0-based index
   s.labels = ""  # class names in class-id order, "ham,spam"; "" = sorted distinct labels
   s.balance = True  # downsample every class to the rarest class's count
-  s.train_fraction = 0.7
+  s.train_fraction = 0.7  # of the (balanced) texts, in file order
   s.val_fraction = 0.1  # test = the rest
   s.max_length = 0  # pad/truncate to this many tokens; 0 = longest training text
   s.pad_id = -1  # -1 = the tokenizer's: [PAD], else <|endoftext|> (50256 for gpt2)
@@ -228,15 +228,14 @@ def _instruct() -> ml_collections.ConfigDict:
   s = ml_collections.ConfigDict()
   s.template = "alpaca"  # prompt template: alpaca (the book's) or phi3
   s.train_fraction = 0.85  # the book's order: train, then test, then validation
-  s.test_fraction = 0.1
+  s.test_fraction = 0.1  # after train, before validation
   s.shuffle = False  # shuffle records (with train.seed) before splitting
   s.mask_prompt = False  # no loss on the prompt's tokens, only on the response
   s.max_length = 0  # truncate examples to this many tokens; 0 = context length
   s.pad_multiple = 16  # pad batches to a multiple of this: fewer shapes to compile
   s.bucket_batches = 20  # sort pools of this many batches by length; 0 = plain shuffle
   s.max_new_tokens = 256  # response length when generating for the test split
-  s.generate_batch_size = 16
-  return s
+  s.generate_batch_size = 16  # prompts per batch when generating test responses  return s
 
 
 def _dpo() -> ml_collections.ConfigDict:
