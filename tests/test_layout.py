@@ -118,5 +118,5 @@ def test_the_configuration_page_is_current():
   page = (PACKAGE.parent / "docs" / "configuration.md").read_text()
   config = jaxllm.config.default_config()
   for section, keys in config.items():
-    for key in keys:
+    for key in keys.keys():
       assert f"| `{section}.{key}` |" in page, (section, key)

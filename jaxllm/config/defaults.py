@@ -235,7 +235,8 @@ def _instruct() -> ml_collections.ConfigDict:
   s.pad_multiple = 16  # pad batches to a multiple of this: fewer shapes to compile
   s.bucket_batches = 20  # sort pools of this many batches by length; 0 = plain shuffle
   s.max_new_tokens = 256  # response length when generating for the test split
-  s.generate_batch_size = 16  # prompts per batch when generating test responses  return s
+  s.generate_batch_size = 16  # prompts per batch when generating test responses
+  return s
 
 
 def _dpo() -> ml_collections.ConfigDict:
