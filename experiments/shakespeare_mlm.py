@@ -6,7 +6,7 @@ post-LayerNorm, exact GELU, full attention over 128 characters) trained with BER
 (15 % of characters selected; of them 80 % [MASK], 10 % a random character, 10 % kept) for
 6,000 steps, about 15 minutes on 2 CPU cores.
 
-The loss sits on a plateau a little below the unigram baseline for the first ~1,700 steps
+The loss sits on a plateau a little below the unigram baseline for the first ~1,700-2,500 steps
 (the masked position's own input says nothing, and the attention has yet to learn to look at
 its neighbours), then falls: BERT's known plateau, which Hugging Face's BertForMaskedLM
 shows on the same batches too (see README "Encoders (BERT)").
