@@ -21,7 +21,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxllm import config as config_lib  # noqa: E402
-from jaxllm import sharding  # noqa: E402
+from jaxllm.training import sharding  # noqa: E402
 from jaxllm.data.batches import RandomBatches  # noqa: E402
 from jaxllm.errors import JaxllmError  # noqa: E402
 from jaxllm.models import bert as encoder_lib  # noqa: E402

@@ -67,7 +67,7 @@ def test_a_resumed_run_purges_what_the_killed_one_logged_past_its_checkpoint(tmp
 def test_event_files_without_importing_torch(tmp_path):
   """tensorboardX imports PyTorch whenever it is installed; jaxllm's writer keeps it out (1.4 s
   of start-up) and leaves `import torch` working afterwards."""
-  code = ("import sys, pathlib; from jaxllm import metrics; "
+  code = ("import sys, pathlib; from jaxllm.training import metrics; "
           f"w = metrics.MetricsWriter(pathlib.Path({str(tmp_path / 'm.jsonl')!r}), "
           f"pathlib.Path({str(tmp_path / 'tb')!r})); w.write({{'step': 1, 'loss': 2.0}}); "
           "w.close(); print('torch' in sys.modules); import torch")

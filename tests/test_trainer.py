@@ -175,7 +175,7 @@ def test_two_processes_end_with_the_one_process_figures(tmp_path, converted, sha
   two processes of 2 devices (joined as `jaxllm launch local` joins them) write the eval.json
   of one process with 4, and no process gathers the whole parameters (a model that needs
   FSDP to fit would not fit there)."""
-  runner = ("import sys\nfrom jaxllm import cli, multihost\n"
+  runner = ("import sys\nfrom jaxllm import cli\nfrom jaxllm.training import multihost\n"
             "def gathered(tree):\n  raise RuntimeError('whole parameters gathered')\n"
             "multihost.host_copy = gathered\nsys.exit(cli.main(sys.argv[1:]))\n")
   args = [sys.executable, "-c", runner, *SPAM, f"--config.train.init_from={converted}",
