@@ -1,5 +1,5 @@
 """Vectorised trials against separate runs: K learning rates trained at once (one jitted,
-vmapped step) and one after another (`trainer.run` each), on the same machine in one process.
+vmapped step) and one after another (`training.loop.run` each), on the same machine in one process.
 
     python benchmarks/vectorized_trials.py [--trials 8] [--steps 200] [--json FILE]
 
@@ -25,12 +25,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from jaxllm import config as config_lib  # noqa: E402
-from jaxllm import (
-  metrics,  # noqa: E402
-  trainer,  # noqa: E402
-  vectorized,  # noqa: E402
-)
 from jaxllm import tasks as tasks_lib  # noqa: E402
+from jaxllm.tools import vectorized  # noqa: E402
+from jaxllm.training import loop, metrics  # noqa: E402
 
 
 def _config(data_dir: pathlib.Path, steps: int, work: pathlib.Path):
@@ -73,7 +70,7 @@ def main() -> None:
     for i, lr in enumerate(rates):
       alone = config_lib.from_dict(config.to_dict())
       alone.train.learning_rate = lr
-      trainer.run(alone, work / f"s{i}", progress=False)
+      loop.run(alone, work / f"s{i}", progress=False)
     separate = time.perf_counter() - start
 
     diffs = [float(np.abs(_losses(work / f"v{i}") - _losses(work / f"s{i}")).max())

@@ -21,13 +21,13 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxllm import config as config_lib  # noqa: E402
-from jaxllm.training import sharding  # noqa: E402
 from jaxllm.data.batches import RandomBatches  # noqa: E402
 from jaxllm.errors import JaxllmError  # noqa: E402
 from jaxllm.models import bert as encoder_lib  # noqa: E402
 from jaxllm.models.bert import Encoder  # noqa: E402
 from jaxllm.models.gpt import GPT, init_params  # noqa: E402
 from jaxllm.tasks import mlm  # noqa: E402
+from jaxllm.training import sharding  # noqa: E402
 from jaxllm.training import step as train_lib  # noqa: E402
 
 CONFIG = config_lib.ModelConfig(vocab_size=64, context_length=16, n_layer=2, n_head=4,
