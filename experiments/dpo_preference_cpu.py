@@ -22,7 +22,7 @@ CPU = True
 DATA = "instruction-data-with-preference.json"
 REQUIRES = ("instruct_alpaca_cpu",)
 
-# jaxllm, 2-core CPU: see README "Finetuning" for the measured figures.
+# jaxllm, 2-core CPU: see docs/finetuning.md for the measured figures.
 EXPECTED = {"val_reward_margin": (">", 0.0, "jaxllm, 2-core CPU: 0.130"),
             "val_reward_accuracy": (">", 0.5, "jaxllm, 2-core CPU: 0.600")}
 

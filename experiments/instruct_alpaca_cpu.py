@@ -19,7 +19,7 @@ from jaxllm.config import load_config
 CPU = True
 DATA = "instruction-data.json"
 
-# jaxllm, 2-core CPU: see README "Finetuning" for the measured figures.
+# jaxllm, 2-core CPU: see docs/finetuning.md for the measured figures.
 EXPECTED = {"val_loss": ("<=", 4.0, "jaxllm, 2-core CPU: 2.54")}
 
 

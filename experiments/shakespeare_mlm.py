@@ -9,7 +9,7 @@ post-LayerNorm, exact GELU, full attention over 128 characters) trained with BER
 The loss sits on a plateau a little below the unigram baseline for the first ~1,700-2,500 steps
 (the masked position's own input says nothing, and the attention has yet to learn to look at
 its neighbours), then falls: BERT's known plateau, which Hugging Face's BertForMaskedLM
-shows on the same batches too (see README "Encoders (BERT)").
+shows on the same batches too (see docs/encoders.md).
 
     jaxllm train --config experiments/shakespeare_mlm.py --workdir runs/shakespeare_mlm
 

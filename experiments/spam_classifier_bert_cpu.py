@@ -14,7 +14,7 @@ from jaxllm.config import load_config
 CPU = True
 DATA = "SMSSpamCollection"
 
-# jaxllm, 2-core CPU: see README "Encoders (BERT)" for the measured figures.
+# jaxllm, 2-core CPU: see docs/encoders.md for the measured figures.
 EXPECTED = {"test_accuracy": (">=", 0.95, "jaxllm, 2-core CPU: 0.980 (seeds 1, 2: 0.973, "
                                           "0.977; the GPT backbone: 0.963)")}
 

@@ -18,7 +18,7 @@ from jaxllm.config import load_config
 CPU = True
 DATA = "SMSSpamCollection"
 
-# jaxllm, 2-core CPU: see README "Finetuning" for the measured figures.
+# jaxllm, 2-core CPU: see docs/finetuning.md for the measured figures.
 EXPECTED = {"test_accuracy": (">=", 0.95, "jaxllm, 2-core CPU: 0.963 (seeds 1, 2: 0.973, 0.980)")}
 
 

@@ -19,7 +19,7 @@ from jaxllm.config import load_config
 CPU = True
 DATA = "SMSSpamCollection"
 
-# jaxllm, 2-core CPU: see README "Finetuning" for the measured figures.
+# jaxllm, 2-core CPU: see docs/finetuning.md for the measured figures.
 EXPECTED = {"test_accuracy": (">=", 0.85, "jaxllm, 2-core CPU: 0.877")}
 
 
