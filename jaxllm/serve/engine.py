@@ -1,0 +1,532 @@
+"""The serving engine: continuous batching over a fixed set of slots sharing one KV cache.
+
+As JetStream and jax-llm-examples' serving loops do it: `slots` rows of one KV cache, one per
+live request. A request waits in a queue until a slot is free; it is then prefilled alone
+(its prompt padded to one of a few bucket lengths, so the set of compiled programs is fixed
+after warm-up), its keys and values written into the free slot, and its first token sampled.
+One jitted step then decodes a token for every slot at once (the cache donated), each at its
+own position; requests join and leave between steps. Rows never mix: a request's greedy
+output is the same whatever else is in the batch. Past the context length, a request goes on
+as `jaxllm generate` does: each further token is computed from its last context_length tokens,
+re-run as a window.
+
+One background thread runs the loop; `submit` may be called from any thread and reports to a
+callback, called on the engine's thread, once per step of its request (`Delta`).
+
+Shapes are in the names: S slots, P padded prompt length, V vocabulary, K top alternatives.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import prometheus_client
+
+from jaxllm.data.tokenizer import Tokenizer
+from jaxllm.errors import JaxllmError
+from jaxllm.models.gpt import GPT, init_cache
+from jaxllm.serve.generate import _window_logits
+
+# The most alternatives a token's logprobs can list (OpenAI's chat API allows 20).
+MAX_TOP_LOGPROBS = 20
+
+
+class QueueFull(JaxllmError):
+  """The waiting queue holds `max_queue` requests already; try again later."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """How one request is decoded. temperature 0 is greedy; top_k 0 and top_p 1 are off."""
+
+  max_tokens: int = 16
+  temperature: float = 1.0
+  top_p: float = 1.0
+  top_k: int = 0
+  seed: int | None = None  # None: a fresh one per request
+  stop: tuple[str, ...] = ()  # finish before the first of these strings; it is not returned
+  logprobs: int | None = None  # None: none; K: each token's logprob and its K top alternatives
+  ignore_eos: bool = False  # go on past the end-of-text token (benchmarks)
+
+
+@dataclasses.dataclass
+class Delta:
+  """What one step of a request produced: its new tokens, the text they complete (text is held
+  back while it may be the start of a stop string or of a multi-byte character), and at the
+  end its finish reason and exact token counts."""
+
+  text: str
+  token_ids: list[int]
+  logprobs: list[float]  # per token in token_ids, when Sampling.logprobs is set
+  top_logprobs: list[list[tuple[int, float]]]  # per token: its K most likely (id, logprob)
+  finish_reason: str | None = None  # "stop" (end of text or a stop string) or "length"
+  prompt_tokens: int = 0
+  completion_tokens: int = 0  # every token sampled, the end-of-text token included
+  error: str | None = None  # the engine failed; the request ends here
+
+
+@dataclasses.dataclass
+class _Request:
+  prompt: list[int]
+  sampling: Sampling
+  on_delta: Callable[[Delta], None]
+  seed: int
+  submitted: float
+  tokens: list[int] = dataclasses.field(default_factory=list)  # generated so far
+  emitted: int = 0  # characters of the decoded text already reported
+  last_token_time: float = 0.0
+  cancelled: bool = False
+  finished: bool = False
+
+
+class Handle:
+  """A submitted request: `cancel()` frees its slot at the next step (a client went away)."""
+
+  def __init__(self, request: _Request):
+    self._request = request
+
+  def cancel(self) -> None:
+    self._request.cancelled = True
+
+
+def prefill_buckets(context_length: int, smallest: int = 16) -> tuple[int, ...]:
+  """Prompt lengths compiled for: powers of two from `smallest`, and the context length."""
+  buckets, length = [], smallest
+  while length < context_length:
+    buckets.append(length)
+    length *= 2
+  return (*buckets, context_length)
+
+
+def _batch_axis(leaf: jax.Array) -> int:
+  return 1 if leaf.ndim == 5 else 0  # scan_layers' stacked cache: LxSxCxGxK
+
+
+def sample_rows(logits_SxV: jax.Array, seeds_S: jax.Array, steps_S: jax.Array,
+                temperature_S: jax.Array, top_k_S: jax.Array, top_p_S: jax.Array,
+                top_logprobs: int) -> tuple[jax.Array, ...]:
+  """One token per row, each row with its own sampling settings and random stream
+  (fold_in(key(seed), step)): the token, its logprob under the model, and the top
+  `top_logprobs` (ids, logprobs) of the model's distribution (empty when 0)."""
+  logprobs_SxV = jax.nn.log_softmax(logits_SxV.astype(jnp.float32), axis=-1)
+  greedy_S = jnp.argmax(logits_SxV, axis=-1).astype(jnp.int32)
+  vocab = logits_SxV.shape[-1]
+
+  def draw(row_logits_V, seed, step, temperature, top_k, top_p):
+    key = jax.random.fold_in(jax.random.key(seed), step)
+    scaled_V = row_logits_V.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)
+
+    def filtered(scaled_V):  # top_k then top_p, in sorted order (ties cannot slip through)
+      sorted_V, ids_V = jax.lax.top_k(scaled_V, vocab)
+      rank_V = jnp.arange(vocab)
+      keep_V = rank_V < jnp.where(top_k > 0, top_k, vocab)
+      sorted_V = jnp.where(keep_V, sorted_V, -jnp.inf)
+      probs_V = jax.nn.softmax(sorted_V)
+      keep_V = keep_V & ((jnp.cumsum(probs_V) - probs_V) < top_p)
+      choice = jax.random.categorical(key, jnp.where(keep_V, sorted_V, -jnp.inf))
+      return ids_V[choice]
+
+    plain = jax.random.categorical(key, scaled_V)
+    return jax.lax.cond((top_k > 0) | (top_p < 1.0), filtered, lambda _: plain, scaled_V)
+
+  sampled_S = jax.vmap(draw)(logits_SxV, seeds_S, steps_S, temperature_S, top_k_S, top_p_S)
+  token_S = jnp.where(temperature_S == 0, greedy_S, sampled_S.astype(jnp.int32))
+  logprob_S = jnp.take_along_axis(logprobs_SxV, token_S[:, None], axis=-1)[:, 0]
+  if top_logprobs:
+    top_lp_SxK, top_ids_SxK = jax.lax.top_k(logprobs_SxV, top_logprobs)
+  else:
+    top_lp_SxK = jnp.zeros((logits_SxV.shape[0], 0), jnp.float32)
+    top_ids_SxK = jnp.zeros((logits_SxV.shape[0], 0), jnp.int32)
+  return token_S, logprob_S, top_ids_SxK, top_lp_SxK
+
+
+def _masked(logits_SxV: jax.Array, vocab_size: int) -> jax.Array:
+  """Ids at or past the tokenizer's vocabulary (padding for tensor parallelism) never sampled."""
+  if vocab_size >= logits_SxV.shape[-1]:
+    return logits_SxV
+  return jnp.where(jnp.arange(logits_SxV.shape[-1]) < vocab_size, logits_SxV, -jnp.inf)
+
+
+class Engine:
+  """Continuous batching of generation requests over `slots` rows of one KV cache."""
+
+  def __init__(self, model: GPT, params: Any, tokenizer: Tokenizer, *, slots: int = 8,
+               max_queue: int = 64, buckets: Sequence[int] | None = None,
+               registry: prometheus_client.CollectorRegistry | None = None):
+    if slots < 1:
+      raise JaxllmError(f"--slots must be at least 1, got {slots}")
+    if max_queue < 0:
+      raise JaxllmError(f"--max-queue must be 0 or more, got {max_queue}")
+    self.model, self.params, self.tokenizer = model, params, tokenizer
+    self.context_length = model.config.context_length
+    self.slots, self.max_queue = slots, max_queue
+    self.buckets = tuple(buckets or prefill_buckets(self.context_length))
+    self.vocab_size = min(tokenizer.vocab_size, model.config.vocab_size)
+    self._cache = init_cache(model.config, slots, self.context_length)
+    self._live: list[_Request | None] = [None] * slots
+    self._positions = np.zeros(slots, np.int32)  # where each slot's next token goes
+    self._waiting: collections.deque[_Request] = collections.deque()
+    self._wake = threading.Condition()
+    self._seeds = np.random.default_rng()
+    self._thread: threading.Thread | None = None
+    self._stopping = False
+    self._failure: BaseException | None = None
+    self._metrics(registry or prometheus_client.CollectorRegistry())
+
+  def _metrics(self, registry: prometheus_client.CollectorRegistry) -> None:
+    self.registry = registry
+    self.running = prometheus_client.Gauge(
+        "jaxllm_requests_running", "requests decoding in a slot", registry=registry)
+    self.waiting = prometheus_client.Gauge(
+        "jaxllm_requests_waiting", "requests queued for a slot", registry=registry)
+    self.slots_total = prometheus_client.Gauge(
+        "jaxllm_slots", "decode slots (rows of the KV cache)", registry=registry)
+    self.slots_total.set(self.slots)
+    self.slots_used = prometheus_client.Gauge(
+        "jaxllm_slots_in_use", "slots holding a live request", registry=registry)
+    self.prompt_tokens = prometheus_client.Counter(
+        "jaxllm_prompt_tokens", "prompt tokens prefilled", registry=registry)
+    self.generated_tokens = prometheus_client.Counter(
+        "jaxllm_generation_tokens", "tokens generated", registry=registry)
+    self.finished = prometheus_client.Counter(
+        "jaxllm_requests_finished", "requests finished", ["finish_reason"], registry=registry)
+    self.ttft = prometheus_client.Histogram(
+        "jaxllm_time_to_first_token_seconds", "from submission to the first token",
+        registry=registry,
+        buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120))
+    self.tpot = prometheus_client.Histogram(
+        "jaxllm_time_per_output_token_seconds", "between a request's successive tokens",
+        registry=registry, buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))
+
+  # -- the public side: any thread ---------------------------------------------------------
+
+  def start(self) -> "Engine":
+    """Starts the decode loop on its own thread (idempotent)."""
+    if self._thread is None:
+      self._thread = threading.Thread(target=self._loop, name="jaxllm-engine", daemon=True)
+      self._thread.start()
+    return self
+
+  def close(self) -> None:
+    """Stops the loop after its current step; requests still queued or decoding end with an
+    error delta."""
+    with self._wake:
+      self._stopping = True
+      self._wake.notify_all()
+    if self._thread is not None:
+      self._thread.join()
+      self._thread = None
+    else:
+      self._fail_all(JaxllmError("the engine was closed before it started"))
+
+  def check(self, prompt: Sequence[int], sampling: Sampling) -> None:
+    """A JaxllmError naming what is wrong with a request, before it is queued."""
+    if len(prompt) == 0:
+      raise JaxllmError("the prompt is empty (generation needs at least one token)")
+    if min(prompt) < 0 or max(prompt) >= self.vocab_size:
+      raise JaxllmError(f"the prompt has token ids outside [0, {self.vocab_size})")
+    if len(prompt) > self.context_length:
+      raise JaxllmError(f"the prompt has {len(prompt)} tokens, more than the model's context "
+                        f"length {self.context_length}; shorten it")
+    if sampling.max_tokens < 0:
+      raise JaxllmError(f"max_tokens must be 0 or more, got {sampling.max_tokens}")
+    if sampling.temperature < 0:
+      raise JaxllmError(f"temperature must be 0 or more, got {sampling.temperature}")
+    if not 0.0 < sampling.top_p <= 1.0:
+      raise JaxllmError(f"top_p must be in (0, 1], got {sampling.top_p}")
+    if sampling.top_k < 0:
+      raise JaxllmError(f"top_k must be 0 (off) or more, got {sampling.top_k}")
+    if sampling.logprobs is not None and not 0 <= sampling.logprobs <= MAX_TOP_LOGPROBS:
+      raise JaxllmError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {sampling.logprobs}")
+    if any(not stop for stop in sampling.stop):
+      raise JaxllmError("a stop string is empty")
+
+  def submit(self, prompt: Sequence[int], sampling: Sampling,
+             on_delta: Callable[[Delta], None]) -> Handle:
+    """Queues a request; `on_delta` hears of each step, the last with its finish reason.
+    Raises JaxllmError for a bad request and QueueFull when `max_queue` requests wait."""
+    self.check(prompt, sampling)
+    if self._failure is not None:
+      raise JaxllmError(f"the engine has stopped: {self._failure}")
+    seed = sampling.seed if sampling.seed is not None else int(self._seeds.integers(2**31))
+    request = _Request(list(map(int, prompt)), sampling, on_delta, seed, time.perf_counter())
+    if sampling.max_tokens == 0:  # nothing to decode: the prompt alone (echo, scoring)
+      on_delta(Delta("", [], [], [], "length", len(prompt), 0))
+      return Handle(request)
+    with self._wake:
+      if self._stopping:
+        raise JaxllmError("the engine is shutting down")
+      free = sum(r is None for r in self._live)
+      if len(self._waiting) >= self.max_queue + free:
+        raise QueueFull(f"{len(self._waiting)} requests are waiting already (--max-queue "
+                        f"{self.max_queue}); try again later")
+      self._waiting.append(request)
+      self.waiting.set(len(self._waiting))
+      self._wake.notify_all()
+    return Handle(request)
+
+  def complete(self, prompt: Sequence[int], sampling: Sampling, timeout: float | None = None
+               ) -> Delta:
+    """Submits a request and waits for it: one Delta holding all of it."""
+    done, parts = threading.Event(), []
+
+    def on_delta(delta: Delta) -> None:
+      parts.append(delta)
+      if delta.finish_reason or delta.error:
+        done.set()
+
+    self.submit(prompt, sampling, on_delta)
+    if not done.wait(timeout):
+      raise TimeoutError(f"no answer within {timeout} s")
+    last = parts[-1]
+    if last.error:
+      raise JaxllmError(last.error)
+    return Delta("".join(d.text for d in parts), [t for d in parts for t in d.token_ids],
+                 [x for d in parts for x in d.logprobs],
+                 [x for d in parts for x in d.top_logprobs], last.finish_reason,
+                 last.prompt_tokens, last.completion_tokens)
+
+  def prompt_logprobs(self, prompt: Sequence[int], top: int = 0
+                      ) -> tuple[list[float | None], list[list[tuple[int, float]]]]:
+    """Each prompt token's logprob given the ones before it (None for the first) and its
+    `top` most likely alternatives: what `echo` with `logprobs` reports."""
+    self.check(prompt, Sampling())
+    length = len(prompt)
+    bucket = self._bucket(length)
+    tokens_1xP = np.zeros((1, bucket), np.int32)
+    tokens_1xP[0, :length] = prompt
+    lp_P, top_lp_PxK, top_ids_PxK = (np.asarray(x) for x in _score(
+        self.model, self.params, jnp.asarray(tokens_1xP), vocab_size=self.vocab_size, top=top))
+    logprobs = [None] + [float(x) for x in lp_P[:length - 1]]
+    tops = [[]] + [list(zip(map(int, ids[:top]), map(float, lps[:top])))
+                   for ids, lps in zip(top_ids_PxK[:length - 1], top_lp_PxK[:length - 1])]
+    return logprobs, tops
+
+  def warm_up(self) -> None:
+    """Compiles every prefill bucket and the decode step now, not on the first requests."""
+    for bucket in self.buckets:
+      self.complete([0] * min(bucket, self.context_length), Sampling(max_tokens=2, temperature=0))
+
+  def stats(self) -> dict[str, int]:
+    with self._wake:
+      live = sum(r is not None for r in self._live)
+      return {"slots": self.slots, "running": live, "waiting": len(self._waiting)}
+
+  # -- the loop: the engine's thread --------------------------------------------------------
+
+  def _bucket(self, length: int) -> int:
+    return next(b for b in self.buckets if b >= length)
+
+  def _loop(self) -> None:
+    try:
+      while True:
+        with self._wake:
+          while not (self._stopping or self._waiting or any(self._live)):
+            self._wake.wait()
+          if self._stopping:
+            break
+          admitted = []
+          while self._waiting and None in self._live:
+            slot = self._live.index(None)
+            self._live[slot] = self._waiting.popleft()
+            admitted.append(slot)
+          self.waiting.set(len(self._waiting))
+        for slot in admitted:
+          self._prefill(slot)
+        self._drop_cancelled()
+        if any(self._live):
+          self._decode()
+        self._publish()
+    except BaseException as e:  # noqa: BLE001 - every request hears of it, then it propagates
+      self._failure = e
+      raise
+    finally:
+      self._fail_all(self._failure or JaxllmError("the engine was closed"))
+
+  def _publish(self) -> None:
+    live = sum(r is not None for r in self._live)
+    self.running.set(live)
+    self.slots_used.set(live)
+
+  def _fail_all(self, error: BaseException) -> None:
+    with self._wake:
+      requests = [r for r in self._live if r is not None] + list(self._waiting)
+      self._live = [None] * self.slots
+      self._waiting.clear()
+    for request in requests:
+      if not request.cancelled:
+        request.on_delta(Delta("", [], [], [], None, len(request.prompt), len(request.tokens),
+                               error=f"{type(error).__name__}: {error}"))
+
+  def _drop_cancelled(self) -> None:
+    for slot, request in enumerate(self._live):
+      if request is not None and request.cancelled:
+        self._free(slot)
+
+  def _free(self, slot: int) -> None:
+    with self._wake:
+      self._live[slot] = None
+
+  def _sampling_args(self, requests: Sequence[_Request | None]) -> tuple[jax.Array, ...]:
+    def column(get, dtype):
+      return jnp.asarray(np.array([get(r) if r is not None else 0 for r in requests], dtype))
+    return (column(lambda r: r.seed, np.uint32), column(lambda r: len(r.tokens), np.int32),
+            column(lambda r: r.sampling.temperature, np.float32),
+            column(lambda r: r.sampling.top_k, np.int32),
+            column(lambda r: r.sampling.top_p if r is not None else 1.0, np.float32))
+
+  def _top(self, requests: Sequence[_Request | None]) -> int:
+    wanted = any(r is not None and r.sampling.logprobs is not None for r in requests)
+    return MAX_TOP_LOGPROBS if wanted else 0
+
+  def _prefill(self, slot: int) -> None:
+    request = self._live[slot]
+    length = len(request.prompt)
+    tokens_1xP = np.zeros((1, self._bucket(length)), np.int32)
+    tokens_1xP[0, :length] = request.prompt
+    self.prompt_tokens.inc(length)
+    self._cache, *sampled = _prefill(
+        self.model, self.params, self._cache, jnp.asarray(tokens_1xP), jnp.int32(length),
+        jnp.int32(slot), *self._sampling_args([request]), vocab_size=self.vocab_size,
+        top=self._top([request]))
+    self._advance(slot, *(np.asarray(x)[0] for x in sampled))
+
+  def _decode(self) -> None:
+    """One token for every live slot: the batched step for those inside the context, a
+    window re-run for each past it."""
+    requests = list(self._live)
+    tokens_S = np.zeros(self.slots, np.int32)
+    positions_S = np.zeros(self.slots, np.int32)
+    windowed = []
+    for slot, request in enumerate(requests):
+      if request is None:
+        continue
+      position = len(request.prompt) + len(request.tokens) - 1  # of the token fed in
+      if position >= self.context_length:
+        windowed.append(slot)
+        requests[slot] = None
+        continue
+      tokens_S[slot], positions_S[slot] = request.tokens[-1], max(position - 1, 0)
+    if any(requests):
+      self._cache, *sampled = _decode(
+          self.model, self.params, self._cache, jnp.asarray(tokens_S), jnp.asarray(positions_S),
+          *self._sampling_args(requests), vocab_size=self.vocab_size, top=self._top(requests))
+      sampled = [np.asarray(x) for x in sampled]
+      for slot, request in enumerate(requests):
+        if request is not None:
+          self._advance(slot, *(x[slot] for x in sampled))
+    for slot in windowed:
+      request = self._live[slot]
+      window_1xC = np.array([(request.prompt + request.tokens)[-self.context_length:]], np.int32)
+      sampled = _window(self.model, self.params, jnp.asarray(window_1xC),
+                        *self._sampling_args([request]), vocab_size=self.vocab_size,
+                        top=self._top([request]))
+      self._advance(slot, *(np.asarray(x)[0] for x in sampled))
+
+  def _advance(self, slot: int, token: np.ndarray, logprob: np.ndarray, top_ids_K: np.ndarray,
+               top_lp_K: np.ndarray) -> None:
+    """Records a slot's new token, reports it, and frees the slot when the request ends."""
+    request, token = self._live[slot], int(token)
+    now = time.perf_counter()
+    if request.tokens:
+      self.tpot.observe(now - request.last_token_time)
+    else:
+      self.ttft.observe(now - request.submitted)
+    request.last_token_time = now
+    request.tokens.append(token)
+    self.generated_tokens.inc()
+    sampling = request.sampling
+    eos = token == self.tokenizer.eot_id and not sampling.ignore_eos
+    text = self.tokenizer.decode(request.tokens[:-1] if eos else request.tokens)
+    finish = "stop" if eos else None
+    hits = [i for i in (text.find(stop, request.emitted) for stop in sampling.stop) if i >= 0]
+    if hits:
+      text, finish = text[:min(hits)], "stop"
+    if finish is None and len(request.tokens) >= sampling.max_tokens:
+      finish = "length"
+    safe = len(text) if finish else len(text) - _held_back(text, sampling.stop)
+    delta = Delta(text[request.emitted:safe], [token], [], [], finish, len(request.prompt),
+                  len(request.tokens))
+    request.emitted = max(request.emitted, safe)
+    if sampling.logprobs is not None:
+      delta.logprobs = [float(logprob)]
+      k = sampling.logprobs
+      delta.top_logprobs = [list(zip(map(int, top_ids_K[:k]), map(float, top_lp_K[:k])))]
+    if finish:
+      request.finished = True
+      self.finished.labels(finish).inc()
+      self._free(slot)
+    if not request.cancelled:
+      request.on_delta(delta)
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+  """How many trailing characters to hold: an unfinished multi-byte character (decoded as
+  U+FFFD) or the longest end of the text that a stop string starts with."""
+  held = len(text) - len(text.rstrip("\ufffd"))
+  body = text[:len(text) - held]
+  longest = 0
+  for stop in stops:
+    for k in range(min(len(stop) - 1, len(body)), longest, -1):
+      if body.endswith(stop[:k]):
+        longest = k
+        break
+  return held + longest
+
+
+# -- the compiled programs: static model and settings key jit's cache -----------------------
+
+def _rows(cache: Any, slot: jax.Array) -> Any:
+  return jax.tree.map(lambda leaf: jax.lax.dynamic_slice_in_dim(leaf, slot, 1, _batch_axis(leaf)),
+                      cache)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "vocab_size", "top"),
+                   donate_argnames=("cache",))
+def _prefill(model, params, cache, tokens_1xP, length, slot, *sampling, vocab_size, top):
+  """Encodes one prompt into row `slot` of the cache; samples its first token."""
+  positions_1xP = jnp.arange(tokens_1xP.shape[1])[None]
+  hidden_1xPxD, row = model.apply({"params": params}, tokens_1xP, positions_1xP,
+                                  _rows(cache, slot), method=model.encode)
+  last_1x1xD = jax.lax.dynamic_slice_in_dim(hidden_1xPxD, length - 1, 1, axis=1)
+  logits_1xV = model.apply({"params": params}, last_1x1xD, method=model.logits)[:, 0]
+  cache = jax.tree.map(
+      lambda leaf, new: jax.lax.dynamic_update_slice_in_dim(leaf, new, slot, _batch_axis(leaf)),
+      cache, row)
+  return cache, *sample_rows(_masked(logits_1xV, vocab_size), *sampling, top)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "vocab_size", "top"),
+                   donate_argnames=("cache",))
+def _decode(model, params, cache, tokens_S, positions_S, *sampling, vocab_size, top):
+  """One token for every slot, each fed its last token at its own position."""
+  hidden_Sx1xD, cache = model.apply({"params": params}, tokens_S[:, None], positions_S[:, None],
+                                    cache, method=model.encode)
+  logits_SxV = model.apply({"params": params}, hidden_Sx1xD, method=model.logits)[:, 0]
+  return cache, *sample_rows(_masked(logits_SxV, vocab_size), *sampling, top)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "vocab_size", "top"))
+def _window(model, params, tokens_1xC, *sampling, vocab_size, top):
+  """Past the context: the next token from the last context_length tokens, re-run."""
+  logits_1xV = _window_logits(model, params, tokens_1xC, jnp.array([tokens_1xC.shape[1]]))
+  return sample_rows(_masked(logits_1xV, vocab_size), *sampling, top)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "vocab_size", "top"))
+def _score(model, params, tokens_1xP, *, vocab_size, top):
+  """Each position's logprob of the next token, and the top alternatives there."""
+  logits_PxV = _masked(model.apply({"params": params}, tokens_1xP)[0], vocab_size)
+  logprobs_PxV = jax.nn.log_softmax(logits_PxV.astype(jnp.float32), axis=-1)
+  next_P = jnp.concatenate([tokens_1xP[0, 1:], jnp.zeros(1, tokens_1xP.dtype)])
+  lp_P = jnp.take_along_axis(logprobs_PxV, next_P[:, None], axis=-1)[:, 0]
+  top_lp_PxK, top_ids_PxK = jax.lax.top_k(logprobs_PxV, max(top, 1))
+  return lp_P, top_lp_PxK, top_ids_PxK

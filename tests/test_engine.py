@@ -1,0 +1,217 @@
+"""The serving engine: continuous batching gives each request what `generate` gives it alone."""
+
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxllm.config import ModelConfig
+from jaxllm.data.tokenizer import CharTokenizer
+from jaxllm.errors import JaxllmError
+from jaxllm.models.gpt import GPT, init_params
+from jaxllm.serve import engine as engine_lib
+from jaxllm.serve import generate as generate_lib
+from jaxllm.serve.engine import Engine, QueueFull, Sampling
+
+CHARS = "abcdefghijklmnopqrstuvwxyz .,;:!?'\n"
+CONFIG = ModelConfig(vocab_size=40, context_length=32, n_layer=2, n_head=2, d_model=32)
+GREEDY = Sampling(max_tokens=24, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model_params():
+  model = GPT(CONFIG)
+  return model, init_params(model, jax.random.key(0))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+  return CharTokenizer(CHARS)  # 35 characters + end-of-text: ids 36..39 are padding
+
+
+@pytest.fixture(scope="module")
+def engine(model_params, tokenizer):
+  model, params = model_params
+  engine = Engine(model, params, tokenizer, slots=3, max_queue=16, buckets=(8, 16, 32)).start()
+  yield engine
+  engine.close()
+
+
+def _prompts(count, seed=0):
+  rng = np.random.default_rng(seed)
+  return [list(map(int, rng.integers(0, len(CHARS), size=n)))
+          for n in rng.integers(1, CONFIG.context_length + 1, size=count)]
+
+
+def _all_at_once(engine, prompts, sampling):
+  """Submits every prompt before the first is done; their results in order."""
+  results, threads = [None] * len(prompts), []
+  for i, prompt in enumerate(prompts):
+    def run(i=i, prompt=prompt):
+      results[i] = engine.complete(prompt, sampling, timeout=120)
+    threads.append(threading.Thread(target=run))
+    threads[-1].start()
+  for thread in threads:
+    thread.join()
+  return results
+
+
+def test_greedy_requests_decoded_together_equal_generate_alone(engine, model_params, tokenizer):
+  """Seven requests on three slots, joining and leaving between steps, prompts up to the
+  context length (so most go past it): each is what `generate` gives it alone."""
+  model, params = model_params
+  prompts = _prompts(7)
+  assert max(map(len, prompts)) + GREEDY.max_tokens > CONFIG.context_length
+  results = _all_at_once(engine, prompts, GREEDY)
+  for prompt, result in zip(prompts, results):
+    alone = generate_lib.generate(model, params, [prompt], GREEDY.max_tokens, temperature=0,
+                                  vocab_size=tokenizer.vocab_size)[0]
+    assert result.token_ids == alone
+    assert result.text == tokenizer.decode(alone)
+    assert (result.finish_reason, result.prompt_tokens, result.completion_tokens) == (
+        "length", len(prompt), GREEDY.max_tokens)
+
+
+def test_a_seeded_sample_does_not_depend_on_the_batch(engine):
+  sampling = Sampling(max_tokens=12, temperature=1.0, top_k=8, top_p=0.9, seed=7)
+  prompt = _prompts(1, seed=3)[0]
+  alone = engine.complete(prompt, sampling, timeout=60).token_ids
+  crowded = _all_at_once(engine, [prompt] + _prompts(4, seed=4),
+                         sampling)[0].token_ids
+  other_seed = engine.complete(prompt, Sampling(**{**sampling.__dict__, "seed": 8}),
+                               timeout=60).token_ids
+  assert alone == crowded
+  assert alone != other_seed
+
+
+def test_sample_rows_keeps_to_top_k_and_the_nucleus():
+  logits_V = jnp.array([3.0, 2.9, 2.8, 0.0, -1.0, -2.0, 2.85, 1.0])
+  order = np.argsort(-np.asarray(logits_V))
+  probs = np.sort(np.asarray(jax.nn.softmax(logits_V)))[::-1]
+  nucleus = order[:int(np.searchsorted(np.cumsum(probs), 0.5) + 1)]
+  rows = 400
+  seeds = jnp.arange(rows, dtype=jnp.uint32)
+  for top_k, top_p, allowed in ((3, 1.0, order[:3]), (0, 0.5, nucleus), (1, 1.0, order[:1])):
+    tokens, *_ = engine_lib.sample_rows(
+        jnp.tile(logits_V, (rows, 1)), seeds, jnp.zeros(rows, jnp.int32),
+        jnp.ones(rows), jnp.full(rows, top_k), jnp.full(rows, top_p), 0)
+    assert set(np.asarray(tokens).tolist()) == set(allowed.tolist()), (top_k, top_p)
+  greedy, *_ = engine_lib.sample_rows(logits_V[None], seeds[:1], jnp.zeros(1, jnp.int32),
+                                      jnp.zeros(1), jnp.zeros(1, jnp.int32), jnp.ones(1), 0)
+  assert int(greedy[0]) == 0
+
+
+def _log_softmax_of(model, params, ids):
+  """The model's next-token logprobs at every position of `ids`, from a full forward pass."""
+  return np.asarray(jax.nn.log_softmax(model.apply({"params": params}, jnp.array([ids]))[0], -1))
+
+
+def test_logprobs_are_the_models(engine, model_params, tokenizer):
+  model, params = model_params
+  prompt = _prompts(1, seed=5)[0][:10]
+  result = engine.complete(prompt, Sampling(max_tokens=6, temperature=0, logprobs=3,
+                                            ignore_eos=True), timeout=60)
+  full = _log_softmax_of(model, params, prompt + result.token_ids)[:, :tokenizer.vocab_size]
+  full = full - np.log(np.exp(full).sum(-1, keepdims=True))  # renormalised without padding ids
+  for i, (token, logprob, top) in enumerate(zip(result.token_ids, result.logprobs,
+                                                result.top_logprobs)):
+    row = full[len(prompt) - 1 + i]
+    assert abs(logprob - row[token]) < 1e-5
+    assert [t for t, _ in top] == list(np.argsort(-row)[:3])
+    np.testing.assert_allclose([lp for _, lp in top], np.sort(row)[::-1][:3], atol=1e-5)
+
+  logprobs, tops = engine.prompt_logprobs(prompt, top=2)
+  assert logprobs[0] is None and tops[0] == []
+  for i in range(1, len(prompt)):
+    assert abs(logprobs[i] - full[i - 1][prompt[i]]) < 1e-5
+    assert [t for t, _ in tops[i]] == list(np.argsort(-full[i - 1])[:2])
+
+
+def test_a_stop_string_ends_the_text_before_it(engine, tokenizer):
+  prompt = _prompts(1, seed=6)[0][:8]
+  text = engine.complete(prompt, GREEDY, timeout=60).text
+  stop = text[9:12]
+  cut = text.find(stop)
+  result = engine.complete(prompt, Sampling(**{**GREEDY.__dict__, "stop": (stop, "\x00")}),
+                           timeout=60)
+  assert (result.text, result.finish_reason) == (text[:cut], "stop")
+  assert result.completion_tokens == len(tokenizer.encode(text[:cut + len(stop)]))
+
+
+def test_a_streamed_request_never_shows_the_start_of_a_stop_string(engine):
+  prompt = _prompts(1, seed=6)[0][:8]
+  text = engine.complete(prompt, GREEDY, timeout=60).text
+  stop = text[9:12] + "\x00"  # starts as the text goes on, never completes
+  parts, done = [], threading.Event()
+  engine.submit(prompt, Sampling(**{**GREEDY.__dict__, "stop": (stop,)}),
+                lambda d: (parts.append(d.text), d.finish_reason and done.set()))
+  assert done.wait(60)
+  assert "".join(parts) == text
+  shown = [len("".join(parts[:i + 1])) for i in range(len(parts))]
+  assert 12 not in shown[:-1]  # the text up to the end of text[9:12] came out only at the end
+  assert engine_lib._held_back("abc\ufffd", ()) == 1
+  assert engine_lib._held_back("xyzab", ("abc", "bq")) == 2
+
+
+def test_end_of_text_stops_a_request(model_params, tokenizer):
+  """With end-of-text made the token greedy decoding emits fourth, a request ends there."""
+  model, params = model_params
+  prompt = _prompts(1, seed=8)[0][:5]
+  plain = Engine(model, params, tokenizer, slots=1, buckets=(32,)).start()
+  tokens = plain.complete(prompt, GREEDY, timeout=60).token_ids
+  plain.close()
+  marked = CharTokenizer(CHARS)
+  marked.eot_id = tokens[3]
+  engine = Engine(model, params, marked, slots=1, buckets=(32,)).start()
+  result = engine.complete(prompt, Sampling(max_tokens=24, temperature=0), timeout=60)
+  engine.close()
+  first = tokens.index(tokens[3])
+  assert result.token_ids == tokens[:first + 1]
+  assert (result.finish_reason, result.completion_tokens) == ("stop", first + 1)
+  assert result.text == marked.decode(tokens[:first])
+
+
+def test_warm_up_compiles_every_program_once(model_params, tokenizer):
+  model, params = model_params
+  engine = Engine(model, params, tokenizer, slots=2, buckets=(8, 16, 32)).start()
+  engine.warm_up()
+  sizes = [f._cache_size() for f in (engine_lib._prefill, engine_lib._decode,
+                                     engine_lib._window)]
+  _all_at_once(engine, _prompts(5, seed=9), GREEDY)
+  assert [f._cache_size() for f in (engine_lib._prefill, engine_lib._decode,
+                                    engine_lib._window)] == sizes
+  engine.close()
+
+
+def test_bad_requests_and_a_full_queue_are_refused(model_params, tokenizer):
+  model, params = model_params
+  engine = Engine(model, params, tokenizer, slots=1, max_queue=1, buckets=(32,))
+  with pytest.raises(JaxllmError, match="more than the model's context length 32"):
+    engine.submit([1] * 33, GREEDY, print)
+  with pytest.raises(JaxllmError, match="outside"):
+    engine.submit([39], GREEDY, print)
+  with pytest.raises(JaxllmError, match="top_p"):
+    engine.submit([1], Sampling(top_p=0), print)
+  # Not started: one request takes the free slot's place, one waits, the next is refused.
+  engine.submit([1], GREEDY, lambda d: None)
+  engine.submit([1], GREEDY, lambda d: None)
+  with pytest.raises(QueueFull, match="max-queue 1"):
+    engine.submit([1], GREEDY, print)
+  engine.close()
+
+
+def test_counters_follow_the_requests(model_params, tokenizer):
+  model, params = model_params
+  engine = Engine(model, params, tokenizer, slots=2, buckets=(32,)).start()
+  results = _all_at_once(engine, _prompts(3, seed=10), Sampling(max_tokens=5, temperature=0,
+                                                                 ignore_eos=True))
+  engine.close()
+  value = engine.registry.get_sample_value
+  assert value("jaxllm_generation_tokens_total") == sum(r.completion_tokens for r in results)
+  assert value("jaxllm_prompt_tokens_total") == sum(r.prompt_tokens for r in results)
+  assert value("jaxllm_time_to_first_token_seconds_count") == 3
+  assert value("jaxllm_time_per_output_token_seconds_count") == 3 * 4
+  assert value("jaxllm_requests_finished_total", {"finish_reason": "length"}) == 3
+  assert value("jaxllm_requests_running") == 0
