@@ -31,7 +31,11 @@ def _write_tokenizer(folder, shared_data):
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
   tok.train([str(shared_data / "tinyshakespeare.txt")], trainer)
   tok.save(str(folder / "tokenizer.json"))
-  (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+  (folder / "tokenizer_config.json").write_text(json.dumps({
+      "eos_token": "<|endoftext|>",
+      "chat_template": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+                       "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>"
+                       "assistant\n{% endif %}"}))
   return tok
 
 
@@ -89,9 +93,13 @@ def test_weights_in_and_out_match_transformers(kind, tmp_path, shared_data):
     assert ids == tok.encode(text, add_special_tokens=False).ids and len(ids) > 200_000
     assert tokenizer.decode(ids) == text == tok.decode(ids)
   assert tokenizer.encode("a" + tokenizer_lib.EOT)[-1] == tok.token_to_id("<|endoftext|>")
+  # tokenizer_config.json (the chat template `jaxllm serve` renders) is kept, and goes back out.
+  settings = (folder / "tokenizer_config.json").read_text()
+  assert (tmp_path / "run" / "tokenizer_config.json").read_text() == settings
 
   assert cli.main(["convert", "--to", "hf", "--from", str(tmp_path / "run"),
                    "--out", str(tmp_path / "back")]) == 0
+  assert (tmp_path / "back" / "tokenizer_config.json").read_text() == settings
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
   np.testing.assert_allclose(_logits(reloaded, tokens), expected, atol=1e-4, rtol=0)
 

@@ -310,7 +310,17 @@ def import_llama(source: str | pathlib.Path, out: str | pathlib.Path) -> dict:
   checkpoint_lib.check_matches(params, target, f"the converted {hf['model_type']} checkpoint",
                                f"{folder / 'config.json'} and its tensors disagree")
   run_io.write_run(out, config, params, spec)
+  keep_tokenizer_config(folder, out)
   return sizes(cfg)
+
+
+def keep_tokenizer_config(source: pathlib.Path, out: str | pathlib.Path) -> None:
+  """Copies tokenizer_config.json (its chat template and special tokens, which `jaxllm serve`
+  renders chat requests with) from a folder to another, when the folder has one."""
+  settings = pathlib.Path(source) / "tokenizer_config.json"
+  if settings.is_file():
+    (pathlib.Path(out) / "tokenizer_config.json").write_text(settings.read_text(encoding="utf-8"),
+                                                             encoding="utf-8")
 
 
 def sizes(cfg) -> dict:
@@ -339,4 +349,5 @@ def export_llama(cfg, params: Any, tokenizer, workdir: str | pathlib.Path,
     (out / "tokenizer.json").write_text(json.dumps(tokenizer.to_json()["tokenizer"]))
     config["eos_token_id"] = tokenizer.eot_id
   (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+  keep_tokenizer_config(pathlib.Path(workdir), out)
   return sizes(cfg)
