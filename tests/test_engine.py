@@ -1,5 +1,8 @@
 """The serving engine: continuous batching gives each request what `generate` gives it alone."""
 
+import json
+import subprocess
+import sys
 import threading
 
 import jax
@@ -215,3 +218,53 @@ def test_counters_follow_the_requests(model_params, tokenizer):
   assert value("jaxllm_time_per_output_token_seconds_count") == 3 * 4
   assert value("jaxllm_requests_finished_total", {"finish_reason": "length"}) == 3
   assert value("jaxllm_requests_running") == 0
+
+
+MESH_SCRIPT = """
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import json, sys
+import jax, ml_collections
+from jaxllm.config import ModelConfig
+from jaxllm.data.tokenizer import CharTokenizer
+from jaxllm.errors import JaxllmError
+from jaxllm.models.gpt import GPT, init_params
+from jaxllm.serve.engine import Engine, Sampling
+from jaxllm.training import sharding
+
+model = GPT(ModelConfig(vocab_size=40, context_length=32, n_layer=2, n_head=4, d_model=32))
+params = init_params(model, jax.random.key(0))
+tokenizer = CharTokenizer(sys.argv[1])
+prompts = [[1, 2, 3], list(range(20)), [5] * 30, [7] * 9]
+sampling = Sampling(max_tokens=10, temperature=0, ignore_eos=True)
+out = {}
+for name, sizes in (("one", (1, 1, 1)), ("mesh", (2, 2, 2)), ("fsdp", (1, 4, 2))):
+  devices = jax.devices()[:sizes[0] * sizes[1] * sizes[2]]
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(zip(("data", "fsdp", "tensor"),
+                                                               sizes))), devices)
+  engine = Engine(model, params, tokenizer, slots=4, buckets=(32,), mesh=mesh,
+                  rules=sharding.logical_rules([])).start()
+  out[name] = [engine.complete(p, sampling, timeout=120).token_ids for p in prompts]
+  out[name + "_spec"] = str(jax.tree.leaves(engine._cache)[0].sharding.spec)
+  engine.close()
+try:
+  Engine(model, params, tokenizer, slots=3, mesh=mesh, rules=sharding.logical_rules([]))
+except JaxllmError as e:
+  out["error"] = str(e)
+print(json.dumps(out))
+"""
+
+
+def test_on_a_mesh_of_8_devices_the_outputs_are_the_one_device_ones(tmp_path):
+  """Parameters and cache sharded as training shards them ((2, 2, 2) and (1, 4, 2) meshes of
+  simulated CPU devices): the same greedy tokens as on one device."""
+  script = tmp_path / "mesh.py"
+  script.write_text(MESH_SCRIPT)
+  result = subprocess.run([sys.executable, str(script), CHARS], capture_output=True, text=True,
+                          timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = json.loads(result.stdout.strip().splitlines()[-1])
+  assert out["mesh"] == out["one"] and out["fsdp"] == out["one"]
+  assert out["mesh_spec"] == "P(('data', 'fsdp'), None, 'tensor')"  # slots, positions, kv heads
+  assert out["error"] == ("--slots 3 does not split over the mesh's batch axes (4 ways); use a "
+                          "multiple of 4")

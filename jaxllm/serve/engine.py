@@ -21,18 +21,22 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import math
 import threading
 import time
 from typing import Any, Callable, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import prometheus_client
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxllm.data.tokenizer import Tokenizer
 from jaxllm.errors import JaxllmError
-from jaxllm.models.gpt import GPT, init_cache
+from jaxllm.models.gpt import GPT, init_cache, logical_axes
 from jaxllm.serve.generate import _window_logits
 
 # The most alternatives a token's logprobs can list (OpenAI's chat API allows 20).
@@ -160,6 +164,7 @@ class Engine:
 
   def __init__(self, model: GPT, params: Any, tokenizer: Tokenizer, *, slots: int = 8,
                max_queue: int = 64, buckets: Sequence[int] | None = None,
+               mesh: Mesh | None = None, rules: Sequence[tuple[str, Any]] = (),
                registry: prometheus_client.CollectorRegistry | None = None):
     if slots < 1:
       raise JaxllmError(f"--slots must be at least 1, got {slots}")
@@ -171,6 +176,19 @@ class Engine:
     self.buckets = tuple(buckets or prefill_buckets(self.context_length))
     self.vocab_size = min(tokenizer.vocab_size, model.config.vocab_size)
     self._cache = init_cache(model.config, slots, self.context_length)
+    self.mesh, self.rules = mesh, tuple(rules)
+    if mesh is not None:  # training's shardings: parameters by their logical axes, the cache's
+      # slots over the batch axes and its kv heads over `tensor`
+      self.params = jax.device_put(params, nn.logical_to_mesh_sharding(
+          logical_axes(model), mesh, self.rules))
+      cache_shardings = jax.tree.map(self._cache_sharding, self._cache)
+      leaf, where = jax.tree.leaves(self._cache)[0], jax.tree.leaves(cache_shardings)[0]
+      axes = where.spec[_batch_axis(leaf)] or ()
+      split = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+      if slots % split:
+        raise JaxllmError(f"--slots {slots} does not split over the mesh's batch axes "
+                          f"({split} ways); use a multiple of {split}")
+      self._cache = jax.device_put(self._cache, cache_shardings)
     self._live: list[_Request | None] = [None] * slots
     self._positions = np.zeros(slots, np.int32)  # where each slot's next token goes
     self._waiting: collections.deque[_Request] = collections.deque()
@@ -180,6 +198,18 @@ class Engine:
     self._stopping = False
     self._failure: BaseException | None = None
     self._metrics(registry or prometheus_client.CollectorRegistry())
+
+  def _cache_sharding(self, leaf: jax.Array) -> NamedSharding:
+    axes = ("batch", "sequence", "kv_heads", "kv")
+    spec = P(*(("layers",) if leaf.ndim == 5 else ()), *axes)
+    return nn.logical_to_mesh_sharding(spec, self.mesh, self.rules)
+
+  def _compiled(self, fn, *args, **static):
+    """Calls a compiled program, traced (once) under the mesh's logical-axis rules."""
+    if self.mesh is None:
+      return fn(self.model, self.params, *args, **static)
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return fn(self.model, self.params, *args, **static)
 
   def _metrics(self, registry: prometheus_client.CollectorRegistry) -> None:
     self.registry = registry
@@ -226,6 +256,10 @@ class Engine:
       self._thread = None
     else:
       self._fail_all(JaxllmError("the engine was closed before it started"))
+
+  def is_running(self) -> bool:
+    """Whether the decode loop's thread is alive: what a server's health check reports."""
+    return self._thread is not None and self._thread.is_alive()
 
   def check(self, prompt: Sequence[int], sampling: Sampling) -> None:
     """A JaxllmError naming what is wrong with a request, before it is queued."""
@@ -303,8 +337,8 @@ class Engine:
     bucket = self._bucket(length)
     tokens_1xP = np.zeros((1, bucket), np.int32)
     tokens_1xP[0, :length] = prompt
-    lp_P, top_lp_PxK, top_ids_PxK = (np.asarray(x) for x in _score(
-        self.model, self.params, jnp.asarray(tokens_1xP), vocab_size=self.vocab_size, top=top))
+    lp_P, top_lp_PxK, top_ids_PxK = (np.asarray(x) for x in self._compiled(
+        _score, jnp.asarray(tokens_1xP), vocab_size=self.vocab_size, top=top))
     logprobs = [None] + [float(x) for x in lp_P[:length - 1]]
     tops = [[]] + [list(zip(map(int, ids[:top]), map(float, lps[:top])))
                    for ids, lps in zip(top_ids_PxK[:length - 1], top_lp_PxK[:length - 1])]
@@ -393,8 +427,8 @@ class Engine:
     tokens_1xP = np.zeros((1, self._bucket(length)), np.int32)
     tokens_1xP[0, :length] = request.prompt
     self.prompt_tokens.inc(length)
-    self._cache, *sampled = _prefill(
-        self.model, self.params, self._cache, jnp.asarray(tokens_1xP), jnp.int32(length),
+    self._cache, *sampled = self._compiled(
+        _prefill, self._cache, jnp.asarray(tokens_1xP), jnp.int32(length),
         jnp.int32(slot), *self._sampling_args([request]), vocab_size=self.vocab_size,
         top=self._top([request]))
     self._advance(slot, *(np.asarray(x)[0] for x in sampled))
@@ -414,10 +448,10 @@ class Engine:
         windowed.append(slot)
         requests[slot] = None
         continue
-      tokens_S[slot], positions_S[slot] = request.tokens[-1], max(position - 1, 0)
+      tokens_S[slot], positions_S[slot] = request.tokens[-1], position
     if any(requests):
-      self._cache, *sampled = _decode(
-          self.model, self.params, self._cache, jnp.asarray(tokens_S), jnp.asarray(positions_S),
+      self._cache, *sampled = self._compiled(
+          _decode, self._cache, jnp.asarray(tokens_S), jnp.asarray(positions_S),
           *self._sampling_args(requests), vocab_size=self.vocab_size, top=self._top(requests))
       sampled = [np.asarray(x) for x in sampled]
       for slot, request in enumerate(requests):
@@ -426,9 +460,9 @@ class Engine:
     for slot in windowed:
       request = self._live[slot]
       window_1xC = np.array([(request.prompt + request.tokens)[-self.context_length:]], np.int32)
-      sampled = _window(self.model, self.params, jnp.asarray(window_1xC),
-                        *self._sampling_args([request]), vocab_size=self.vocab_size,
-                        top=self._top([request]))
+      sampled = self._compiled(_window, jnp.asarray(window_1xC),
+                               *self._sampling_args([request]), vocab_size=self.vocab_size,
+                               top=self._top([request]))
       self._advance(slot, *(np.asarray(x)[0] for x in sampled))
 
   def _advance(self, slot: int, token: np.ndarray, logprob: np.ndarray, top_ids_K: np.ndarray,
