@@ -9,6 +9,8 @@
     jaxllm reproduce experiments/<name>.py [--workdir DIR] [--rerun] [--config.KEY=VALUE ...]
     jaxllm sweep --config experiments/<name>.py [--param KEY=V1,V2 ...] [--trials N] ...
     jaxllm launch local|tpu|xpk|slurm [options] -- train --config experiments/<name>.py ...
+    jaxllm serve --workdir DIR [--host H] [--port P] [--slots S] [--max-queue Q] [--model-name N]
+      (an OpenAI-compatible API: /v1/completions, /v1/chat/completions, /health, /metrics)
 
 Problems a user can fix (a missing file, an unknown config key, ...) print one line,
 `jaxllm: error: ...`, and exit with status 2. A training run stopped by SIGTERM saves a
@@ -58,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
   _add_reproduce(commands)
   _add_sweep(commands)
   _add_launch(commands)
+  _add_serve(commands)
   return parser
 
 
@@ -179,6 +182,26 @@ def _add_launch(commands) -> None:
                            "TPU, xpk, SLURM (`jaxllm launch --help`)")
 
 
+def _add_serve(commands) -> None:
+  serve = commands.add_parser(
+      "serve", help="serve a run over an OpenAI-compatible HTTP API",
+      description="/v1/completions, /v1/chat/completions (the run's chat template: an instruct "
+                  "run's prompt template, or a converted model's tokenizer_config.json), "
+                  "/v1/models, /health and /metrics, over continuous batching in --slots rows "
+                  "of one KV cache. --config.model.KEY=VALUE sets how the network runs (e.g. "
+                  "model.matmul_dtype=bfloat16).")
+  serve.add_argument("--workdir", required=True, help="a run directory (train or convert)")
+  serve.add_argument("--host", default="127.0.0.1", help="0.0.0.0: every interface")
+  serve.add_argument("--port", type=int, default=8000, help="0: a free one")
+  serve.add_argument("--slots", type=int, default=8, help="requests decoded at once")
+  serve.add_argument("--max-queue", type=int, default=64,
+                     help="requests waiting for a slot; more are answered 503")
+  serve.add_argument("--model-name", help="the model's id in the API (default: the run "
+                                          "directory's name)")
+  serve.add_argument("--no-warm-up", action="store_true",
+                     help="compile on the first requests, not before serving")
+
+
 def _train(args, overrides: list[str]) -> None:
   import jaxllm
 
@@ -254,6 +277,19 @@ def _launch(argv: list[str]) -> int:
     return 2
 
 
+def _serve(args, overrides: list[str]) -> None:
+  from jaxllm.errors import JaxllmError
+  from jaxllm.serve import server  # fastapi and uvicorn: loaded for `serve` alone
+
+  other = [o for o in overrides if not o.startswith("model.")]
+  if other:
+    raise JaxllmError(f"--config.{other[0].split('=')[0]} has no effect on `jaxllm serve` (it "
+                      f"reads only model.* keys); drop it")
+  server.serve(args.workdir, host=args.host, port=args.port, slots=args.slots,
+               max_queue=args.max_queue, model_name=args.model_name, overrides=overrides,
+               warm_up=not args.no_warm_up)
+
+
 def _generate(args) -> None:
   from jaxllm.errors import JaxllmError
   from jaxllm.serve import generate as generate_lib
@@ -279,9 +315,10 @@ def main(argv: list[str] | None = None) -> int:
   rest, overrides = _split_config_overrides(argv)
   parser = _parser()
   args = parser.parse_args(rest)
-  if overrides and args.command not in ("train", "finetune", "eval", "reproduce", "sweep"):
+  if overrides and args.command not in ("train", "finetune", "eval", "reproduce", "sweep",
+                                        "serve"):
     parser.error(f"--config.{overrides[0]} only applies to `jaxllm train`, `finetune`, `eval`, "
-                 f"`reproduce` and `sweep`")
+                 f"`reproduce`, `sweep` and `serve`")
 
   from jaxllm import compile_cache, malloc
   from jaxllm.errors import JaxllmError, Preempted
@@ -297,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
       _convert(args)
     elif args.command == "sweep":
       _sweep(args, overrides)
+    elif args.command == "serve":
+      _serve(args, overrides)
     elif args.command == "reproduce":
       from jaxllm.tools import reproduce
 
