@@ -16,6 +16,7 @@ from jaxllm.errors import JaxllmError
 from jaxllm.models.gpt import GPT, init_params
 from jaxllm.serve import engine as engine_lib
 from jaxllm.serve import generate as generate_lib
+from jaxllm.serve import programs
 from jaxllm.serve.engine import Engine, QueueFull, Sampling
 
 CHARS = "abcdefghijklmnopqrstuvwxyz .,;:!?'\n"
@@ -97,11 +98,11 @@ def test_sample_rows_keeps_to_top_k_and_the_nucleus():
   rows = 400
   seeds = jnp.arange(rows, dtype=jnp.uint32)
   for top_k, top_p, allowed in ((3, 1.0, order[:3]), (0, 0.5, nucleus), (1, 1.0, order[:1])):
-    tokens, *_ = engine_lib.sample_rows(
+    tokens, *_ = programs.sample_rows(
         jnp.tile(logits_V, (rows, 1)), seeds, jnp.zeros(rows, jnp.int32),
         jnp.ones(rows), jnp.full(rows, top_k), jnp.full(rows, top_p), 0)
     assert set(np.asarray(tokens).tolist()) == set(allowed.tolist()), (top_k, top_p)
-  greedy, *_ = engine_lib.sample_rows(logits_V[None], seeds[:1], jnp.zeros(1, jnp.int32),
+  greedy, *_ = programs.sample_rows(logits_V[None], seeds[:1], jnp.zeros(1, jnp.int32),
                                       jnp.zeros(1), jnp.zeros(1, jnp.int32), jnp.ones(1), 0)
   assert int(greedy[0]) == 0
 
@@ -180,11 +181,11 @@ def test_warm_up_compiles_every_program_once(model_params, tokenizer):
   model, params = model_params
   engine = Engine(model, params, tokenizer, slots=2, buckets=(8, 16, 32)).start()
   engine.warm_up()
-  sizes = [f._cache_size() for f in (engine_lib._prefill, engine_lib._decode,
-                                     engine_lib._window)]
+  sizes = [f._cache_size() for f in (programs.prefill, programs.decode,
+                                     programs.window)]
   _all_at_once(engine, _prompts(5, seed=9), GREEDY)
-  assert [f._cache_size() for f in (engine_lib._prefill, engine_lib._decode,
-                                    engine_lib._window)] == sizes
+  assert [f._cache_size() for f in (programs.prefill, programs.decode,
+                                    programs.window)] == sizes
   engine.close()
 
 

@@ -41,4 +41,4 @@ def test_ci_installs_the_test_extras_then_runs_pytest(tmp_path):
   calls = _run(tmp_path, ".ci/run")
   installs = [c for c in calls if "pip install" in c and "-e" in c]
   assert installs == ["python -m pip install --quiet -c constraints.txt -e .[test,hf]"]
-  assert calls[-1] == "python -m pytest -q"
+  assert calls[-1] == "python -m pytest -q --durations=30"  # the slowest tests, printed

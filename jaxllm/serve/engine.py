@@ -19,8 +19,6 @@ Shapes are in the names: S slots, P padded prompt length, V vocabulary, K top al
 from __future__ import annotations
 
 import collections
-import dataclasses
-import functools
 import math
 import threading
 import time
@@ -37,126 +35,9 @@ from jax.sharding import PartitionSpec as P
 from jaxllm.data.tokenizer import Tokenizer
 from jaxllm.errors import JaxllmError
 from jaxllm.models.gpt import GPT, init_cache, logical_axes
-from jaxllm.serve.generate import _window_logits
-
-# The most alternatives a token's logprobs can list (OpenAI's chat API allows 20).
-MAX_TOP_LOGPROBS = 20
-
-
-class QueueFull(JaxllmError):
-  """The waiting queue holds `max_queue` requests already; try again later."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Sampling:
-  """How one request is decoded. temperature 0 is greedy; top_k 0 and top_p 1 are off."""
-
-  max_tokens: int = 16
-  temperature: float = 1.0
-  top_p: float = 1.0
-  top_k: int = 0
-  seed: int | None = None  # None: a fresh one per request
-  stop: tuple[str, ...] = ()  # finish before the first of these strings; it is not returned
-  logprobs: int | None = None  # None: none; K: each token's logprob and its K top alternatives
-  ignore_eos: bool = False  # go on past the end-of-text token (benchmarks)
-
-
-@dataclasses.dataclass
-class Delta:
-  """What one step of a request produced: its new tokens, the text they complete (text is held
-  back while it may be the start of a stop string or of a multi-byte character), and at the
-  end its finish reason and exact token counts."""
-
-  text: str
-  token_ids: list[int]
-  logprobs: list[float]  # per token in token_ids, when Sampling.logprobs is set
-  top_logprobs: list[list[tuple[int, float]]]  # per token: its K most likely (id, logprob)
-  finish_reason: str | None = None  # "stop" (end of text or a stop string) or "length"
-  prompt_tokens: int = 0
-  completion_tokens: int = 0  # every token sampled, the end-of-text token included
-  error: str | None = None  # the engine failed; the request ends here
-
-
-@dataclasses.dataclass
-class _Request:
-  prompt: list[int]
-  sampling: Sampling
-  on_delta: Callable[[Delta], None]
-  seed: int
-  submitted: float
-  tokens: list[int] = dataclasses.field(default_factory=list)  # generated so far
-  emitted: int = 0  # characters of the decoded text already reported
-  last_token_time: float = 0.0
-  cancelled: bool = False
-  finished: bool = False
-
-
-class Handle:
-  """A submitted request: `cancel()` frees its slot at the next step (a client went away)."""
-
-  def __init__(self, request: _Request):
-    self._request = request
-
-  def cancel(self) -> None:
-    self._request.cancelled = True
-
-
-def prefill_buckets(context_length: int, smallest: int = 16) -> tuple[int, ...]:
-  """Prompt lengths compiled for: powers of two from `smallest`, and the context length."""
-  buckets, length = [], smallest
-  while length < context_length:
-    buckets.append(length)
-    length *= 2
-  return (*buckets, context_length)
-
-
-def _batch_axis(leaf: jax.Array) -> int:
-  return 1 if leaf.ndim == 5 else 0  # scan_layers' stacked cache: LxSxCxGxK
-
-
-def sample_rows(logits_SxV: jax.Array, seeds_S: jax.Array, steps_S: jax.Array,
-                temperature_S: jax.Array, top_k_S: jax.Array, top_p_S: jax.Array,
-                top_logprobs: int) -> tuple[jax.Array, ...]:
-  """One token per row, each row with its own sampling settings and random stream
-  (fold_in(key(seed), step)): the token, its logprob under the model, and the top
-  `top_logprobs` (ids, logprobs) of the model's distribution (empty when 0)."""
-  logprobs_SxV = jax.nn.log_softmax(logits_SxV.astype(jnp.float32), axis=-1)
-  greedy_S = jnp.argmax(logits_SxV, axis=-1).astype(jnp.int32)
-  vocab = logits_SxV.shape[-1]
-
-  def draw(row_logits_V, seed, step, temperature, top_k, top_p):
-    key = jax.random.fold_in(jax.random.key(seed), step)
-    scaled_V = row_logits_V.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)
-
-    def filtered(scaled_V):  # top_k then top_p, in sorted order (ties cannot slip through)
-      sorted_V, ids_V = jax.lax.top_k(scaled_V, vocab)
-      rank_V = jnp.arange(vocab)
-      keep_V = rank_V < jnp.where(top_k > 0, top_k, vocab)
-      sorted_V = jnp.where(keep_V, sorted_V, -jnp.inf)
-      probs_V = jax.nn.softmax(sorted_V)
-      keep_V = keep_V & ((jnp.cumsum(probs_V) - probs_V) < top_p)
-      choice = jax.random.categorical(key, jnp.where(keep_V, sorted_V, -jnp.inf))
-      return ids_V[choice]
-
-    plain = jax.random.categorical(key, scaled_V)
-    return jax.lax.cond((top_k > 0) | (top_p < 1.0), filtered, lambda _: plain, scaled_V)
-
-  sampled_S = jax.vmap(draw)(logits_SxV, seeds_S, steps_S, temperature_S, top_k_S, top_p_S)
-  token_S = jnp.where(temperature_S == 0, greedy_S, sampled_S.astype(jnp.int32))
-  logprob_S = jnp.take_along_axis(logprobs_SxV, token_S[:, None], axis=-1)[:, 0]
-  if top_logprobs:
-    top_lp_SxK, top_ids_SxK = jax.lax.top_k(logprobs_SxV, top_logprobs)
-  else:
-    top_lp_SxK = jnp.zeros((logits_SxV.shape[0], 0), jnp.float32)
-    top_ids_SxK = jnp.zeros((logits_SxV.shape[0], 0), jnp.int32)
-  return token_S, logprob_S, top_ids_SxK, top_lp_SxK
-
-
-def _masked(logits_SxV: jax.Array, vocab_size: int) -> jax.Array:
-  """Ids at or past the tokenizer's vocabulary (padding for tensor parallelism) never sampled."""
-  if vocab_size >= logits_SxV.shape[-1]:
-    return logits_SxV
-  return jnp.where(jnp.arange(logits_SxV.shape[-1]) < vocab_size, logits_SxV, -jnp.inf)
+from jaxllm.serve import programs
+from jaxllm.serve.metrics import EngineMetrics
+from jaxllm.serve.requests import MAX_TOP_LOGPROBS, Delta, Handle, QueueFull, Sampling, _Request
 
 
 class Engine:
@@ -173,7 +54,7 @@ class Engine:
     self.model, self.params, self.tokenizer = model, params, tokenizer
     self.context_length = model.config.context_length
     self.slots, self.max_queue = slots, max_queue
-    self.buckets = tuple(buckets or prefill_buckets(self.context_length))
+    self.buckets = tuple(buckets or programs.prefill_buckets(self.context_length))
     self.vocab_size = min(tokenizer.vocab_size, model.config.vocab_size)
     self._cache = init_cache(model.config, slots, self.context_length)
     self.mesh, self.rules = mesh, tuple(rules)
@@ -183,7 +64,7 @@ class Engine:
           logical_axes(model), mesh, self.rules))
       cache_shardings = jax.tree.map(self._cache_sharding, self._cache)
       leaf, where = jax.tree.leaves(self._cache)[0], jax.tree.leaves(cache_shardings)[0]
-      axes = where.spec[_batch_axis(leaf)] or ()
+      axes = where.spec[programs.batch_axis(leaf)] or ()
       split = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
       if slots % split:
         raise JaxllmError(f"--slots {slots} does not split over the mesh's batch axes "
@@ -197,7 +78,8 @@ class Engine:
     self._thread: threading.Thread | None = None
     self._stopping = False
     self._failure: BaseException | None = None
-    self._metrics(registry or prometheus_client.CollectorRegistry())
+    self.metrics = EngineMetrics(registry or prometheus_client.CollectorRegistry(), slots)
+    self.registry = self.metrics.registry
 
   def _cache_sharding(self, leaf: jax.Array) -> NamedSharding:
     axes = ("batch", "sequence", "kv_heads", "kv")
@@ -210,31 +92,6 @@ class Engine:
       return fn(self.model, self.params, *args, **static)
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       return fn(self.model, self.params, *args, **static)
-
-  def _metrics(self, registry: prometheus_client.CollectorRegistry) -> None:
-    self.registry = registry
-    self.running = prometheus_client.Gauge(
-        "jaxllm_requests_running", "requests decoding in a slot", registry=registry)
-    self.waiting = prometheus_client.Gauge(
-        "jaxllm_requests_waiting", "requests queued for a slot", registry=registry)
-    self.slots_total = prometheus_client.Gauge(
-        "jaxllm_slots", "decode slots (rows of the KV cache)", registry=registry)
-    self.slots_total.set(self.slots)
-    self.slots_used = prometheus_client.Gauge(
-        "jaxllm_slots_in_use", "slots holding a live request", registry=registry)
-    self.prompt_tokens = prometheus_client.Counter(
-        "jaxllm_prompt_tokens", "prompt tokens prefilled", registry=registry)
-    self.generated_tokens = prometheus_client.Counter(
-        "jaxllm_generation_tokens", "tokens generated", registry=registry)
-    self.finished = prometheus_client.Counter(
-        "jaxllm_requests_finished", "requests finished", ["finish_reason"], registry=registry)
-    self.ttft = prometheus_client.Histogram(
-        "jaxllm_time_to_first_token_seconds", "from submission to the first token",
-        registry=registry,
-        buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120))
-    self.tpot = prometheus_client.Histogram(
-        "jaxllm_time_per_output_token_seconds", "between a request's successive tokens",
-        registry=registry, buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))
 
   # -- the public side: any thread ---------------------------------------------------------
 
@@ -303,7 +160,7 @@ class Engine:
         raise QueueFull(f"{len(self._waiting)} requests are waiting already (--max-queue "
                         f"{self.max_queue}); try again later")
       self._waiting.append(request)
-      self.waiting.set(len(self._waiting))
+      self.metrics.waiting.set(len(self._waiting))
       self._wake.notify_all()
     return Handle(request)
 
@@ -338,7 +195,7 @@ class Engine:
     tokens_1xP = np.zeros((1, bucket), np.int32)
     tokens_1xP[0, :length] = prompt
     lp_P, top_lp_PxK, top_ids_PxK = (np.asarray(x) for x in self._compiled(
-        _score, jnp.asarray(tokens_1xP), vocab_size=self.vocab_size, top=top))
+        programs.score, jnp.asarray(tokens_1xP), vocab_size=self.vocab_size, top=top))
     logprobs = [None] + [float(x) for x in lp_P[:length - 1]]
     tops = [[]] + [list(zip(map(int, ids[:top]), map(float, lps[:top])))
                    for ids, lps in zip(top_ids_PxK[:length - 1], top_lp_PxK[:length - 1])]
@@ -372,7 +229,7 @@ class Engine:
             slot = self._live.index(None)
             self._live[slot] = self._waiting.popleft()
             admitted.append(slot)
-          self.waiting.set(len(self._waiting))
+          self.metrics.waiting.set(len(self._waiting))
         for slot in admitted:
           self._prefill(slot)
         self._drop_cancelled()
@@ -387,8 +244,8 @@ class Engine:
 
   def _publish(self) -> None:
     live = sum(r is not None for r in self._live)
-    self.running.set(live)
-    self.slots_used.set(live)
+    self.metrics.running.set(live)
+    self.metrics.slots_used.set(live)
 
   def _fail_all(self, error: BaseException) -> None:
     with self._wake:
@@ -426,9 +283,9 @@ class Engine:
     length = len(request.prompt)
     tokens_1xP = np.zeros((1, self._bucket(length)), np.int32)
     tokens_1xP[0, :length] = request.prompt
-    self.prompt_tokens.inc(length)
+    self.metrics.prompt_tokens.inc(length)
     self._cache, *sampled = self._compiled(
-        _prefill, self._cache, jnp.asarray(tokens_1xP), jnp.int32(length),
+        programs.prefill, self._cache, jnp.asarray(tokens_1xP), jnp.int32(length),
         jnp.int32(slot), *self._sampling_args([request]), vocab_size=self.vocab_size,
         top=self._top([request]))
     self._advance(slot, *(np.asarray(x)[0] for x in sampled))
@@ -451,7 +308,7 @@ class Engine:
       tokens_S[slot], positions_S[slot] = request.tokens[-1], position
     if any(requests):
       self._cache, *sampled = self._compiled(
-          _decode, self._cache, jnp.asarray(tokens_S), jnp.asarray(positions_S),
+          programs.decode, self._cache, jnp.asarray(tokens_S), jnp.asarray(positions_S),
           *self._sampling_args(requests), vocab_size=self.vocab_size, top=self._top(requests))
       sampled = [np.asarray(x) for x in sampled]
       for slot, request in enumerate(requests):
@@ -460,7 +317,7 @@ class Engine:
     for slot in windowed:
       request = self._live[slot]
       window_1xC = np.array([(request.prompt + request.tokens)[-self.context_length:]], np.int32)
-      sampled = self._compiled(_window, jnp.asarray(window_1xC),
+      sampled = self._compiled(programs.window, jnp.asarray(window_1xC),
                                *self._sampling_args([request]), vocab_size=self.vocab_size,
                                top=self._top([request]))
       self._advance(slot, *(np.asarray(x)[0] for x in sampled))
@@ -471,12 +328,12 @@ class Engine:
     request, token = self._live[slot], int(token)
     now = time.perf_counter()
     if request.tokens:
-      self.tpot.observe(now - request.last_token_time)
+      self.metrics.tpot.observe(now - request.last_token_time)
     else:
-      self.ttft.observe(now - request.submitted)
+      self.metrics.ttft.observe(now - request.submitted)
     request.last_token_time = now
     request.tokens.append(token)
-    self.generated_tokens.inc()
+    self.metrics.generated_tokens.inc()
     sampling = request.sampling
     eos = token == self.tokenizer.eot_id and not sampling.ignore_eos
     text = self.tokenizer.decode(request.tokens[:-1] if eos else request.tokens)
@@ -496,7 +353,7 @@ class Engine:
       delta.top_logprobs = [list(zip(map(int, top_ids_K[:k]), map(float, top_lp_K[:k])))]
     if finish:
       request.finished = True
-      self.finished.labels(finish).inc()
+      self.metrics.finished.labels(finish).inc()
       self._free(slot)
     if not request.cancelled:
       request.on_delta(delta)
@@ -516,51 +373,3 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
   return held + longest
 
 
-# -- the compiled programs: static model and settings key jit's cache -----------------------
-
-def _rows(cache: Any, slot: jax.Array) -> Any:
-  return jax.tree.map(lambda leaf: jax.lax.dynamic_slice_in_dim(leaf, slot, 1, _batch_axis(leaf)),
-                      cache)
-
-
-@functools.partial(jax.jit, static_argnames=("model", "vocab_size", "top"),
-                   donate_argnames=("cache",))
-def _prefill(model, params, cache, tokens_1xP, length, slot, *sampling, vocab_size, top):
-  """Encodes one prompt into row `slot` of the cache; samples its first token."""
-  positions_1xP = jnp.arange(tokens_1xP.shape[1])[None]
-  hidden_1xPxD, row = model.apply({"params": params}, tokens_1xP, positions_1xP,
-                                  _rows(cache, slot), method=model.encode)
-  last_1x1xD = jax.lax.dynamic_slice_in_dim(hidden_1xPxD, length - 1, 1, axis=1)
-  logits_1xV = model.apply({"params": params}, last_1x1xD, method=model.logits)[:, 0]
-  cache = jax.tree.map(
-      lambda leaf, new: jax.lax.dynamic_update_slice_in_dim(leaf, new, slot, _batch_axis(leaf)),
-      cache, row)
-  return cache, *sample_rows(_masked(logits_1xV, vocab_size), *sampling, top)
-
-
-@functools.partial(jax.jit, static_argnames=("model", "vocab_size", "top"),
-                   donate_argnames=("cache",))
-def _decode(model, params, cache, tokens_S, positions_S, *sampling, vocab_size, top):
-  """One token for every slot, each fed its last token at its own position."""
-  hidden_Sx1xD, cache = model.apply({"params": params}, tokens_S[:, None], positions_S[:, None],
-                                    cache, method=model.encode)
-  logits_SxV = model.apply({"params": params}, hidden_Sx1xD, method=model.logits)[:, 0]
-  return cache, *sample_rows(_masked(logits_SxV, vocab_size), *sampling, top)
-
-
-@functools.partial(jax.jit, static_argnames=("model", "vocab_size", "top"))
-def _window(model, params, tokens_1xC, *sampling, vocab_size, top):
-  """Past the context: the next token from the last context_length tokens, re-run."""
-  logits_1xV = _window_logits(model, params, tokens_1xC, jnp.array([tokens_1xC.shape[1]]))
-  return sample_rows(_masked(logits_1xV, vocab_size), *sampling, top)
-
-
-@functools.partial(jax.jit, static_argnames=("model", "vocab_size", "top"))
-def _score(model, params, tokens_1xP, *, vocab_size, top):
-  """Each position's logprob of the next token, and the top alternatives there."""
-  logits_PxV = _masked(model.apply({"params": params}, tokens_1xP)[0], vocab_size)
-  logprobs_PxV = jax.nn.log_softmax(logits_PxV.astype(jnp.float32), axis=-1)
-  next_P = jnp.concatenate([tokens_1xP[0, 1:], jnp.zeros(1, tokens_1xP.dtype)])
-  lp_P = jnp.take_along_axis(logprobs_PxV, next_P[:, None], axis=-1)[:, 0]
-  top_lp_PxK, top_ids_PxK = jax.lax.top_k(logprobs_PxV, max(top, 1))
-  return lp_P, top_lp_PxK, top_ids_PxK

@@ -1,0 +1,126 @@
+"""The serving engine's compiled programs and its per-row sampling.
+
+Each program takes the model as a static argument (a GPT hashes by its config) and the
+sampling settings as arrays, one value per row, so one compilation serves every request:
+`prefill` (one prompt, padded to a bucket length, into one slot of the cache), `decode` (one
+token for every slot), `window` (past the context, a row's last context_length tokens re-run)
+and `score` (a prompt's own logprobs, for echo).
+
+Shapes are in the names: S slots, P padded prompt length, V vocabulary, K top alternatives.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxllm.serve.generate import _window_logits
+
+
+def prefill_buckets(context_length: int, smallest: int = 16) -> tuple[int, ...]:
+  """Prompt lengths compiled for: powers of two from `smallest`, and the context length."""
+  buckets, length = [], smallest
+  while length < context_length:
+    buckets.append(length)
+    length *= 2
+  return (*buckets, context_length)
+
+
+def batch_axis(leaf: jax.Array) -> int:
+  return 1 if leaf.ndim == 5 else 0  # scan_layers' stacked cache: LxSxCxGxK
+
+
+def sample_rows(logits_SxV: jax.Array, seeds_S: jax.Array, steps_S: jax.Array,
+                temperature_S: jax.Array, top_k_S: jax.Array, top_p_S: jax.Array,
+                top_logprobs: int) -> tuple[jax.Array, ...]:
+  """One token per row, each row with its own sampling settings and random stream
+  (fold_in(key(seed), step)): the token, its logprob under the model, and the top
+  `top_logprobs` (ids, logprobs) of the model's distribution (empty when 0)."""
+  logprobs_SxV = jax.nn.log_softmax(logits_SxV.astype(jnp.float32), axis=-1)
+  greedy_S = jnp.argmax(logits_SxV, axis=-1).astype(jnp.int32)
+  vocab = logits_SxV.shape[-1]
+
+  def draw(row_logits_V, seed, step, temperature, top_k, top_p):
+    key = jax.random.fold_in(jax.random.key(seed), step)
+    scaled_V = row_logits_V.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)
+
+    def filtered(scaled_V):  # top_k then top_p, in sorted order (ties cannot slip through)
+      sorted_V, ids_V = jax.lax.top_k(scaled_V, vocab)
+      rank_V = jnp.arange(vocab)
+      keep_V = rank_V < jnp.where(top_k > 0, top_k, vocab)
+      sorted_V = jnp.where(keep_V, sorted_V, -jnp.inf)
+      probs_V = jax.nn.softmax(sorted_V)
+      keep_V = keep_V & ((jnp.cumsum(probs_V) - probs_V) < top_p)
+      choice = jax.random.categorical(key, jnp.where(keep_V, sorted_V, -jnp.inf))
+      return ids_V[choice]
+
+    plain = jax.random.categorical(key, scaled_V)
+    return jax.lax.cond((top_k > 0) | (top_p < 1.0), filtered, lambda _: plain, scaled_V)
+
+  sampled_S = jax.vmap(draw)(logits_SxV, seeds_S, steps_S, temperature_S, top_k_S, top_p_S)
+  token_S = jnp.where(temperature_S == 0, greedy_S, sampled_S.astype(jnp.int32))
+  logprob_S = jnp.take_along_axis(logprobs_SxV, token_S[:, None], axis=-1)[:, 0]
+  if top_logprobs:
+    top_lp_SxK, top_ids_SxK = jax.lax.top_k(logprobs_SxV, top_logprobs)
+  else:
+    top_lp_SxK = jnp.zeros((logits_SxV.shape[0], 0), jnp.float32)
+    top_ids_SxK = jnp.zeros((logits_SxV.shape[0], 0), jnp.int32)
+  return token_S, logprob_S, top_ids_SxK, top_lp_SxK
+
+
+def masked(logits_SxV: jax.Array, vocab_size: int) -> jax.Array:
+  """Ids at or past the tokenizer's vocabulary (padding for tensor parallelism) never sampled."""
+  if vocab_size >= logits_SxV.shape[-1]:
+    return logits_SxV
+  return jnp.where(jnp.arange(logits_SxV.shape[-1]) < vocab_size, logits_SxV, -jnp.inf)
+
+
+def rows(cache: Any, slot: jax.Array) -> Any:
+  return jax.tree.map(lambda leaf: jax.lax.dynamic_slice_in_dim(leaf, slot, 1, batch_axis(leaf)),
+                      cache)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "vocab_size", "top"),
+                   donate_argnames=("cache",))
+def prefill(model, params, cache, tokens_1xP, length, slot, *sampling, vocab_size, top):
+  """Encodes one prompt into row `slot` of the cache; samples its first token."""
+  positions_1xP = jnp.arange(tokens_1xP.shape[1])[None]
+  hidden_1xPxD, row = model.apply({"params": params}, tokens_1xP, positions_1xP,
+                                  rows(cache, slot), method=model.encode)
+  last_1x1xD = jax.lax.dynamic_slice_in_dim(hidden_1xPxD, length - 1, 1, axis=1)
+  logits_1xV = model.apply({"params": params}, last_1x1xD, method=model.logits)[:, 0]
+  cache = jax.tree.map(
+      lambda leaf, new: jax.lax.dynamic_update_slice_in_dim(leaf, new, slot, batch_axis(leaf)),
+      cache, row)
+  return cache, *sample_rows(masked(logits_1xV, vocab_size), *sampling, top)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "vocab_size", "top"),
+                   donate_argnames=("cache",))
+def decode(model, params, cache, tokens_S, positions_S, *sampling, vocab_size, top):
+  """One token for every slot, each fed its last token at its own position."""
+  hidden_Sx1xD, cache = model.apply({"params": params}, tokens_S[:, None], positions_S[:, None],
+                                    cache, method=model.encode)
+  logits_SxV = model.apply({"params": params}, hidden_Sx1xD, method=model.logits)[:, 0]
+  return cache, *sample_rows(masked(logits_SxV, vocab_size), *sampling, top)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "vocab_size", "top"))
+def window(model, params, tokens_1xC, *sampling, vocab_size, top):
+  """Past the context: the next token from the last context_length tokens, re-run."""
+  logits_1xV = _window_logits(model, params, tokens_1xC, jnp.array([tokens_1xC.shape[1]]))
+  return sample_rows(masked(logits_1xV, vocab_size), *sampling, top)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "vocab_size", "top"))
+def score(model, params, tokens_1xP, *, vocab_size, top):
+  """Each position's logprob of the next token, and the top alternatives there."""
+  logits_PxV = masked(model.apply({"params": params}, tokens_1xP)[0], vocab_size)
+  logprobs_PxV = jax.nn.log_softmax(logits_PxV.astype(jnp.float32), axis=-1)
+  next_P = jnp.concatenate([tokens_1xP[0, 1:], jnp.zeros(1, tokens_1xP.dtype)])
+  lp_P = jnp.take_along_axis(logprobs_PxV, next_P[:, None], axis=-1)[:, 0]
+  top_lp_PxK, top_ids_PxK = jax.lax.top_k(logprobs_PxV, max(top, 1))
+  return lp_P, top_lp_PxK, top_ids_PxK
