@@ -140,8 +140,7 @@ class _Api:
         "max_model_len": self.engine.context_length}]}
 
   async def health(self) -> JSONResponse:
-    thread = self.engine._thread  # the Engine has no public liveness check (yet)
-    if thread is not None and thread.is_alive():
+    if self.engine.is_running():
       return JSONResponse({"status": "ok"})
     return JSONResponse({"status": "the engine has stopped"}, 503)
 
