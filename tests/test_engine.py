@@ -198,12 +198,26 @@ def test_bad_requests_and_a_full_queue_are_refused(model_params, tokenizer):
     engine.submit([39], GREEDY, print)
   with pytest.raises(JaxllmError, match="top_p"):
     engine.submit([1], Sampling(top_p=0), print)
+  with pytest.raises(JaxllmError, match="seed must be in"):
+    engine.submit([1], Sampling(seed=2**32), print)
   # Not started: one request takes the free slot's place, one waits, the next is refused.
   engine.submit([1], GREEDY, lambda d: None)
   engine.submit([1], GREEDY, lambda d: None)
   with pytest.raises(QueueFull, match="max-queue 1"):
     engine.submit([1], GREEDY, print)
   engine.close()
+
+
+def test_a_failing_callback_cancels_its_request_alone(engine, capsys):
+  def broken(delta):
+    raise RuntimeError("the client went away")
+
+  engine.submit([1, 2], GREEDY, broken)
+  assert engine.complete([3, 4], Sampling(max_tokens=3, temperature=0), timeout=60
+                         ).completion_tokens == 3
+  assert "a request's callback failed (RuntimeError: the client went away)" in (
+      capsys.readouterr().err)
+  assert engine.is_running()
 
 
 def test_counters_follow_the_requests(model_params, tokenizer):

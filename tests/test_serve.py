@@ -458,3 +458,15 @@ def test_serve_reads_a_run_directory_and_the_cli_starts_it(tmp_path, model_param
       servers[-1].should_exit = True
     thread.join(timeout=60)
   assert status == [0]
+
+
+def test_the_runs_mesh_is_used_where_it_fits_and_one_device_where_it_does_not(capsys):
+  config = default_config()
+  mesh = server_lib._mesh(config, given=False)  # (1, 1, 1) on this one device
+  assert dict(mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 1}
+  config.mesh.data = 2  # trained on two devices
+  mesh = server_lib._mesh(config, given=False)
+  assert mesh.devices.size == 1
+  assert "the run's mesh (2, 1, 1) does not fit the 1 device(s) here" in capsys.readouterr().out
+  with pytest.raises(JaxllmError, match="needs 2 devices, but 1 are available"):  # asked for
+    server_lib._mesh(config, given=True)

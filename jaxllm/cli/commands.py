@@ -189,7 +189,7 @@ def _add_serve(commands) -> None:
                   "run's prompt template, or a converted model's tokenizer_config.json), "
                   "/v1/models, /health and /metrics, over continuous batching in --slots rows "
                   "of one KV cache. --config.model.KEY=VALUE sets how the network runs (e.g. "
-                  "model.matmul_dtype=bfloat16).")
+                  "model.matmul_dtype=bfloat16), --config.mesh.* the devices it runs on.")
   serve.add_argument("--workdir", required=True, help="a run directory (train or convert)")
   serve.add_argument("--host", default="127.0.0.1", help="0.0.0.0: every interface")
   serve.add_argument("--port", type=int, default=8000, help="0: a free one")
@@ -281,10 +281,10 @@ def _serve(args, overrides: list[str]) -> None:
   from jaxllm.errors import JaxllmError
   from jaxllm.serve import server  # fastapi and uvicorn: loaded for `serve` alone
 
-  other = [o for o in overrides if not o.startswith("model.")]
+  other = [o for o in overrides if not o.startswith(("model.", "mesh."))]
   if other:
     raise JaxllmError(f"--config.{other[0].split('=')[0]} has no effect on `jaxllm serve` (it "
-                      f"reads only model.* keys); drop it")
+                      f"reads only model.* and mesh.* keys); drop it")
   server.serve(args.workdir, host=args.host, port=args.port, slots=args.slots,
                max_queue=args.max_queue, model_name=args.model_name, overrides=overrides,
                warm_up=not args.no_warm_up)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import math
+import sys
 import threading
 import time
 from typing import Any, Callable, Sequence
@@ -133,8 +134,10 @@ class Engine:
       raise JaxllmError(f"temperature must be 0 or more, got {sampling.temperature}")
     if not 0.0 < sampling.top_p <= 1.0:
       raise JaxllmError(f"top_p must be in (0, 1], got {sampling.top_p}")
-    if sampling.top_k < 0:
-      raise JaxllmError(f"top_k must be 0 (off) or more, got {sampling.top_k}")
+    if not 0 <= sampling.top_k < 2**31:
+      raise JaxllmError(f"top_k must be 0 (off) or more, below 2**31, got {sampling.top_k}")
+    if sampling.seed is not None and not 0 <= sampling.seed < 2**32:
+      raise JaxllmError(f"seed must be in [0, 2**32), got {sampling.seed}")
     if sampling.logprobs is not None and not 0 <= sampling.logprobs <= MAX_TOP_LOGPROBS:
       raise JaxllmError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {sampling.logprobs}")
     if any(not stop for stop in sampling.stop):
@@ -254,7 +257,7 @@ class Engine:
       self._waiting.clear()
     for request in requests:
       if not request.cancelled:
-        request.on_delta(Delta("", [], [], [], None, len(request.prompt), len(request.tokens),
+        _tell(request, Delta("", [], [], [], None, len(request.prompt), len(request.tokens),
                                error=f"{type(error).__name__}: {error}"))
 
   def _drop_cancelled(self) -> None:
@@ -356,7 +359,17 @@ class Engine:
       self.metrics.finished.labels(finish).inc()
       self._free(slot)
     if not request.cancelled:
-      request.on_delta(delta)
+      _tell(request, delta)
+
+
+def _tell(request: _Request, delta: Delta) -> None:
+  """Reports a step to its request; a callback that fails cancels its request alone."""
+  try:
+    request.on_delta(delta)
+  except Exception as e:  # noqa: BLE001 - the loop serves every other request on
+    request.cancelled = True
+    print(f"jaxllm serve: a request's callback failed ({type(e).__name__}: {e}); it is "
+          f"cancelled", file=sys.stderr, flush=True)
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:

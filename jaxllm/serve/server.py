@@ -29,6 +29,7 @@ import time
 from typing import Any, AsyncIterator, Callable, Sequence
 
 import fastapi
+import jax
 import prometheus_client
 import uvicorn
 from fastapi.exceptions import RequestValidationError
@@ -38,7 +39,7 @@ from starlette.exceptions import HTTPException
 from jaxllm.errors import JaxllmError
 from jaxllm.serve import chat, protocol
 from jaxllm.serve.engine import Delta, Engine, QueueFull, Sampling
-from jaxllm.training import rundir
+from jaxllm.training import rundir, sharding
 
 NO_CHAT_TEMPLATE = ("this model has no chat template (a pretrained run): send its prompts to "
                     "/v1/completions, or serve an instruct / dpo run or a converted model whose "
@@ -331,7 +332,25 @@ def listen(host: str, port: int) -> socket.socket:
 def http_server(app: fastapi.FastAPI) -> uvicorn.Server:
   """uvicorn's server for `app`, to `run(sockets=[listen(...)])`; `should_exit = True` stops it
   (after at most 5 s for the streams still open)."""
-  return uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+  # log_config=None: uvicorn's warnings and errors go through Python's logging as it stands,
+  # to whatever sys.stderr is when they happen (its own config binds the stream at start).
+  return uvicorn.Server(uvicorn.Config(app, log_level="warning", log_config=None,
+                                       timeout_graceful_shutdown=5))
+
+
+def _mesh(config: Any, given: bool):
+  """The run's mesh (config.mesh, as --config.mesh.* sets it), or one device where the mesh
+  it trained on does not fit this machine and none was given."""
+  try:
+    return sharding.make_mesh(config.mesh)
+  except JaxllmError:
+    if given:
+      raise
+  one = {"data": 1, "fsdp": 1, "tensor": 1}
+  print(f"jaxllm serve: the run's mesh {tuple(config.mesh[a] for a in one)} does not fit the "
+        f"{jax.device_count()} device(s) here; serving on one (set --config.mesh.* to choose)",
+        flush=True)
+  return sharding.make_mesh(one, jax.devices()[:1])
 
 
 def serve(workdir: str | pathlib.Path, host: str = "127.0.0.1", port: int = 8000,
@@ -343,8 +362,12 @@ def serve(workdir: str | pathlib.Path, host: str = "127.0.0.1", port: int = 8000
                                                      overrides=list(overrides))
   template = chat.chat_template_for(workdir, config)
   name = model_name or pathlib.Path(workdir).resolve().name
+  mesh = _mesh(config, given=any(o.startswith("mesh.") for o in overrides))
+  rules = sharding.logical_rules(config.mesh.rules)
+  sharding.check_divisible(*sharding.model_axes(model), mesh, rules)
   sock = listen(host, port)  # before the warm-up: a port in use fails at once
-  engine = Engine(model, params, tokenizer, slots=slots, max_queue=max_queue).start()
+  engine = Engine(model, params, tokenizer, slots=slots, max_queue=max_queue, mesh=mesh,
+                  rules=rules).start()
   try:
     if warm_up:
       engine.warm_up()
