@@ -396,16 +396,16 @@ def test_a_client_that_goes_away_frees_its_slot(served):
   assert engine.stats()["running"] == 0
 
 
-def test_a_full_queue_is_a_503_and_no_template_a_400(model_params):
+def test_a_full_queue_is_a_429_and_no_template_a_400(model_params):
   model, params = model_params
   engine = Engine(model, params, TOKENIZER, slots=1, max_queue=0, buckets=BUCKETS)
   busy = engine.submit([1, 2, 3], Sampling(max_tokens=100000, ignore_eos=True), lambda d: None)
   server, thread, url = _start(server_lib.create_app(engine, model_name="busy"))
   client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
   try:
-    with pytest.raises(openai.InternalServerError) as error:
+    with pytest.raises(openai.RateLimitError) as error:
       client.completions.create(model="busy", prompt="one more", max_tokens=2)
-    assert error.value.status_code == 503
+    assert error.value.status_code == 429
     assert error.value.response.headers["Retry-After"] == "1"
     assert "--max-queue 0" in error.value.body["message"]
     with pytest.raises(openai.BadRequestError, match="no chat template.*/v1/completions"):
@@ -470,3 +470,39 @@ def test_the_runs_mesh_is_used_where_it_fits_and_one_device_where_it_does_not(ca
   assert "the run's mesh (2, 1, 1) does not fit the 1 device(s) here" in capsys.readouterr().out
   with pytest.raises(JaxllmError, match="needs 2 devices, but 1 are available"):  # asked for
     server_lib._mesh(config, given=True)
+
+
+def test_while_warming_up_generation_and_health_are_503(model_params):
+  model, params = model_params
+  engine = Engine(model, params, TOKENIZER, slots=1, buckets=BUCKETS)
+  gate = threading.Event()
+  engine.warm_up = lambda: gate.wait(60)  # a warm-up that lasts until the test lets it end
+  server, thread, url = _start(server_lib.create_app(engine, model_name="warm", warm_up=True))
+  client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+  try:
+    with pytest.raises(openai.InternalServerError) as error:
+      client.completions.create(model="warm", prompt="hi", max_tokens=2)
+    assert error.value.status_code == 503 and "warming up" in error.value.body["message"]
+    assert error.value.response.headers["Retry-After"] == "1"
+    with pytest.raises(urllib.error.HTTPError) as health:
+      urllib.request.urlopen(f"{url}/health")
+    assert health.value.code == 503
+  finally:
+    gate.set()
+  try:
+    deadline = time.time() + 30
+    while time.time() < deadline:
+      try:
+        urllib.request.urlopen(f"{url}/health")
+        break
+      except urllib.error.HTTPError:
+        time.sleep(0.05)
+    reply = client.completions.create(model="warm", prompt="hi", max_tokens=2, temperature=0)
+    assert reply.usage.completion_tokens == 2
+    with pytest.raises(openai.BadRequestError, match="max_tokens must be at least 1"):
+      client.completions.create(model="warm", prompt="hi", max_tokens=0)
+    assert client.completions.create(model="warm", prompt="hi", max_tokens=0, echo=True
+                                     ).choices[0].text == "hi"
+  finally:
+    _stop(server, thread)
+    engine.close()

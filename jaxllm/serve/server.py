@@ -3,7 +3,8 @@
     GET  /v1/models             the one model served (--model-name)
     POST /v1/completions        prompts as text or token ids; n, stop, seed, logprobs, echo, stream
     POST /v1/chat/completions   messages through the run's chat template (jaxllm/serve/chat.py)
-    GET  /health                200 {"status": "ok"} while the engine's thread runs, else 503
+    GET  /health                200 {"status": "ok"} once warm, while the engine's thread runs;
+                                503 while warming up and after it stops
     GET  /metrics               the engine's Prometheus metrics
 
 Each (prompt, choice) of a request is one engine request. Its Deltas come on the engine's
@@ -13,8 +14,8 @@ cancels what is left. The bodies and their JSON are in jaxllm/serve/protocol.py.
 
 Errors have OpenAI's shape: 400 for a bad request (a malformed body, a prompt longer than the
 context, ...), 404 for a model name that is not the served one (as OpenAI and vLLM answer),
-503 with Retry-After when the engine's queue is full (OpenAI's "overloaded"; its client
-retries), 500 when the engine fails.
+429 with Retry-After when the engine's queue is full (its client retries), 503 with
+Retry-After while the engine warms up (compiles its programs), 500 when the engine fails.
 """
 
 from __future__ import annotations
@@ -134,6 +135,12 @@ class _Api:
     self.engine, self.tokenizer = engine, engine.tokenizer
     self.model_name, self.chat_template = model_name, chat_template
     self.created = int(time.time())
+    self.warming = False  # compiling: generation is answered 503 until it is done
+
+  def _check_ready(self) -> None:
+    if self.warming:
+      raise protocol.ApiError(503, "the server is warming up (compiling its programs); try "
+                                   "again shortly", "server_error", code="warming_up")
 
   async def models(self) -> dict:
     return {"object": "list", "data": [{
@@ -141,6 +148,8 @@ class _Api:
         "max_model_len": self.engine.context_length}]}
 
   async def health(self) -> JSONResponse:
+    if self.warming:
+      return JSONResponse({"status": "warming up"}, 503, {"Retry-After": "1"})
     if self.engine.is_running():
       return JSONResponse({"status": "ok"})
     return JSONResponse({"status": "the engine has stopped"}, 503)
@@ -162,8 +171,12 @@ class _Api:
 
   async def completions(self, body: protocol.CompletionBody, request: fastapi.Request) -> Any:
     self._check_model(body)
+    self._check_ready()
     top = protocol.completion_logprob_count(body.logprobs)
     max_tokens = DEFAULT_COMPLETION_TOKENS if body.max_tokens is None else body.max_tokens
+    if max_tokens < 1 and not (max_tokens == 0 and body.echo):
+      raise protocol.ApiError(400, f"max_tokens must be at least 1 (0 only with echo, to score "
+                                   f"the prompt), got {max_tokens}", param="max_tokens")
     samplings, n = protocol.samplings(body, max_tokens, top), body.n or 1
     prompts = [await self._prompt(ids, text, samplings[0], bool(body.echo), top)
                for ids, text in protocol.completion_prompts(body.prompt, self.tokenizer)]
@@ -228,6 +241,9 @@ class _Api:
     top = protocol.chat_logprob_count(body)
     max_tokens = next((m for m in (body.max_completion_tokens, body.max_tokens) if m is not None),
                       max(self.engine.context_length - len(ids), 1))  # vLLM's: what fits
+    if max_tokens < 1:
+      raise protocol.ApiError(400, f"max_tokens must be at least 1, got {max_tokens}",
+                              param="max_tokens")
     samplings = protocol.samplings(body, max_tokens, top, getattr(self.chat_template, "stop", ()))
     requests = self._submit([(ids, sampling) for sampling in samplings])
     if body.stream:
@@ -262,7 +278,7 @@ class _Api:
 
 
 def _answer(error: protocol.ApiError) -> JSONResponse:
-  headers = {"Retry-After": "1"} if error.status == 503 else None
+  headers = {"Retry-After": "1"} if error.status in (429, 503) else None
   return JSONResponse(error.body, error.status, headers)
 
 
@@ -278,7 +294,7 @@ def _error_handlers(app: fastapi.FastAPI) -> None:
 
   @app.exception_handler(QueueFull)
   async def queue_full(request, e: QueueFull):
-    return _answer(protocol.ApiError(503, str(e), "server_error", code="queue_full"))
+    return _answer(protocol.ApiError(429, str(e), "rate_limit_error", code="queue_full"))
 
   @app.exception_handler(RequestValidationError)  # a malformed body (FastAPI's would be a 422)
   async def malformed(request, e: RequestValidationError):
@@ -296,24 +312,43 @@ def _error_handlers(app: fastapi.FastAPI) -> None:
 
 
 def create_app(engine: Engine, *, model_name: str,
-               chat_template: Callable[[list[dict]], str] | None = None) -> fastapi.FastAPI:
+               chat_template: Callable[[list[dict]], str] | None = None,
+               warm_up: bool = False) -> fastapi.FastAPI:
   """The OpenAI-compatible API over `engine` (started with the app; the caller closes it).
   `chat_template` renders chat messages as a prompt (chat.chat_template_for); without one,
-  chat requests are refused."""
+  chat requests are refused. `warm_up`: the engine compiles its programs as the server
+  starts, generation answered 503 until it is done."""
+  api = _Api(engine, model_name, chat_template)
+
   @contextlib.asynccontextmanager
   async def lifespan(app: fastapi.FastAPI):
     engine.start()
+    warming = None
+    if warm_up:
+      api.warming = True
+      warming = asyncio.get_running_loop().run_in_executor(None, _warm, engine, api)
     yield
+    if warming is not None:
+      warming.cancel()
 
   app = fastapi.FastAPI(title="jaxllm", lifespan=lifespan)
   _error_handlers(app)
-  api = _Api(engine, model_name, chat_template)
   for method, path, endpoint in (("GET", "/v1/models", api.models),
                                  ("POST", "/v1/completions", api.completions),
                                  ("POST", "/v1/chat/completions", api.chat_completions),
                                  ("GET", "/health", api.health), ("GET", "/metrics", api.metrics)):
     app.add_api_route(path, endpoint, methods=[method], response_model=None)
   return app
+
+
+def _warm(engine: Engine, api: _Api) -> None:
+  started = time.perf_counter()
+  try:
+    engine.warm_up()
+  finally:
+    api.warming = False
+  print(f"jaxllm serve: ready ({len(engine.buckets)} prompt lengths compiled in "
+        f"{time.perf_counter() - started:.1f} s)", flush=True)
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -369,12 +404,11 @@ def serve(workdir: str | pathlib.Path, host: str = "127.0.0.1", port: int = 8000
   engine = Engine(model, params, tokenizer, slots=slots, max_queue=max_queue, mesh=mesh,
                   rules=rules).start()
   try:
-    if warm_up:
-      engine.warm_up()
-    server = http_server(create_app(engine, model_name=name, chat_template=template))
+    server = http_server(create_app(engine, model_name=name, chat_template=template,
+                                    warm_up=warm_up))
     address = f"[{host}]" if ":" in host else host
     print(f"jaxllm serve: {name} at http://{address}:{sock.getsockname()[1]}/v1 ({slots} slots, "
-          f"chat {'on' if template else 'off'})", flush=True)
+          f"chat {'on' if template else 'off'}{', warming up' if warm_up else ''})", flush=True)
     server.run(sockets=[sock])
   finally:
     engine.close()
