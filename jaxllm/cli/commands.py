@@ -11,6 +11,8 @@
     jaxllm launch local|tpu|xpk|slurm [options] -- train --config experiments/<name>.py ...
     jaxllm serve --workdir DIR [--host H] [--port P] [--slots S] [--max-queue Q] [--model-name N]
       (an OpenAI-compatible API: /v1/completions, /v1/chat/completions, /health, /metrics)
+    jaxllm bench-serve --url URL --requests N [--rate R] [--concurrency C] [--json FILE] ...
+      (TTFT, TPOT, ITL, throughput of any OpenAI-compatible server: jaxllm/serve/bench.py)
 
 Problems a user can fix (a missing file, an unknown config key, ...) print one line,
 `jaxllm: error: ...`, and exit with status 2. A training run stopped by SIGTERM saves a
@@ -26,6 +28,7 @@ import pathlib
 import sys
 
 from jaxllm.errors import PREEMPTED_EXIT_STATUS
+from jaxllm.serve import bench
 
 
 def _split_config_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -61,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
   _add_sweep(commands)
   _add_launch(commands)
   _add_serve(commands)
+  bench.add_parser(commands)
   return parser
 
 
@@ -319,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
                                         "serve"):
     parser.error(f"--config.{overrides[0]} only applies to `jaxllm train`, `finetune`, `eval`, "
                  f"`reproduce`, `sweep` and `serve`")
+  if args.command == "bench-serve":  # an HTTP client: no JAX to set up
+    return bench.main(args)
 
   from jaxllm import compile_cache, malloc
   from jaxllm.errors import JaxllmError, Preempted
