@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import pathlib
 import socket
 import time
@@ -34,11 +33,11 @@ import jax
 import prometheus_client
 import uvicorn
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from jaxllm.errors import JaxllmError
-from jaxllm.serve import chat, protocol
+from jaxllm.serve import chat, protocol, streams
 from jaxllm.serve.engine import Delta, Engine, QueueFull, Sampling
 from jaxllm.training import rundir, sharding
 
@@ -57,75 +56,6 @@ class _Prompt:
   text: str
   echo: str = ""
   echo_logprobs: dict | None = None
-
-
-class _Requests:
-  """The engine requests of one HTTP request, their Deltas delivered to the event loop as
-  (choice index, Delta) on one queue."""
-
-  def __init__(self, engine: Engine, jobs: Sequence[tuple[list[int], Sampling]]):
-    loop = asyncio.get_running_loop()
-    self.queue: asyncio.Queue[tuple[int, Delta]] = asyncio.Queue()
-    self.handles, self.open = [], len(jobs)
-    try:
-      for index, (ids, sampling) in enumerate(jobs):
-        self.handles.append(engine.submit(ids, sampling, self._reporter(loop, index)))
-    except BaseException:  # QueueFull half-way: the ones queued already go too
-      self.cancel()
-      raise
-
-  def _reporter(self, loop: asyncio.AbstractEventLoop, index: int) -> Callable[[Delta], None]:
-    def report(delta: Delta) -> None:  # on the engine's thread: it must never raise
-      with contextlib.suppress(RuntimeError):  # the loop has closed (shutdown): nobody listens
-        loop.call_soon_threadsafe(self.queue.put_nowait, (index, delta))
-    return report
-
-  def cancel(self) -> None:
-    for handle in self.handles:
-      handle.cancel()
-
-  async def deltas(self, request: fastapi.Request | None = None
-                   ) -> AsyncIterator[tuple[int, Delta]]:
-    """(index, Delta) until every choice finished; an engine failure is a 500. Given the HTTP
-    `request`, a client that went away ends it (Starlette notices it for a stream)."""
-    while self.open:
-      try:
-        index, delta = await asyncio.wait_for(self.queue.get(), timeout=1.0)
-      except TimeoutError:
-        if request is not None and await request.is_disconnected():
-          raise protocol.ApiError(499, "the client went away") from None
-        continue
-      if delta.error:
-        raise protocol.ApiError(500, f"the engine failed: {delta.error}", "server_error")
-      self.open -= bool(delta.finish_reason)
-      yield index, delta
-
-
-async def _gather(requests: _Requests, request: fastapi.Request) -> list[Delta]:
-  """Each choice's Deltas merged into one; the engine requests cancelled if it fails."""
-  totals = [Delta("", [], [], []) for _ in requests.handles]
-  try:
-    async for index, delta in requests.deltas(request):
-      protocol.merge(totals[index], delta)
-  finally:
-    requests.cancel()
-  return totals
-
-
-def _sse(events: AsyncIterator[dict], requests: _Requests) -> StreamingResponse:
-  """Server-sent events: `data: {json}` per event, an error as one event, then `data: [DONE]`;
-  however it ends (a client gone away too), what the engine still decodes is cancelled."""
-  async def lines() -> AsyncIterator[str]:
-    try:
-      try:
-        async for event in events:
-          yield f"data: {json.dumps(event)}\n\n"
-      except protocol.ApiError as e:
-        yield f"data: {json.dumps(e.body)}\n\n"
-      yield "data: [DONE]\n\n"
-    finally:
-      requests.cancel()
-  return StreamingResponse(lines(), media_type="text/event-stream")
 
 
 class _Api:
@@ -164,10 +94,10 @@ class _Api:
                                    f"serves '{self.model_name}'", param="model",
                               code="model_not_found")
 
-  def _submit(self, jobs: list[tuple[list[int], Sampling]]) -> _Requests:
+  def _submit(self, jobs: list[tuple[list[int], Sampling]]) -> streams.Requests:
     for ids, sampling in jobs:
       self.engine.check(ids, sampling)
-    return _Requests(self.engine, jobs)
+    return streams.Requests(self.engine, jobs)
 
   async def completions(self, body: protocol.CompletionBody, request: fastapi.Request) -> Any:
     self._check_model(body)
@@ -183,8 +113,8 @@ class _Api:
     requests = self._submit([(prompt.ids, s) for prompt in prompts for s in samplings])
     envelope = protocol.Envelope("text_completion", self.model_name, body.include_usage)
     if body.stream:
-      return _sse(self._completion_events(requests, envelope, prompts, n, top), requests)
-    totals = await _gather(requests, request)
+      return streams.sse(self._completion_events(requests, envelope, prompts, n, top), requests)
+    totals = await streams.gather(requests, request)
     choices = []
     for index, total in enumerate(totals):
       prompt, logprobs = prompts[index // n], None
@@ -208,7 +138,7 @@ class _Api:
       prompt.echo_logprobs = protocol.completion_logprobs(self.tokenizer, ids, logprobs, tops, 0)
     return prompt
 
-  async def _completion_events(self, requests: _Requests, envelope: protocol.Envelope,
+  async def _completion_events(self, requests: streams.Requests, envelope: protocol.Envelope,
                                prompts: list[_Prompt], n: int, top: int | None
                                ) -> AsyncIterator[dict]:
     # Where each choice's next token starts: offsets count from the prompt's start, as OpenAI's.
@@ -248,8 +178,8 @@ class _Api:
     requests = self._submit([(ids, sampling) for sampling in samplings])
     if body.stream:
       envelope = protocol.Envelope("chat.completion.chunk", self.model_name, body.include_usage)
-      return _sse(self._chat_events(requests, envelope, top), requests)
-    totals = await _gather(requests, request)
+      return streams.sse(self._chat_events(requests, envelope, top), requests)
+    totals = await streams.gather(requests, request)
     choices = [{"index": index, "message": {"role": "assistant", "content": total.text},
                 "logprobs": None if top is None else protocol.chat_logprobs(
                     self.tokenizer, total.token_ids, total.logprobs, total.top_logprobs),
@@ -257,7 +187,7 @@ class _Api:
     envelope = protocol.Envelope("chat.completion", self.model_name)
     return envelope.body(choices, usage=protocol.usage(totals, len(totals)))
 
-  async def _chat_events(self, requests: _Requests, envelope: protocol.Envelope,
+  async def _chat_events(self, requests: streams.Requests, envelope: protocol.Envelope,
                          top: int | None) -> AsyncIterator[dict]:
     def choice(index: int, delta: dict, logprobs: dict | None = None, finish: str | None = None):
       return envelope.chunk({"index": index, "delta": delta, "logprobs": logprobs,
