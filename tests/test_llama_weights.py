@@ -297,3 +297,41 @@ def test_a_broken_shard_index_or_tokenizer_is_named(qwen2_folder, tmp_path):
   message = _convert_error(folder, tmp_path)
   assert message.startswith(f"{folder / 'tokenizer.json'} is not a Hugging Face "
                             f"tokenizer.json"), message
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "to be or not to be"}],
+    [{"role": "system", "content": "You answer in verse."},
+     {"role": "user", "content": "What is the question?"}],
+    [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi there."},
+     {"role": "user", "content": "Say it again, twice."}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "One"},
+     {"role": "assistant", "content": "Two"}, {"role": "user", "content": "Three?"}],
+    [{"role": "user", "content": "Ünïcödé, tabs\tand\nnewlines — fine?"}],
+]
+
+
+def test_a_converted_models_chat_template_gives_transformers_prompt_ids(qwen2_folder, tmp_path):
+  """`jaxllm serve` renders chat requests with the tokenizer_config.json convert kept: the
+  prompt ids of five conversations equal transformers' apply_chat_template."""
+  from jaxllm.serve import chat
+
+  folder = tmp_path / "qwen2"
+  folder.mkdir()
+  for path in qwen2_folder.iterdir():
+    (folder / path.name).write_bytes(path.read_bytes())
+  template = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>"
+              "system\nYou are helpful.<|im_end|>\n{% endif %}<|im_start|>{{ m['role'] }}\n"
+              "{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}"
+              "<|im_start|>assistant\n{% endif %}")
+  (folder / "tokenizer_config.json").write_text(json.dumps({
+      "eos_token": "<|endoftext|>", "chat_template": template}))
+  assert cli.main(["convert", "--from", str(folder), "--out", str(tmp_path / "run")]) == 0
+  config, _, _, tokenizer = run_io.load_run(tmp_path / "run")
+  render = chat.chat_template_for(tmp_path / "run", config)
+  theirs = transformers.AutoTokenizer.from_pretrained(folder)
+  for messages in CONVERSATIONS:
+    expected = list(theirs.apply_chat_template(messages, add_generation_prompt=True,
+                                               tokenize=True, return_dict=True)["input_ids"])
+    assert tokenizer.encode(render(messages)) == expected
+    assert len(expected) > 10
