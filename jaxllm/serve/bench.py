@@ -109,12 +109,12 @@ def make_prompts(requests: int, prompt_len: int, seed: int) -> list[str]:
 
 
 def request_body(endpoint: str, model: str | None, prompt: str, output_len: int,
-                 temperature: float) -> dict:
+                 temperature: float, ignore_eos: bool = True) -> dict:
   asked = ({"messages": [{"role": "user", "content": prompt}]} if endpoint == "chat"
            else {"prompt": prompt})
   return {**({} if model is None else {"model": model}), **asked, "max_tokens": output_len,
-          "temperature": temperature, "ignore_eos": True, "stream": True,
-          "stream_options": {"include_usage": True}}
+          "temperature": temperature, **({"ignore_eos": True} if ignore_eos else {}),
+          "stream": True, "stream_options": {"include_usage": True}}
 
 
 def _connection(base: urllib.parse.SplitResult, timeout: float) -> http.client.HTTPConnection:
@@ -219,7 +219,8 @@ def served_model(base: urllib.parse.SplitResult, timeout: float) -> str | None:
 
 def run(url: str, prompts: list[str], schedule: list[float], *, endpoint: str = "completions",
         model: str | None = None, output_len: int = 64, temperature: float = 0.0,
-        concurrency: int | None = None, timeout: float = 300.0) -> tuple[list[Record], float]:
+        concurrency: int | None = None, timeout: float = 300.0, ignore_eos: bool = True
+        ) -> tuple[list[Record], float]:
   """Sends each prompt at its time of `schedule`, at most `concurrency` in flight, one thread
   each; returns the records and the run's duration in seconds."""
   base = base_url(url)
@@ -228,7 +229,7 @@ def run(url: str, prompts: list[str], schedule: list[float], *, endpoint: str = 
 
   def one(record: Record, prompt: str) -> None:
     try:
-      body = request_body(endpoint, model, prompt, output_len, temperature)
+      body = request_body(endpoint, model, prompt, output_len, temperature, ignore_eos)
       send(base, ENDPOINTS[endpoint], body, record, start, timeout)
     finally:
       gate.release()
@@ -362,6 +363,9 @@ def add_parser(commands) -> None:
   bench.add_argument("--model", metavar="NAME", help="default: the first of /v1/models")
   bench.add_argument("--seed", type=int, default=0, metavar="S", help="prompts and arrivals")
   bench.add_argument("--temperature", type=float, default=0.0, metavar="T")
+  bench.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
+                     help="leave ignore_eos out, for servers that refuse it (transformers "
+                          "serve); a request may then end early at end-of-text")
   bench.add_argument("--endpoint", choices=tuple(ENDPOINTS), default="completions")
   bench.add_argument("--timeout", type=_positive(float), default=300.0, metavar="SECONDS",
                      help="how long a request may wait on the server")
@@ -374,7 +378,7 @@ def main(args: argparse.Namespace) -> int:
   model = args.model or served_model(base_url(args.url), args.timeout)
   settings = {key: getattr(args, key) for key in (
       "url", "endpoint", "requests", "concurrency", "prompt_len", "output_len", "seed",
-      "temperature")}
+      "temperature", "ignore_eos")}
   settings.update(model=model, rate=str(args.rate) if math.isinf(args.rate) else args.rate)
   arrivals = "all at once" if math.isinf(args.rate) else f"Poisson at {args.rate:g}/s"
   print(f"bench-serve: {args.requests} requests to {args.url} ({args.endpoint}, model {model}), "
@@ -384,7 +388,7 @@ def main(args: argparse.Namespace) -> int:
       args.url, make_prompts(args.requests, args.prompt_len, args.seed),
       arrival_times(args.requests, args.rate, args.seed), endpoint=args.endpoint, model=model,
       output_len=args.output_len, temperature=args.temperature, concurrency=args.concurrency,
-      timeout=args.timeout)
+      timeout=args.timeout, ignore_eos=args.ignore_eos)
   summary = summarize(records, duration)
   print(format_table(summary))
   print(failure_line(summary, args.requests))

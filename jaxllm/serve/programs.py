@@ -42,25 +42,26 @@ def sample_rows(logits_SxV: jax.Array, seeds_S: jax.Array, steps_S: jax.Array,
   logprobs_SxV = jax.nn.log_softmax(logits_SxV.astype(jnp.float32), axis=-1)
   greedy_S = jnp.argmax(logits_SxV, axis=-1).astype(jnp.int32)
   vocab = logits_SxV.shape[-1]
+  wants_filter_S = ((top_k_S > 0) | (top_p_S < 1.0)) & (temperature_S > 0)
 
-  def draw(row_logits_V, seed, step, temperature, top_k, top_p):
-    key = jax.random.fold_in(jax.random.key(seed), step)
-    scaled_V = row_logits_V.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)
+  def filtered(key, scaled_V, top_k, top_p):  # top_k, then top_p, in sorted order
+    sorted_V, ids_V = jax.lax.top_k(scaled_V, vocab)  # (ties cannot slip through)
+    keep_V = jnp.arange(vocab) < jnp.where(top_k > 0, top_k, vocab)
+    sorted_V = jnp.where(keep_V, sorted_V, -jnp.inf)
+    probs_V = jax.nn.softmax(sorted_V)
+    keep_V = keep_V & ((jnp.cumsum(probs_V) - probs_V < top_p) | (top_p >= 1.0))
+    return ids_V[jax.random.categorical(key, jnp.where(keep_V, sorted_V, -jnp.inf))]
 
-    def filtered(scaled_V):  # top_k then top_p, in sorted order (ties cannot slip through)
-      sorted_V, ids_V = jax.lax.top_k(scaled_V, vocab)
-      rank_V = jnp.arange(vocab)
-      keep_V = rank_V < jnp.where(top_k > 0, top_k, vocab)
-      sorted_V = jnp.where(keep_V, sorted_V, -jnp.inf)
-      probs_V = jax.nn.softmax(sorted_V)
-      keep_V = keep_V & ((jnp.cumsum(probs_V) - probs_V) < top_p)
-      choice = jax.random.categorical(key, jnp.where(keep_V, sorted_V, -jnp.inf))
-      return ids_V[choice]
+  def draws(_):  # only for a step where some row samples; the full sort only where some
+    keys_S = jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.key(seed), step))(
+        seeds_S, steps_S)  # row filters, and a row that does not keeps its plain draw
+    scaled_SxV = logits_SxV.astype(jnp.float32) / jnp.maximum(temperature_S, 1e-6)[:, None]
+    plain_S = jax.vmap(jax.random.categorical)(keys_S, scaled_SxV).astype(jnp.int32)
+    return jax.lax.cond(jnp.any(wants_filter_S), lambda _: jnp.where(
+        wants_filter_S, jax.vmap(filtered)(keys_S, scaled_SxV, top_k_S, top_p_S), plain_S),
+        lambda _: plain_S, None)
 
-    plain = jax.random.categorical(key, scaled_V)
-    return jax.lax.cond((top_k > 0) | (top_p < 1.0), filtered, lambda _: plain, scaled_V)
-
-  sampled_S = jax.vmap(draw)(logits_SxV, seeds_S, steps_S, temperature_S, top_k_S, top_p_S)
+  sampled_S = jax.lax.cond(jnp.any(temperature_S > 0), draws, lambda _: greedy_S, None)
   token_S = jnp.where(temperature_S == 0, greedy_S, sampled_S.astype(jnp.int32))
   logprob_S = jnp.take_along_axis(logprobs_SxV, token_S[:, None], axis=-1)[:, 0]
   if top_logprobs:
