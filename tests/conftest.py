@@ -161,7 +161,7 @@ SLOW = {
     "tests/test_trainer.py::test_a_resumed_finetune_reads_no_init_from_weights",  # 24 (load ~2)
     "tests/test_trainer.py::test_finetune_resumes_exactly_after_sigkill_and_sigterm",  # 48
     "tests/test_trainer.py::test_gradient_accumulation_gives_the_whole_batch_gradient",  # 71 (5)
-    "tests/test_dpo.py::test_instruct_then_dpo_then_eval",  # 208
+    "tests/test_dpo.py::test_instruct_then_dpo_then_eval",  # 54 (load ~3)
     "tests/test_dpo.py::test_loss_is_ln2_when_the_policy_is_the_reference",  # 53
     "tests/test_matmul.py::test_shakespeare_200_steps_track_float32",  # 204
     "tests/test_matmul.py::test_gpt2_small_shapes_train_like_float32",  # 92

