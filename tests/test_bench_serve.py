@@ -5,8 +5,6 @@ import json
 import math
 import socket
 import string
-import threading
-import time
 
 import jax
 import pytest
@@ -31,16 +29,9 @@ def url():
                   buckets=(64, 128))
   app = server_lib.create_app(engine, model_name="tiny",
                               chat_template=lambda messages: messages[-1]["content"])
-  sock = server_lib.listen("127.0.0.1", 0)
-  server = server_lib.http_server(app)
-  thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-  thread.start()
-  while not server.started:
-    assert thread.is_alive()
-    time.sleep(0.01)
-  yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-  server.should_exit = True
-  thread.join(timeout=30)
+  background = server_lib.Background(app)
+  yield background.url
+  background.stop()
   engine.close()
 
 

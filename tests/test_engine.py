@@ -14,9 +14,9 @@ from jaxllm.config import ModelConfig
 from jaxllm.data.tokenizer import CharTokenizer
 from jaxllm.errors import JaxllmError
 from jaxllm.models.gpt import GPT, init_params
-from jaxllm.serve import engine as engine_lib
 from jaxllm.serve import generate as generate_lib
 from jaxllm.serve import programs
+from jaxllm.serve import requests as requests_lib
 from jaxllm.serve.engine import Engine, QueueFull, Sampling
 
 CHARS = "abcdefghijklmnopqrstuvwxyz .,;:!?'\n"
@@ -158,8 +158,8 @@ def test_a_streamed_request_never_shows_the_start_of_a_stop_string(engine):
   assert "".join(parts) == text
   shown = [len("".join(parts[:i + 1])) for i in range(len(parts))]
   assert 12 not in shown[:-1]  # the text up to the end of text[9:12] came out only at the end
-  assert engine_lib._held_back("abc\ufffd", ()) == 1
-  assert engine_lib._held_back("xyzab", ("abc", "bq")) == 2
+  assert requests_lib.held_back("abc\ufffd", ()) == 1
+  assert requests_lib.held_back("xyzab", ("abc", "bq")) == 2
 
 
 def test_end_of_text_stops_a_request(model_params, tokenizer):

@@ -64,19 +64,12 @@ def model_params():
 
 def _start(app):
   """A uvicorn server for `app` on a free port of 127.0.0.1, in a thread."""
-  sock = server_lib.listen("127.0.0.1", 0)
-  server = server_lib.http_server(app)
-  thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-  thread.start()
-  while not server.started:
-    assert thread.is_alive()
-    time.sleep(0.01)
-  return server, thread, f"http://127.0.0.1:{sock.getsockname()[1]}"
+  background = server_lib.Background(app)
+  return background, None, background.url
 
 
-def _stop(server, thread):
-  server.should_exit = True
-  thread.join(timeout=30)
+def _stop(background, thread=None):
+  background.stop()
 
 
 @pytest.fixture(scope="module")

@@ -37,19 +37,12 @@ def model_params():
 def served(model_params):
   model, params = model_params
   engine = Engine(model, params, TOKENIZER, slots=SLOTS, max_queue=QUEUE, buckets=(16, 64))
-  app = server_lib.create_app(engine, model_name="tiny")
-  sock = server_lib.listen("127.0.0.1", 0)
-  server = server_lib.http_server(app)
-  thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-  thread.start()
-  while not server.started:
-    time.sleep(0.01)
+  background = server_lib.Background(server_lib.create_app(engine, model_name="tiny"))
   engine.warm_up()
-  url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+  url = background.url
   yield openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=300), url, \
       engine
-  server.should_exit = True
-  thread.join(timeout=30)
+  background.stop()
   engine.close()
 
 

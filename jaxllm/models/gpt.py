@@ -171,16 +171,19 @@ class CausalSelfAttention(nn.Module):
       new_cache = None
     else:
       # Each row writes its new keys/values at its own positions (prompts differ in length),
-      # then attends to every cached position at or before its own.
-      rows_Bx1 = jnp.arange(x_BxLxD.shape[0])[:, None]
-      k_BxSxGxK = cache["k"].at[rows_Bx1, positions_BxL].set(k_BxLxGxK.astype(cache["k"].dtype))
-      v_BxSxGxK = cache["v"].at[rows_Bx1, positions_BxL].set(v_BxLxGxK.astype(cache["v"].dtype))
+      # then attends to every cached position at or before its own. A cache may hold more rows
+      # than the batch (a server's slots): the batch is its first B rows, the rest untouched.
+      batch = x_BxLxD.shape[0]
+      rows_Bx1 = jnp.arange(batch)[:, None]
+      k_CxSxGxK = cache["k"].at[rows_Bx1, positions_BxL].set(k_BxLxGxK.astype(cache["k"].dtype))
+      v_CxSxGxK = cache["v"].at[rows_Bx1, positions_BxL].set(v_BxLxGxK.astype(cache["v"].dtype))
+      k_BxSxGxK, v_BxSxGxK = k_CxSxGxK[:batch], v_CxSxGxK[:batch]
       cache_positions_S = jnp.arange(k_BxSxGxK.shape[1])
       mask_BxLxS = cache_positions_S[None, None, :] <= positions_BxL[:, :, None]
       out_BxLxHxK = attention(
           q_BxLxHxK, k_BxSxGxK.astype(q_BxLxHxK.dtype), v_BxSxGxK.astype(q_BxLxHxK.dtype),
           mask=mask_BxLxS[:, None])
-      new_cache = {"k": k_BxSxGxK, "v": v_BxSxGxK}
+      new_cache = {"k": k_CxSxGxK, "v": v_CxSxGxK}
 
     out_BxLxD = _einsum(
         cfg, (cfg.n_head, cfg.head_dim, cfg.d_model), "blhk,hkd->bld", use_bias=cfg.bias,

@@ -37,6 +37,7 @@ from jaxllm.data.tokenizer import Tokenizer
 from jaxllm.errors import JaxllmError
 from jaxllm.models.gpt import GPT, init_cache, logical_axes
 from jaxllm.serve import programs
+from jaxllm.serve import requests as requests_lib
 from jaxllm.serve.metrics import EngineMetrics
 from jaxllm.serve.requests import MAX_TOP_LOGPROBS, Delta, Handle, QueueFull, Sampling, _Request
 
@@ -56,6 +57,7 @@ class Engine:
     self.context_length = model.config.context_length
     self.slots, self.max_queue = slots, max_queue
     self.buckets = tuple(buckets or programs.prefill_buckets(self.context_length))
+    self.row_buckets = programs.row_buckets(slots)
     self.vocab_size = min(tokenizer.vocab_size, model.config.vocab_size)
     self._cache = init_cache(model.config, slots, self.context_length)
     self.mesh, self.rules = mesh, tuple(rules)
@@ -205,9 +207,22 @@ class Engine:
     return logprobs, tops
 
   def warm_up(self) -> None:
-    """Compiles every prefill bucket and the decode step now, not on the first requests."""
+    """Compiles every program now, not on the first requests: each prefill bucket, the window
+    past the context, and the decode step over each bucket of slots (that many requests at
+    once: new requests take the lowest free slots)."""
     for bucket in self.buckets:
       self.complete([0] * min(bucket, self.context_length), Sampling(max_tokens=2, temperature=0))
+    for rows in self.row_buckets:
+      done = threading.Semaphore(0)
+      with self._wake:  # queued together: admitted together, into slots 0 .. rows - 1
+        for _ in range(rows):
+          self._waiting.append(_Request([0], Sampling(max_tokens=3, temperature=0,
+                                                      ignore_eos=True),
+                                        lambda d: (d.finish_reason or d.error) and done.release(),
+                                        0, time.perf_counter()))
+        self._wake.notify_all()
+      for _ in range(rows):
+        done.acquire()
 
   def stats(self) -> dict[str, int]:
     with self._wake:
@@ -309,12 +324,15 @@ class Engine:
         requests[slot] = None
         continue
       tokens_S[slot], positions_S[slot] = request.tokens[-1], position
-    if any(requests):
+    if any(requests):  # over the first R slots, R a bucket holding the last live one
+      last = max(slot for slot, request in enumerate(requests) if request is not None)
+      rows = next(r for r in self.row_buckets if r > last)
       self._cache, *sampled = self._compiled(
-          programs.decode, self._cache, jnp.asarray(tokens_S), jnp.asarray(positions_S),
-          *self._sampling_args(requests), vocab_size=self.vocab_size, top=self._top(requests))
+          programs.decode, self._cache, jnp.asarray(tokens_S[:rows]),
+          jnp.asarray(positions_S[:rows]), *self._sampling_args(requests[:rows]),
+          vocab_size=self.vocab_size, top=self._top(requests))
       sampled = [np.asarray(x) for x in sampled]
-      for slot, request in enumerate(requests):
+      for slot, request in enumerate(requests[:rows]):
         if request is not None:
           self._advance(slot, *(x[slot] for x in sampled))
     for slot in windowed:
@@ -346,7 +364,7 @@ class Engine:
       text, finish = text[:min(hits)], "stop"
     if finish is None and len(request.tokens) >= sampling.max_tokens:
       finish = "length"
-    safe = len(text) if finish else len(text) - _held_back(text, sampling.stop)
+    safe = len(text) if finish else len(text) - requests_lib.held_back(text, sampling.stop)
     delta = Delta(text[request.emitted:safe], [token], [], [], finish, len(request.prompt),
                   len(request.tokens))
     request.emitted = max(request.emitted, safe)
@@ -370,19 +388,3 @@ def _tell(request: _Request, delta: Delta) -> None:
     request.cancelled = True
     print(f"jaxllm serve: a request's callback failed ({type(e).__name__}: {e}); it is "
           f"cancelled", file=sys.stderr, flush=True)
-
-
-def _held_back(text: str, stops: Sequence[str]) -> int:
-  """How many trailing characters to hold: an unfinished multi-byte character (decoded as
-  U+FFFD) or the longest end of the text that a stop string starts with."""
-  held = len(text) - len(text.rstrip("\ufffd"))
-  body = text[:len(text) - held]
-  longest = 0
-  for stop in stops:
-    for k in range(min(len(stop) - 1, len(body)), longest, -1):
-      if body.endswith(stop[:k]):
-        longest = k
-        break
-  return held + longest
-
-

@@ -99,14 +99,25 @@ def prefill(model, params, cache, tokens_1xP, length, slot, *sampling, vocab_siz
   return cache, *sample_rows(masked(logits_1xV, vocab_size), *sampling, top)
 
 
+def row_buckets(slots: int) -> tuple[int, ...]:
+  """How many of the first slots a decode step may run over: powers of two, and all."""
+  buckets, rows = [], 1
+  while rows < slots:
+    buckets.append(rows)
+    rows *= 2
+  return (*buckets, slots)
+
+
 @functools.partial(jax.jit, static_argnames=("model", "vocab_size", "top"),
                    donate_argnames=("cache",))
-def decode(model, params, cache, tokens_S, positions_S, *sampling, vocab_size, top):
-  """One token for every slot, each fed its last token at its own position."""
-  hidden_Sx1xD, cache = model.apply({"params": params}, tokens_S[:, None], positions_S[:, None],
+def decode(model, params, cache, tokens_R, positions_R, *sampling, vocab_size, top):
+  """One token for each of the cache's first R slots (R = len(tokens_R), the live ones among
+  them), each fed its last token at its own position. The model reads and writes only those
+  rows of the cache, in place, so a step's cost follows the slots in use."""
+  hidden_Rx1xD, cache = model.apply({"params": params}, tokens_R[:, None], positions_R[:, None],
                                     cache, method=model.encode)
-  logits_SxV = model.apply({"params": params}, hidden_Sx1xD, method=model.logits)[:, 0]
-  return cache, *sample_rows(masked(logits_SxV, vocab_size), *sampling, top)
+  logits_RxV = model.apply({"params": params}, hidden_Rx1xD, method=model.logits)[:, 0]
+  return cache, *sample_rows(masked(logits_RxV, vocab_size), *sampling, top)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "vocab_size", "top"))

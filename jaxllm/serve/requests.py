@@ -4,7 +4,7 @@ each step reports (`Delta`), and the handle that cancels it."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, Sequence
 
 from jaxllm.errors import JaxllmError
 
@@ -68,3 +68,17 @@ class Handle:
 
   def cancel(self) -> None:
     self._request.cancelled = True
+
+
+def held_back(text: str, stops: Sequence[str]) -> int:
+  """How many trailing characters to hold: an unfinished multi-byte character (decoded as
+  U+FFFD) or the longest end of the text that a stop string starts with."""
+  held = len(text) - len(text.rstrip("\ufffd"))
+  body = text[:len(text) - held]
+  longest = 0
+  for stop in stops:
+    for k in range(min(len(stop) - 1, len(body)), longest, -1):
+      if body.endswith(stop[:k]):
+        longest = k
+        break
+  return held + longest

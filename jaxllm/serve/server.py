@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import pathlib
 import socket
+import threading
 import time
 from typing import Any, AsyncIterator, Callable, Sequence
 
@@ -301,6 +302,26 @@ def http_server(app: fastapi.FastAPI) -> uvicorn.Server:
   # to whatever sys.stderr is when they happen (its own config binds the stream at start).
   return uvicorn.Server(uvicorn.Config(app, log_level="warning", log_config=None,
                                        timeout_graceful_shutdown=5))
+
+
+class Background:
+  """A server for `app` on a thread of this process (a notebook, a test): `.url`, `.stop()`."""
+
+  def __init__(self, app: fastapi.FastAPI, host: str = "127.0.0.1", port: int = 0):
+    sock = listen(host, port)
+    self.server = http_server(app)
+    self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]},
+                                   daemon=True)
+    self.thread.start()
+    while not self.server.started:
+      if not self.thread.is_alive():
+        raise JaxllmError(f"the server on {host}:{port} stopped as it started")
+      time.sleep(0.01)
+    self.url = f"http://{host}:{sock.getsockname()[1]}"
+
+  def stop(self) -> None:
+    self.server.should_exit = True
+    self.thread.join(timeout=30)
 
 
 def _mesh(config: Any, given: bool):
