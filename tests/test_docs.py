@@ -79,6 +79,8 @@ from typing import Iterator
 
 import pytest
 
+from jaxllm.cli import commands as cli_commands
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # The pages held 86 jaxllm commands and 18 python / bash / source ones when this was written,
 # while README.md was being split into docs/ (the README's own summary holds 25 and 4 of them).
@@ -91,7 +93,7 @@ PLACEHOLDER = "<>"  # what a `<...>` placeholder becomes
 OPERATORS = ("&&", "||", ";", "|", "&", "(", ")")
 WRAPPERS = {"srun", "env", "exec", "time", "nohup", "$"}  # "$": a prompt written before a command
 SCRIPT_WORDS = {"bash", "sh", "source", "."}
-OVERRIDE_COMMANDS = ("train", "finetune", "eval", "reproduce", "sweep")  # as in commands.main
+OVERRIDE_COMMANDS = cli_commands.OVERRIDE_COMMANDS
 
 
 def doc_pages() -> list[pathlib.Path]:
@@ -618,13 +620,17 @@ def _check_overrides(parsed: argparse.Namespace, overrides: list[str], config) -
       config_lib.apply_overrides(config, [override])
     except JaxllmError as e:
       problems.append(f"--config.{override}: {e}")
-  if parsed.command == "eval" and checked:
+  if parsed.command == "serve":
+    other = [o for o in checked if not o.startswith(("model.", "mesh."))]
+    if other:
+      problems.append(f"--config.{other[0]} has no effect on `jaxllm serve`")
+  if parsed.command in ("eval", "serve") and checked:
     try:
       config_lib.check_read_back_overrides(checked, parsed.workdir)
     except JaxllmError as e:
       problems.append(str(e))
     other = [o for o in checked if not o.startswith("model.")]
-    if parsed.text and other:
+    if getattr(parsed, "text", None) and other:
       problems.append(f"--config.{other[0]} has no effect on `jaxllm eval --text`")
   return problems
 

@@ -30,6 +30,9 @@ import sys
 from jaxllm.errors import PREEMPTED_EXIT_STATUS
 from jaxllm.serve import bench
 
+# The subcommands that take --config.KEY=VALUE overrides.
+OVERRIDE_COMMANDS = ("train", "finetune", "eval", "reproduce", "sweep", "serve")
+
 
 def _split_config_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
   """Separates `--config.a.b=v` / `--config.a.b v` overrides from the other arguments."""
@@ -319,10 +322,9 @@ def main(argv: list[str] | None = None) -> int:
   rest, overrides = _split_config_overrides(argv)
   parser = _parser()
   args = parser.parse_args(rest)
-  if overrides and args.command not in ("train", "finetune", "eval", "reproduce", "sweep",
-                                        "serve"):
-    parser.error(f"--config.{overrides[0]} only applies to `jaxllm train`, `finetune`, `eval`, "
-                 f"`reproduce`, `sweep` and `serve`")
+  if overrides and args.command not in OVERRIDE_COMMANDS:
+    parser.error(f"--config.{overrides[0]} only applies to `jaxllm "
+                 f"{'`, `'.join(OVERRIDE_COMMANDS)}`")
   if args.command == "bench-serve":  # an HTTP client: no JAX to set up
     return bench.main(args)
 
