@@ -33,8 +33,12 @@ def _env(devices: int, **extra: str) -> dict[str, str]:
   env = {k: v for k, v in os.environ.items() if not k.startswith("JAXLLM_")}
   env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
              PYTHONPATH=str(REPO), **extra)
-  if "JAXLLM_SHARED_DATA" in os.environ:
-    env["JAXLLM_SHARED_DATA"] = os.environ["JAXLLM_SHARED_DATA"]
+  # The data mirror, and the session's compilation cache (tests/conftest.py), which keeps the
+  # runs out of ~/.cache and gives them the programs test_launch.py's runs of this config
+  # compiled (the number of steps is no part of a program).
+  for name in ("JAXLLM_SHARED_DATA", "JAXLLM_COMPILATION_CACHE"):
+    if name in os.environ:
+      env[name] = os.environ[name]
   return env
 
 
@@ -95,11 +99,12 @@ def eight_devices(runs) -> dict:
 # How far a mesh's losses may be from the one-device run's over the helper's 20 steps. In
 # float32 the meshes differ only in the order of their sums, so they stay within a few units in
 # the last place of a loss of ~4 (ulp 4.8e-7): measured 9.5e-7 at most (AMD EPYC, every family
-# below). bf16 operands keep 8 significant bits: where a parameter differs by a float32 rounding
-# between meshes, its bf16 rounding can flip (2^-9 relative), and Adam carries that forward, so
-# the differences grow from ~1e-6 at step 1 to 1.6e-4 at step 20 (AMD EPYC Zen 3, (1, 2, 4);
-# 1.2e-4 on Intel Xeon Sapphire Rapids, (2, 2, 2)). The bf16 bound is 3x that and still half of
-# the 1e-3 a wrong sharding of one step would show (test_the_mesh_check_sees_a_1e_3_change).
+# below), 1.2e-6 with the helper's XLA backend at optimisation level 0. bf16 operands keep 8
+# significant bits: where a parameter differs by a float32 rounding between meshes, its bf16
+# rounding can flip (2^-9 relative), and Adam carries that forward, so the differences grow
+# from ~1e-6 at step 1 to 1.6e-4 at step 20 (AMD EPYC Zen 3, (1, 2, 4), at either level; 1.2e-4
+# on Intel Xeon Sapphire Rapids, (2, 2, 2)). The bf16 bound is 3x that and still half of the
+# 1e-3 a wrong sharding of one step would show (test_the_mesh_check_sees_a_1e_3_change).
 FLOAT32_TOLERANCE = 5e-6
 BF16_TOLERANCE = 5e-4
 
@@ -149,7 +154,7 @@ def test_bf16_matmuls_give_the_same_losses_on_every_mesh(eight_devices):
 
 def test_llama_components_give_the_same_losses_on_every_mesh(eight_devices):
   reference, meshes = _family_losses(eight_devices, "llama")
-  assert meshes == 5 and reference[0] - reference[-1] > 0.5
+  assert meshes == 3 and reference[0] - reference[-1] > 0.5  # (1, 1, 1) and 2 tensor splits
   # Tensor axis 2: one of the 2 kv heads per device; tensor axis 4: replicated by the rule.
   split = eight_devices["layout"]["llama (2, 2, 2)"]["params"]["blocks_0/attn/kv/kernel"]
   assert (split["spec"], split["shard_shape"]) == ([["fsdp"], [], ["tensor"], []], [16, 2, 1, 8])
