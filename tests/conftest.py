@@ -171,7 +171,7 @@ SLOW = {
     "tests/test_vectorized.py::test_eight_trials_at_once_equal_eight_runs",  # 91
     "tests/test_vectorized.py::test_trials_of_other_seeds_and_init_scales_equal_their_runs",  # 74
     "tests/test_vectorized.py::test_a_vectorised_grid_sweep",  # 64
-    "tests/test_launch.py::test_local_two_processes_equal_one",  # 83
+    "tests/test_launch.py::test_local_two_processes_equal_one",  # 44 (load ~4)
     "tests/test_finetune.py::test_classifier_then_instructions_end_to_end",  # 72
     "tests/test_finetune.py::test_how_the_network_runs_is_this_runs_under_init_from",  # 27
     "tests/test_generate.py::test_generation_past_the_context_slides_a_window",  # 55

@@ -95,15 +95,20 @@ def test_local_two_processes_equal_one(tmp_path, shared_data):
             "--config.model.vocab_size=64"]  # 63 characters, padded to split over tensor=2
 
   env = {k: v for k, v in os.environ.items() if not k.startswith("JAXLLM_COORDINATOR")}
-  one = subprocess.run([sys.executable, "-m", "jaxllm.cli", *job("one")], cwd=REPO, timeout=300,
-                       env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
-                       capture_output=True, text=True)
-  assert one.returncode == 0, one.stderr[-2000:]
-  two = subprocess.run([sys.executable, "-m", "jaxllm.cli", "launch", "local", "--processes",
-                        "2", "--devices-per-process", "2", "--", *job("two")], cwd=REPO,
-                       env=env, capture_output=True, text=True, timeout=300)
-  assert two.returncode == 0, two.stderr[-2000:]
-  assert "over 4 cpu device(s) in 2 process(es)" in two.stdout
+
+  def start(command, **extra):
+    return subprocess.Popen([sys.executable, "-m", "jaxllm.cli", *command], cwd=REPO,
+                            env={**env, **extra}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+  # Both at once, sharing the cores.
+  runs = [start(job("one"), XLA_FLAGS="--xla_force_host_platform_device_count=4"),
+          start(["launch", "local", "--processes", "2", "--devices-per-process", "2", "--",
+                 *job("two")])]
+  (_, one_err), (two_out, two_err) = (run.communicate(timeout=300) for run in runs)
+  assert runs[0].returncode == 0, one_err[-2000:]
+  assert runs[1].returncode == 0, two_err[-2000:]
+  assert "over 4 cpu device(s) in 2 process(es)" in two_out
   records = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl")
                     .read_text().splitlines()] for name in ("one", "two")}
   losses = {name: [r["loss"] for r in rs if "loss" in r] for name, rs in records.items()}
