@@ -79,15 +79,16 @@ def test_gpt2_small_shapes_train_like_float32():
   assert losses["float32"][-1] < losses["float32"][0] - 0.5  # it did learn (memorising 2 rows)
 
 
-def test_shakespeare_200_steps_track_float32(tmp_path, capsys):
-  """nanoGPT's CPU Shakespeare config for 200 steps, float32 and bf16 matmuls: every logged
-  train loss within 2e-3 (measured: 2.2e-4), validation losses too."""
+def test_shakespeare_100_steps_track_float32(tmp_path, capsys):
+  """nanoGPT's CPU Shakespeare config for 100 steps, float32 and bf16 matmuls: every logged
+  train loss within 1.5e-3 (measured: 1.4e-4), validation losses too. (Input gradients 10 %
+  off in the backward pass move a loss by 1.5e-2, by step 60.)"""
   records = {}
   for dtype in ("float32", "bfloat16"):
     workdir = tmp_path / dtype
     assert cli.main(["train", "--config", "experiments/shakespeare_char.py", "--workdir",
-                     str(workdir), "--config.train.steps=200", "--config.train.decay_steps=200",
-                     "--config.train.eval_every=100", "--config.train.eval_batches=5",
+                     str(workdir), "--config.train.steps=100", "--config.train.decay_steps=100",
+                     "--config.train.eval_every=50", "--config.train.eval_batches=5",
                      "--config.train.sample_tokens=0", "--config.train.peak_flops=1e11",
                      "--config.checkpoint.every_steps=0", f"--config.model.matmul_dtype={dtype}",
                      "--no-progress"]) == 0
@@ -96,5 +97,5 @@ def test_shakespeare_200_steps_track_float32(tmp_path, capsys):
   for key in ("loss", "val_loss"):
     f32, bf16 = ([r[key] for r in records[d] if key in r] for d in ("float32", "bfloat16"))
     assert len(f32) == len(bf16) >= 3
-    np.testing.assert_allclose(bf16, f32, rtol=0, atol=2e-3)
-  assert records["float32"][-1]["val_loss"] < 2.6
+    np.testing.assert_allclose(bf16, f32, rtol=0, atol=1.5e-3)
+  assert records["float32"][-1]["val_loss"] < 2.75  # from 4.2 (measured: 2.64)
