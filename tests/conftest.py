@@ -165,9 +165,9 @@ SLOW = {
     "tests/test_dpo.py::test_loss_is_ln2_when_the_policy_is_the_reference",  # 53
     "tests/test_matmul.py::test_shakespeare_100_steps_track_float32",  # 35 (load ~3)
     "tests/test_matmul.py::test_gpt2_small_shapes_train_like_float32",  # 92
-    "tests/test_sweep.py::test_grid_killed_midway_finishes_only_what_is_missing",  # 121
-    "tests/test_sweep.py::test_tpe_with_median_pruning_prunes",  # 87
-    "tests/test_sweep.py::test_two_workers_share_one_study",  # 78
+    "tests/test_sweep.py::test_grid_killed_midway_finishes_only_what_is_missing",  # 38 (~3)
+    "tests/test_sweep.py::test_tpe_with_median_pruning_prunes",  # 32 (load ~3)
+    "tests/test_sweep.py::test_two_workers_share_one_study",  # 24 (load ~3)
     "tests/test_vectorized.py::test_eight_trials_at_once_equal_eight_runs",  # 91
     "tests/test_vectorized.py::test_trials_of_other_seeds_and_init_scales_equal_their_runs",  # 74
     "tests/test_vectorized.py::test_a_vectorised_grid_sweep",  # 64

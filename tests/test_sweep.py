@@ -18,7 +18,7 @@ from jaxllm.tools import sweep, sweep_results
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-# The Shakespeare char task at the smallest size: 20 steps of a 1-3 layer model on The Verdict.
+# The Shakespeare char task at the smallest size: 20 steps of a 1-2 layer model on The Verdict.
 EXPERIMENT = """
 from jaxllm.config import load_config
 def get_config():
@@ -101,37 +101,39 @@ def test_curves_read_a_metrics_file_cut_by_a_kill(tmp_path):
 
 def test_grid_killed_midway_finishes_only_what_is_missing(tmp_path, experiment):
   sweep_dir = tmp_path / "grid"
-  grid = ["--param", "train.learning_rate=1e-3,1e-2", "--param", "model.n_layer=1,2,3",
+  grid = ["--param", "train.learning_rate=1e-3,1e-2", "--param", "model.n_layer=1,2",
           "--grace-seconds", "2"]
   first = _sweep(experiment, sweep_dir, *grid)
-  # SIGKILL while the fourth trial trains, after its first checkpoint is complete (a save
+  # SIGKILL while the third trial trains, after its first checkpoint is complete (a save
   # still in flight is a "5.orbax-checkpoint-tmp" folder, which a rerun rightly skips).
   deadline = time.time() + 240
-  checkpoints = sweep_dir / "trial_003" / "checkpoints"
+  checkpoints = sweep_dir / "trial_002" / "checkpoints"
   while not (checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())):
     assert first.poll() is None and time.time() < deadline, first.stdout.read()
     time.sleep(0.2)
   first.send_signal(signal.SIGKILL)
   first.wait()
   done = {row["trial"]: row for row in _rows(sweep_dir)}
-  assert sorted(done) == ["0", "1", "2"]
+  assert sorted(done) == ["0", "1"]
   stamps = {n: (sweep_dir / f"trial_00{n}" / "eval.json").stat().st_mtime for n in done}
-  time.sleep(5)  # the killed trial's heartbeat (every second) goes stale (after 2 s)
+  # The killed trial's heartbeat (every second) goes stale after 2 s: by the time the rerun
+  # has started (seconds of imports) and looks.
+  time.sleep(3)
 
   second = _sweep(experiment, sweep_dir, *grid)
   out, _ = second.communicate(timeout=300)
   assert second.returncode == 0, out
   rows = _rows(sweep_dir)
-  assert len(rows) == 6 and {r["state"] for r in rows} == {"complete"}, out
+  assert len(rows) == 4 and {r["state"] for r in rows} == {"complete"}, out
   assert {(r["train.learning_rate"], r["model.n_layer"]) for r in rows} == {
-      (lr, n) for lr in ("0.001", "0.01") for n in ("1", "2", "3")}
-  # Finished trials were not run again: the rerun ran three (the two grid points left and
-  # the killed trial's retry), and the retry resumed in the killed trial's directory.
+      (lr, n) for lr in ("0.001", "0.01") for n in ("1", "2")}
+  # Finished trials were not run again: the rerun ran two (the grid point left and the
+  # killed trial's retry), and the retry resumed in the killed trial's directory.
   assert {n: (sweep_dir / f"trial_00{n}" / "eval.json").stat().st_mtime for n in done} == stamps
   started = re.findall(r"^trial (\d+): ", out, flags=re.MULTILINE)
-  assert len(started) == 3 and min(map(int, started)) >= 4, out
-  retried = [r for r in rows if r["workdir"].endswith("trial_003")]
-  assert len(retried) == 1 and int(retried[0]["trial"]) >= 4, rows
+  assert len(started) == 2 and min(map(int, started)) >= 3, out
+  retried = [r for r in rows if r["workdir"].endswith("trial_002")]
+  assert len(retried) == 1 and int(retried[0]["trial"]) >= 3, rows
   assert re.search(r"resuming from step (5|10|15) ", out), out
   assert sum(r["best"] == "True" for r in rows) == 1
   assert (sweep_dir / "results.md").read_text().count("(best)") == 1
@@ -143,7 +145,7 @@ def test_grid_killed_midway_finishes_only_what_is_missing(tmp_path, experiment):
 def test_two_workers_share_one_study(tmp_path, experiment):
   sweep_dir = tmp_path / "random"
   args = ["--param", "train.learning_rate=loguniform:1e-4:1e-2", "--sampler", "random",
-          "--trials", "6", "--seed", "1"]
+          "--trials", "4", "--seed", "1"]
   first, second = _sweep(experiment, sweep_dir, *args), _sweep(experiment, sweep_dir, *args)
   outputs = [p.communicate(timeout=300)[0] for p in (first, second)]
   assert [p.returncode for p in (first, second)] == [0, 0], outputs
@@ -152,16 +154,17 @@ def test_two_workers_share_one_study(tmp_path, experiment):
   assert ran[0] and ran[1] and not ran[0] & ran[1]  # both worked, on disjoint trials
   trials = _study(sweep_dir).get_trials()
   complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-  assert len(complete) == 6 and len(_rows(sweep_dir)) == 6
+  assert len(complete) == 4 and len(_rows(sweep_dir)) == 4
 
 
 def test_tpe_with_median_pruning_prunes(tmp_path, experiment):
   sweep_dir = tmp_path / "tpe"
   process = _sweep(experiment, sweep_dir, "--param", "train.learning_rate=loguniform:1e-6:3e-2",
-                   "--sampler", "tpe", "--pruner", "median", "--trials", "8", "--seed", "0")
+                   "--sampler", "tpe", "--pruner", "median", "--trials", "6", "--seed", "0")
   out, _ = process.communicate(timeout=600)
   assert process.returncode == 0, out
   rows = _rows(sweep_dir)
   states = [r["state"] for r in rows]
-  assert len(rows) == 8 and states.count("pruned") >= 1, states
+  # Trials 0-3 are TPE's random start (two of them pruned, measured), 4 and 5 its own.
+  assert len(rows) == 6 and states.count("pruned") >= 1, states
   assert "| pruned |" in (sweep_dir / "results.md").read_text()
