@@ -143,7 +143,8 @@ def judge_server():
 # An entry is a node id, a test function (all its parameters) or a file.
 SLOW = {
     # The `runs` fixture: jaxllm train on 4 devices, on 2 processes of 2, and the 8-device
-    # helper, 106 s in all (load ~4, after test_launch.py filled the compilation cache).
+    # helper in two parts, 99 s in all (load ~6, after test_launch.py filled the compilation
+    # cache).
     "tests/test_sharding.py::test_every_mesh_gives_the_same_losses",
     "tests/test_sharding.py::test_the_mesh_check_sees_a_1e_3_change",
     "tests/test_sharding.py::test_bf16_matmuls_give_the_same_losses_on_every_mesh",

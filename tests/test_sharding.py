@@ -1,8 +1,9 @@
 """Sharded training: one train step on any (data, fsdp, tensor) mesh, and multi-host runs.
 
 Multi-device checks run in subprocesses (the CPU device count is fixed when jax starts), all
-started at once so they share the cores: tests/sharding_helper.py on 8 simulated devices, and
-`jaxllm train` as two processes joined on 127.0.0.1 and as one process with 4 devices.
+started at once so they share the cores: tests/sharding_helper.py on 8 simulated devices (its
+two parts as two processes), and `jaxllm train` as two processes joined on 127.0.0.1 and as
+one process with 4 devices.
 """
 
 import json
@@ -75,7 +76,8 @@ def runs(tmp_path_factory, shared_data):
                          f"--config.data.data_dir={tmp_path / workdir}_tfds"], devices, **env)
 
   coordinator = f"127.0.0.1:{_free_port()}"
-  procs = {"helper": start([sys.executable, str(REPO / "tests" / "sharding_helper.py")], 8),
+  helper = [sys.executable, str(REPO / "tests" / "sharding_helper.py")]
+  procs = {"gpt": start([*helper, "gpt"], 8), "others": start([*helper, "others"], 8),
            "one": train("one", 4)}
   for i, name in enumerate(("two", "second")):
     procs[name] = train("two", 2, JAXLLM_COORDINATOR=coordinator, JAXLLM_NUM_PROCESSES="2",
@@ -83,8 +85,11 @@ def runs(tmp_path_factory, shared_data):
   outputs = {name: proc.communicate(timeout=600) for name, proc in procs.items()}
   for name, proc in procs.items():
     assert proc.returncode == 0, (name, outputs[name][1][-4000:])
-  result = types.SimpleNamespace(
-      helper=json.loads(outputs["helper"][0].strip().splitlines()[-1]), dir=tmp_path)
+  helper = {}
+  for part in ("gpt", "others"):
+    for key, values in json.loads(outputs[part][0].strip().splitlines()[-1]).items():
+      helper.setdefault(key, {}).update(values)
+  result = types.SimpleNamespace(helper=helper, dir=tmp_path)
   for name in ("one", "two", "second"):
     setattr(result, name, outputs[name][0])
   return result
