@@ -201,6 +201,7 @@ SLOW = {
     "tests/test_encoder.py::test_one_line_errors",  # 8
     "tests/test_cli.py::test_a_second_run_loads_its_compiled_programs_from_the_cache",  # 33
     "tests/test_cli.py::test_train_then_generate",  # 22
+    "tests/test_api.py::test_convert_load_generate_and_train",  # 19 (load ~4)
     # The `compile_cache` fixture's users, jaxllm train in subprocesses.
     "tests/test_checkpoint.py::test_resume_after_sigkill_and_sigterm_is_exact",  # 31
     "tests/test_checkpoint.py::test_restore_onto_another_mesh",  # 9
