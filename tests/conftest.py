@@ -162,7 +162,7 @@ SLOW = {
     "tests/test_trainer.py::test_a_resumed_finetune_reads_no_init_from_weights",  # 36 (load ~3)
     "tests/test_trainer.py::test_finetune_resumes_exactly_after_sigkill_and_sigterm",  # 42 (~3)
     "tests/test_trainer.py::test_gradient_accumulation_gives_the_whole_batch_gradient",  # 71 (5)
-    "tests/test_dpo.py::test_instruct_then_dpo_then_eval",  # 54 (load ~3)
+    "tests/test_dpo.py::test_instruct_then_dpo_then_eval",  # 49 (load ~2)
     "tests/test_dpo.py::test_loss_is_ln2_when_the_policy_is_the_reference",  # 53
     "tests/test_matmul.py::test_shakespeare_100_steps_track_float32",  # 35 (load ~3)
     "tests/test_matmul.py::test_gpt2_small_shapes_train_like_float32",  # 92
@@ -173,8 +173,8 @@ SLOW = {
     "tests/test_vectorized.py::test_trials_of_other_seeds_and_init_scales_equal_their_runs",  # 74
     "tests/test_vectorized.py::test_a_vectorised_grid_sweep",  # 64
     "tests/test_launch.py::test_local_two_processes_equal_one",  # 44 (load ~4)
-    "tests/test_finetune.py::test_classifier_then_instructions_end_to_end",  # 72
-    "tests/test_finetune.py::test_how_the_network_runs_is_this_runs_under_init_from",  # 27
+    "tests/test_finetune.py::test_classifier_then_instructions_end_to_end",  # 29 (load ~2)
+    "tests/test_finetune.py::test_how_the_network_runs_is_this_runs_under_init_from",  # 19 (~2)
     "tests/test_generate.py::test_generation_past_the_context_slides_a_window",  # 55
     "tests/test_generate.py::test_padded_vocabulary_ids_are_never_sampled",  # 53
     "tests/test_generate.py::test_rows_stop_at_eot_and_emit_nothing_after",  # 12

@@ -17,8 +17,9 @@ from jaxllm.tasks import dpo, losses
 
 TINY = config_lib.ModelConfig(vocab_size=50257, context_length=128, n_layer=2, n_head=2,
                               d_model=32)
+# A given peak FLOP/s spares each run the matmuls that would measure it for the MFU figure.
 MICRO = ["--config.model.n_layer=1", "--config.model.n_head=2", "--config.model.d_model=32",
-         "--config.model.context_length=128", "--no-progress"]
+         "--config.model.context_length=128", "--config.train.peak_flops=1e11", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +93,8 @@ def test_instruct_then_dpo_then_eval(tmp_path, shared_data, capsys):
                      "--workdir", str(run), "--no-progress", f"--config.train.init_from={sft}",
                      f"--config.data.path={tmp_path / 'prefs.json'}",
                      "--config.train.learning_rate=3e-3", "--config.train.epochs=2",
-                     "--config.train.eval_every=6", "--config.train.eval_batches=2"])
+                     "--config.train.eval_every=6", "--config.train.eval_batches=2",
+                     "--config.train.peak_flops=1e11"])
   assert status == 0, capsys.readouterr().err
   metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
   assert metrics[0]["step"] == 0

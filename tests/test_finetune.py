@@ -17,8 +17,9 @@ from jaxllm.tasks import common, losses
 from jaxllm.training import step as train_lib
 
 TINY = config_lib.ModelConfig(vocab_size=48, context_length=16, n_layer=3, n_head=2, d_model=32)
+# A given peak FLOP/s spares each run the matmuls that would measure it for the MFU figure.
 MICRO = ["--config.model.n_layer=1", "--config.model.n_head=2", "--config.model.d_model=32",
-         "--config.model.context_length=96", "--no-progress"]
+         "--config.model.context_length=96", "--config.train.peak_flops=1e11", "--no-progress"]
 
 
 def _params():
@@ -107,7 +108,7 @@ def test_classifier_then_instructions_end_to_end(tmp_path, shared_data, capsys, 
                      f"--config.train.init_from={spam}",
                      f"--config.data.path={tmp_path / 'records.json'}",
                      "--config.instruct.max_new_tokens=6", "--config.instruct.pad_multiple=96",
-                     "--config.train.learning_rate=3e-3",
+                     "--config.train.learning_rate=3e-3", "--config.train.peak_flops=1e11",
                      "--config.train.epochs=3", "--config.train.eval_every=100"])
   assert status == 0, capsys.readouterr().err
   figures = json.loads((chat / "eval.json").read_text())
@@ -174,7 +175,8 @@ def test_how_the_network_runs_is_this_runs_under_init_from(tmp_path, shared_data
                  "--config.data.train_split=train", f"--config.data.data_dir={tmp_path}/tfds",
                  "--config.model.preset=gpt-micro", "--config.train.batch_size=4",
                  "--config.train.eval_every=4", "--config.train.eval_batches=2",
-                 "--config.train.steps=4", "--config.train.sample_tokens=0"]
+                 "--config.train.steps=4", "--config.train.sample_tokens=0",
+                 "--config.train.peak_flops=1e11"]
 
   def run(name, *extra):
     assert cli.main(["train", "--workdir", str(tmp_path / name), *common_args, *extra]) == 0, (
