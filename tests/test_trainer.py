@@ -203,7 +203,9 @@ def test_two_processes_end_with_the_one_process_figures(tmp_path, converted, spa
   args = [sys.executable, "-c", runner, *SPAM, f"--config.train.init_from={converted}",
           f"--config.data.path={spam}", "--config.mesh.fsdp=4",
           "--config.mesh.rules=[('vocab', None)]"]
-  base = {k: v for k, v in os.environ.items() if not k.startswith("JAXLLM_")}
+  # The session's compilation cache (tests/conftest.py) stays: without it, ~/.cache.
+  base = {k: v for k, v in os.environ.items()
+          if not k.startswith("JAXLLM_") or k == "JAXLLM_COMPILATION_CACHE"}
 
   def start(workdir, devices, **env):
     env = {**base, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
