@@ -169,7 +169,7 @@ SLOW = {
     "tests/test_sweep.py::test_grid_killed_midway_finishes_only_what_is_missing",  # 38 (~3)
     "tests/test_sweep.py::test_tpe_with_median_pruning_prunes",  # 32 (load ~3)
     "tests/test_sweep.py::test_two_workers_share_one_study",  # 24 (load ~3)
-    "tests/test_vectorized.py::test_eight_trials_at_once_equal_eight_runs",  # 91
+    "tests/test_vectorized.py::test_eight_trials_at_once_equal_eight_runs",  # 47 (load ~3)
     "tests/test_vectorized.py::test_trials_of_other_seeds_and_init_scales_equal_their_runs",  # 74
     "tests/test_vectorized.py::test_a_vectorised_grid_sweep",  # 64
     "tests/test_launch.py::test_local_two_processes_equal_one",  # 44 (load ~4)

@@ -45,6 +45,40 @@ from jaxllm import config
 from jaxllm.tools import vectorized
 vectorized.run(config.from_dict(json.loads(sys.argv[1])), json.loads(sys.argv[2]), sys.argv[3:])
 """
+# Separate runs of trials (learning rate, weight decay), one after another, in a process of
+# their own: half of them run beside this process's half.
+SEPARATE_RUNS = """
+import json, sys
+from jaxllm import compile_cache, config
+from jaxllm.training import loop
+compile_cache.enable()  # as in the session's process (tests/conftest.py names the folder)
+for values, workdir in zip(json.loads(sys.argv[2]), sys.argv[3:]):
+  alone = config.from_dict(json.loads(sys.argv[1]))
+  alone.train.learning_rate = values["train.learning_rate"]
+  alone.train.weight_decay = values["train.weight_decay"]
+  loop.run(alone, workdir, progress=False)
+"""
+
+
+def _separately(config, trials, tmp_path):
+  """Runs each trial alone into tmp_path/s<i>: the second half in a subprocess (its own TFDS
+  folder, the same text), the first half here, at the same time."""
+  half = len(trials) // 2
+  other = config_lib.from_dict(config.to_dict())
+  other.data.data_dir = str(tmp_path / "tfds-separate")
+  process = subprocess.Popen(
+      [sys.executable, "-c", SEPARATE_RUNS, json.dumps(other.to_dict()),
+       json.dumps(trials[half:]), *[str(tmp_path / f"s{i}") for i in range(half, len(trials))]],
+      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  for i, values in enumerate(trials[:half]):
+    alone = config_lib.from_dict(config.to_dict())
+    alone.train.learning_rate, alone.train.weight_decay = (values["train.learning_rate"],
+                                                           values["train.weight_decay"])
+    trainer.run(alone, tmp_path / f"s{i}", progress=False)
+  _, err = process.communicate(timeout=300)
+  assert process.returncode == 0, err[-3000:]
+  return [json.loads((tmp_path / f"s{i}" / "eval.json").read_text())["val_loss"]
+          for i in range(len(trials))]
 
 
 def test_eight_trials_at_once_equal_eight_runs(tmp_path, shared_data):
@@ -57,12 +91,7 @@ def test_eight_trials_at_once_equal_eight_runs(tmp_path, shared_data):
       [sys.executable, "-c", SPLIT_RUN, json.dumps(split_config.to_dict()), json.dumps(trials),
        *[str(tmp_path / f"v{i}") for i in range(8)]], cwd=REPO, stdout=subprocess.PIPE,
       stderr=subprocess.PIPE, text=True)
-  separate = []
-  for i, values in enumerate(trials):
-    alone = config_lib.from_dict(config.to_dict())
-    alone.train.learning_rate, alone.train.weight_decay = (values["train.learning_rate"],
-                                                           values["train.weight_decay"])
-    separate.append(trainer.run(alone, tmp_path / f"s{i}", progress=False)["val_loss"])
+  separate = _separately(config, trials, tmp_path)
   out, err = together.communicate(timeout=300)
   assert together.returncode == 0, err[-3000:]
   assert "8 vectorised trials of train.learning_rate, train.weight_decay: 20 steps, 1 per " \
