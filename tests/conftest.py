@@ -143,7 +143,7 @@ def judge_server():
 # An entry is a node id, a test function (all its parameters) or a file.
 SLOW = {
     # The `runs` fixture: jaxllm train on 4 devices, on 2 processes of 2, and the 8-device
-    # helper in two parts, 99 s in all (load ~6, after test_launch.py filled the compilation
+    # helper in two parts, 55 s in all (load ~2, after test_launch.py filled the compilation
     # cache).
     "tests/test_sharding.py::test_every_mesh_gives_the_same_losses",
     "tests/test_sharding.py::test_the_mesh_check_sees_a_1e_3_change",
@@ -172,7 +172,7 @@ SLOW = {
     "tests/test_vectorized.py::test_eight_trials_at_once_equal_eight_runs",  # 47 (load ~3)
     "tests/test_vectorized.py::test_trials_of_other_seeds_and_init_scales_equal_their_runs",  # 74
     "tests/test_vectorized.py::test_a_vectorised_grid_sweep",  # 64
-    "tests/test_launch.py::test_local_two_processes_equal_one",  # 44 (load ~4)
+    "tests/test_launch.py::test_local_two_processes_equal_one",  # 27 (load ~2)
     "tests/test_finetune.py::test_classifier_then_instructions_end_to_end",  # 29 (load ~2)
     "tests/test_finetune.py::test_how_the_network_runs_is_this_runs_under_init_from",  # 19 (~2)
     "tests/test_generate.py::test_generation_past_the_context_slides_a_window",  # 55

@@ -153,7 +153,7 @@ def test_the_mesh_check_sees_a_1e_3_change(eight_devices):
 def test_bf16_matmuls_give_the_same_losses_on_every_mesh(eight_devices):
   reference, meshes = _family_losses(eight_devices, "bf16", BF16_TOLERANCE)
   assert meshes == 3
-  # ... and track float32's (measured 4.9e-4 over 20 steps; bf16 operands keep 8 bits).
+  # ... and track float32's (measured 5.7e-4 over 20 steps; bf16 operands keep 8 bits).
   assert np.abs(reference - np.array(eight_devices["losses"]["(1, 1, 1)"])).max() <= 5e-3
 
 
