@@ -157,7 +157,7 @@ def test_float64_needs_jax_64_bit_mode_and_float32_matmuls(architecture):
     ("train.batch_size=0", "train.batch_size must be at least 1, got 0"),
     ("train.eval_every=-1", "train.eval_every must be 0 or more, got -1"),
     ("train.grad_accum=5", "train.batch_size=12 is not divisible by train.grad_accum=5"),
-    ("train.schedule=linear", "train.schedule must be cosine or constant"),
+    ("train.schedule=linear", "train.schedule must be cosine, constant or wsd, got 'linear'"),
 ])
 def test_unusable_train_values_are_one_line_errors(override, message):
   config = config_lib.default_config()

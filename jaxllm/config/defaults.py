@@ -142,10 +142,25 @@ def _train() -> ml_collections.ConfigDict:
   s.epochs = 0  # > 0: train this many passes over the sliding windows instead
   s.batch_size = 12  # sequences per optimizer step (all microbatches together)
   s.learning_rate = 1e-3  # peak learning rate (after warmup)
-  s.min_learning_rate = 1e-4  # end of the cosine decay
-  s.schedule = "cosine"  # "cosine" (linear warmup + cosine decay) or "constant"
+  s.min_learning_rate = 1e-4  # end of the cosine or wsd decay
+  # "cosine" (linear warmup + cosine decay), "constant", or "wsd" (warmup, stable, decay:
+  # linear warmup, the peak rate, then a decay over the last decay_fraction of the steps).
+  s.schedule = "cosine"
   s.warmup_steps = 100  # linear warmup from 0
   s.decay_steps = 0  # 0 = steps
+  s.decay_fraction = 0.2  # wsd: the end fraction of the steps that decays, in (0, 1]
+  s.decay_shape = "linear"  # wsd's decay: "linear" or "1-sqrt" (Hägele et al. 2024)
+  # "adamw", or "muon": Muon (orthogonalised momentum; jaxllm/training/muon.py) for the
+  # blocks' hidden matrices, AdamW (learning_rate, beta1, beta2, weight_decay) for the rest.
+  s.optimizer = "adamw"
+  # Muon's peak rate (the speedrun's): Muon's rate is train.schedule's times
+  # muon_learning_rate / learning_rate, at every step.
+  s.muon_learning_rate = 0.02
+  s.muon_momentum = 0.95  # Muon's (Nesterov) momentum after its warmup
+  s.muon_momentum_start = 0.85  # Muon's momentum at step 0, rising linearly to muon_momentum
+  s.muon_momentum_warmup_steps = 300  # steps of that rise (the speedrun's); 0 = no warmup
+  s.muon_ns_steps = 5  # Newton-Schulz iterations per Muon update
+  s.muon_weight_decay = 0.0  # Muon's decoupled weight decay, times Muon's learning rate
   s.weight_decay = 0.1  # applied to matrices (ndim >= 2) only
   s.beta1 = 0.9  # AdamW's first-moment decay
   s.beta2 = 0.95  # AdamW's second-moment decay

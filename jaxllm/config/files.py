@@ -160,19 +160,41 @@ def check_read_back_overrides(overrides: Sequence[str], workdir: Any) -> None:
 
 def check_train(train: ml_collections.ConfigDict) -> None:
   """train.* values no run can use, as one-line errors before anything is built."""
-  for key in ("batch_size", "grad_accum", "eval_batches"):
+  for key in ("batch_size", "grad_accum", "eval_batches", "muon_ns_steps"):
     if train[key] < 1:
       raise JaxllmError(f"train.{key} must be at least 1, got {train[key]}")
-  for key in ("steps", "epochs", "eval_every", "log_every", "warmup_steps", "decay_steps"):
+  for key in ("steps", "epochs", "eval_every", "log_every", "warmup_steps", "decay_steps",
+              "muon_momentum_warmup_steps"):
     if train[key] < 0:
       raise JaxllmError(f"train.{key} must be 0 or more, got {train[key]}")
   if train.batch_size % train.grad_accum:
     raise JaxllmError(f"train.batch_size={train.batch_size} is not divisible by "
                       f"train.grad_accum={train.grad_accum}")
-  if train.schedule not in ("cosine", "constant"):
-    raise JaxllmError(f"train.schedule must be cosine or constant, got '{train.schedule}'")
+  _check_choice(train, "schedule", ("cosine", "constant", "wsd"))
+  _check_choice(train, "decay_shape", ("linear", "1-sqrt"))
+  _check_choice(train, "optimizer", ("adamw", "muon"))
+  if not 0 < train.decay_fraction <= 1:
+    raise JaxllmError(f"train.decay_fraction must be in (0, 1], got {train.decay_fraction}")
+  if train.optimizer == "muon":
+    _check_muon(train)
   if train.steps <= 0 and train.epochs <= 0:
     raise JaxllmError("set train.steps (or train.epochs) to a positive number")
+
+
+def _check_choice(train: ml_collections.ConfigDict, key: str, valid: tuple[str, ...]) -> None:
+  if train[key] not in valid:
+    raise JaxllmError(f"train.{key} must be {', '.join(valid[:-1])} or {valid[-1]}, got "
+                      f"'{train[key]}'")
+
+
+def _check_muon(train: ml_collections.ConfigDict) -> None:
+  if train.learning_rate <= 0:
+    raise JaxllmError(f"train.optimizer=muon needs train.learning_rate > 0 (Muon's rate is its "
+                      f"schedule's, scaled by muon_learning_rate / learning_rate), got "
+                      f"{train.learning_rate}")
+  for key in ("muon_momentum", "muon_momentum_start"):
+    if not 0 <= train[key] < 1:
+      raise JaxllmError(f"train.{key} must be in [0, 1), got {train[key]}")
 
 
 def every(done: int, interval: int) -> bool:

@@ -90,6 +90,10 @@ def run(config: ml_collections.ConfigDict, trials: Sequence[dict],
   """Trains len(trials) variants of `config` ({key: value} each) at once; returns each
   trial's final figures, also written to its workdir's eval.json."""
   start_time = time.perf_counter()
+  if config.train.optimizer != "adamw":
+    raise JaxllmError(f"vectorised trials train with AdamW only (its hyperparameters traced per "
+                      f"trial), not train.optimizer={config.train.optimizer}; run the sweep "
+                      f"without --vectorize")
   configs = [_trial_config(config, values) for values in trials]
   for trial_config in configs:
     config_lib.check_train(trial_config.train)

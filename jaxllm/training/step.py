@@ -15,6 +15,7 @@ import ml_collections
 import optax
 
 from jaxllm.models.gpt import GPT
+from jaxllm.training import muon as muon_lib
 
 
 @flax.struct.dataclass
@@ -41,7 +42,31 @@ def learning_rate_schedule(train: ml_collections.ConfigDict, total_steps: int) -
     return optax.warmup_cosine_decay_schedule(
         init_value=start, peak_value=train.learning_rate, warmup_steps=warmup,
         decay_steps=max(decay_steps, warmup + 1), end_value=train.min_learning_rate)
+  if train.schedule == "wsd":
+    return _warmup_stable_decay(train, int(train.decay_steps) or total_steps, start)
   raise ValueError(f"unknown schedule {train.schedule!r}")
+
+
+def _warmup_stable_decay(train: ml_collections.ConfigDict, horizon: int,
+                         start: float) -> optax.Schedule:
+  """Warmup as the other schedules, the peak rate, then over the last decay_fraction of the
+  `horizon` steps a decay to min_learning_rate, reached at step `horizon`: linear, or 1-sqrt
+  (Hägele et al. 2024: peak - (peak - min) * sqrt(progress))."""
+  peak, floor, warmup = train.learning_rate, train.min_learning_rate, int(train.warmup_steps)
+  decay = max(1, round(float(train.decay_fraction) * horizon))
+  begin = horizon - decay
+
+  def schedule(count):
+    step = jnp.asarray(count)
+    progress = jnp.clip((step - begin) / decay, 0.0, 1.0)
+    if train.decay_shape == "1-sqrt":
+      progress = jnp.sqrt(progress)
+    rate = peak * (1 - progress) + floor * progress  # both ends exact
+    if warmup:  # a warmup running into the decay ends where the decay has got to
+      rate = jnp.minimum(rate, start + (peak - start) * jnp.minimum(step / warmup, 1.0))
+    return rate
+
+  return schedule
 
 
 def weight_decay_mask(params: Any) -> Any:
@@ -69,25 +94,48 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(optax.init_empty_state, update)
 
 
+def _adamw(train: ml_collections.ConfigDict, schedule: optax.Schedule
+           ) -> optax.GradientTransformation:
+  return optax.adamw(schedule, b1=train.beta1, b2=train.beta2, eps=1e-8,
+                     weight_decay=train.weight_decay, mask=weight_decay_mask)
+
+
 def make_optimizer(train: ml_collections.ConfigDict, total_steps: int,
                    trainable: Any = None, schedule: optax.Schedule | None = None
                    ) -> optax.GradientTransformation:
-  """AdamW with global-norm clipping (train.grad_clip > 0) and decay on matrices only.
+  """AdamW with global-norm clipping (train.grad_clip > 0) and decay on matrices only; or,
+  with train.optimizer=muon, Muon for the blocks' hidden matrices (`muon_optimizer`).
 
   `trainable` (a pytree of bools like the params, None = all) freezes the False leaves:
   they get no optimizer state and never move. `schedule` replaces train's learning-rate
   schedule (vectorised trials read theirs from a table); beta1, beta2 and weight_decay may
   be traced arrays.
   """
-  adamw = optax.adamw(
-      schedule or learning_rate_schedule(train, total_steps), b1=train.beta1, b2=train.beta2,
-      eps=1e-8, weight_decay=train.weight_decay, mask=weight_decay_mask)
+  schedule = schedule or learning_rate_schedule(train, total_steps)
+  if getattr(train, "optimizer", "adamw") == "muon":
+    return muon_optimizer(train, schedule, trainable)
+  adamw = _adamw(train, schedule)
   if train.grad_clip > 0:
     adamw = optax.chain(clip_by_global_norm(train.grad_clip), adamw)
   if trainable is None or all(jax.tree.leaves(trainable)):
     return adamw
   labels = jax.tree.map(lambda t: "train" if t else "freeze", trainable)
   return optax.multi_transform({"train": adamw, "freeze": optax.set_to_zero()}, labels)
+
+
+def muon_optimizer(train: ml_collections.ConfigDict, schedule: optax.Schedule,
+                   trainable: Any = None) -> optax.GradientTransformation:
+  """Global-norm clipping of the whole gradient, then Muon (jaxllm/training/muon.py) on the
+  blocks' hidden matrices at `schedule` x muon_learning_rate / learning_rate, and on every
+  other trained leaf the adamw optimizer's AdamW at `schedule`."""
+  ratio = train.muon_learning_rate / train.learning_rate
+  transforms = {"muon": muon_lib.muon(train, lambda count: schedule(count) * ratio),
+                "adam": _adamw(train, schedule), "freeze": optax.set_to_zero()}
+  optimizer = optax.multi_transform(
+      transforms, lambda params: muon_lib.labels(params, trainable))
+  if train.grad_clip > 0:
+    optimizer = optax.chain(clip_by_global_norm(train.grad_clip), optimizer)
+  return optimizer
 
 
 def create_train_state(params: Any, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
