@@ -41,12 +41,36 @@ def _imported_modules() -> dict[str, str]:
   return modules
 
 
+def _importers(module: str) -> list[str]:
+  """The jaxllm files importing top-level `module` anywhere."""
+  found = []
+  for path in sorted((REPO / "jaxllm").rglob("*.py")):
+    for node in ast.walk(ast.parse(path.read_text())):
+      names = ([alias.name for alias in node.names] if isinstance(node, ast.Import) else
+               [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+      if any(name.split(".")[0] == module for name in names):
+        found.append(str(path.relative_to(REPO)))
+        break
+  return found
+
+
+# Packages of an optional extra that jaxllm imports, each from the one file that needs it
+# (which turns its absence into a one-line error naming the extra); nothing else imports them.
+EXTRA_IMPORTS = {"lm_eval": ("eval", "jaxllm/eval/harness.py")}
+
+
 def test_every_imported_package_is_a_dependency():
   declared = {_requirement_name(r) for r in _project()["dependencies"]}
   distributions = importlib.metadata.packages_distributions()
   missing = []
   for module, where in _imported_modules().items():
     if module in sys.stdlib_module_names or module in ("jaxllm", "__future__"):
+      continue
+    if module in EXTRA_IMPORTS:
+      extra, path = EXTRA_IMPORTS[module]
+      assert _importers(module) == [path], f"{module}, of the {extra} extra"
+      assert _normalized(module) in {_requirement_name(r)
+                                     for r in _project()["optional-dependencies"][extra]}
       continue
     names = {_normalized(d) for d in distributions.get(module, [module])}
     if not names & declared:
