@@ -200,6 +200,8 @@ SLOW = {
     "tests/test_encoder.py::test_convert_makes_encoder_runs_and_exports_them_back",  # 8
     "tests/test_encoder.py::test_one_line_errors",  # 8
     "tests/test_cli.py::test_a_second_run_loads_its_compiled_programs_from_the_cache",  # 33
+    # jaxllm eval --tasks in this process, then as a job of two processes.
+    "tests/test_harness.py::test_jaxllm_eval_runs_local_tasks_and_writes_their_results",  # 14
     "tests/test_cli.py::test_train_then_generate",  # 22
     "tests/test_api.py::test_convert_load_generate_and_train",  # 19 (load ~4)
     # The `compile_cache` fixture's users, jaxllm train in subprocesses.

@@ -632,6 +632,9 @@ def _check_overrides(parsed: argparse.Namespace, overrides: list[str], config) -
     other = [o for o in checked if not o.startswith("model.")]
     if getattr(parsed, "text", None) and other:
       problems.append(f"--config.{other[0]} has no effect on `jaxllm eval --text`")
+    other = [o for o in checked if not o.startswith(("model.", "mesh."))]
+    if getattr(parsed, "tasks", None) and other:
+      problems.append(f"--config.{other[0]} has no effect on `jaxllm eval --tasks`")
   return problems
 
 

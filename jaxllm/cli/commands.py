@@ -5,6 +5,8 @@
     jaxllm finetune --config experiments/spam_classifier.py [--workdir DIR] [--config.KEY=VALUE ...]
       (the same trainer as `train`: train.task says what it trains)
     jaxllm eval --workdir DIR [--text FILE] [--config.KEY=VALUE ...]
+    jaxllm eval --workdir DIR --tasks T1,T2 [--include-path DIR] [--num-fewshot K] [--limit N]
+      (lm-evaluation-harness tasks, in-process: jaxllm/eval/harness.py)
     jaxllm convert --from gpt2-medium|FOLDER --out DIR [--to jaxllm|hf]
     jaxllm reproduce experiments/<name>.py [--workdir DIR] [--rerun] [--config.KEY=VALUE ...]
     jaxllm sweep --config experiments/<name>.py [--param KEY=V1,V2 ...] [--trials N] ...
@@ -108,10 +110,19 @@ def _add_eval(commands) -> None:
       "eval", help="evaluate a run",
       description="A finetuned run: its task's figures on its splits, into DIR/eval.json "
                   "(--config.KEY=VALUE overrides its config, e.g. --config.judge.url=...). "
-                  "Any run with --text: the perplexity of that text.")
+                  "Any run with --text: the perplexity of that text. Any decoder run with "
+                  "--tasks: lm-evaluation-harness tasks (pip install -e .[eval]), its table "
+                  "printed and its results in DIR/lm_eval/results.json.")
   evaluate.add_argument("--workdir", required=True, help="a run directory")
   evaluate.add_argument("--text", help="a UTF-8 text file: report its perplexity")
-  evaluate.add_argument("--batch-size", type=int, default=8, help="windows per batch (--text)")
+  evaluate.add_argument("--tasks", help="lm-evaluation-harness tasks, comma-separated "
+                                        "(hellaswag,arc_easy; or tasks of --include-path)")
+  evaluate.add_argument("--include-path", help="with --tasks: a folder of task YAML files")
+  evaluate.add_argument("--num-fewshot", type=int, help="with --tasks: examples in each prompt")
+  evaluate.add_argument("--limit", type=float,
+                        help="with --tasks: documents per task (below 1: a fraction)")
+  evaluate.add_argument("--batch-size", type=int, default=8,
+                        help="windows (--text) or rows (--tasks) per batch")
   evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -227,6 +238,16 @@ def _eval(args, overrides: list[str]) -> None:
   from jaxllm.eval import figures, report
   from jaxllm.training import rundir as run_io
 
+  if args.tasks is not None:
+    if args.text:
+      raise JaxllmError("--text and --tasks are two evaluations; give one of them")
+    from jaxllm.eval import harness  # lm_eval: loaded for --tasks alone
+
+    return harness.main(args, overrides)
+  for option in ("include_path", "num_fewshot", "limit"):
+    if getattr(args, option) is not None:
+      raise JaxllmError(f"--{option.replace('_', '-')} goes with --tasks (lm-evaluation-harness "
+                        f"tasks); add --tasks or drop it")
   if args.text:
     other = [o for o in overrides if not o.startswith("model.")]
     if other:
