@@ -10,7 +10,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+from jaxllm import platforms
 from jaxllm.errors import JaxllmError
+
+platforms.leave_out_absent_tpu()  # before JAX starts its backends (jaxllm/platforms.py)
 
 if TYPE_CHECKING:
   from jaxllm.api import Run, convert, generate, load_config, load_run, train

@@ -13,6 +13,9 @@
     jaxllm launch local|tpu|xpk|slurm [options] -- train --config experiments/<name>.py ...
     jaxllm serve --workdir DIR [--host H] [--port P] [--slots S] [--max-queue Q] [--model-name N]
       (an OpenAI-compatible API: /v1/completions, /v1/chat/completions, /health, /metrics)
+    jaxllm preflight --config experiments/<name>.py --topology v5litepod-8 [--slices N]
+      [--find batch|remat] [--json FILE] [--config.KEY=VALUE ...]
+      (does the run fit? its steps compiled for a TPU slice: memory per chip, FLOPs)
     jaxllm bench-serve --url URL --requests N [--rate R] [--concurrency C] [--json FILE] ...
       (TTFT, TPOT, ITL, throughput of any OpenAI-compatible server: jaxllm/serve/bench.py)
 
@@ -29,11 +32,12 @@ import os
 import pathlib
 import sys
 
+from jaxllm.cli import preflight, sweep
 from jaxllm.errors import PREEMPTED_EXIT_STATUS
 from jaxllm.serve import bench
 
 # The subcommands that take --config.KEY=VALUE overrides.
-OVERRIDE_COMMANDS = ("train", "finetune", "eval", "reproduce", "sweep", "serve")
+OVERRIDE_COMMANDS = ("train", "finetune", "eval", "reproduce", "sweep", "serve", "preflight")
 
 
 def _split_config_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -66,9 +70,10 @@ def _parser() -> argparse.ArgumentParser:
   _add_eval(commands)
   _add_convert(commands)
   _add_reproduce(commands)
-  _add_sweep(commands)
+  sweep.add_parser(commands)
   _add_launch(commands)
   _add_serve(commands)
+  preflight.add_parser(commands)
   bench.add_parser(commands)
   return parser
 
@@ -165,34 +170,6 @@ def _add_reproduce(commands) -> None:
   reproduce.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _add_sweep(commands) -> None:
-  sweep = commands.add_parser(
-      "sweep", help="a hyperparameter sweep on an Optuna study",
-      description="Trials of an experiment over the parameters of its SWEEP dict and of "
-                  "--param, on an Optuna study (SQLite in the sweep directory unless --storage "
-                  "says otherwise). Run the same command again to finish a killed sweep, or "
-                  "on several machines to share the trials.")
-  sweep.add_argument("--config", required=True, help="experiments/<name>.py")
-  sweep.add_argument("--sweep-dir", help="default: runs/<experiment name>-sweep")
-  sweep.add_argument("--param", action="append", default=[], metavar="KEY=SPEC",
-                     help="train.learning_rate=1e-3,3e-3 (values) or "
-                          "train.learning_rate=loguniform:1e-4:1e-2 (uniform, int too)")
-  sweep.add_argument("--trials", type=int, help="how many trials (default: the grid's size)")
-  sweep.add_argument("--sampler", choices=("grid", "random", "tpe"))
-  sweep.add_argument("--pruner", choices=("none", "median", "halving"))
-  sweep.add_argument("--metric", help="an eval.json figure (default val_loss)")
-  sweep.add_argument("--direction", choices=("minimize", "maximize"))
-  sweep.add_argument("--seed", type=int, help="the sampler's seed")
-  sweep.add_argument("--storage", default="", help="an Optuna storage URL, or journal:PATH")
-  sweep.add_argument("--vectorize", type=int, metavar="K",
-                     help="train K trials at once in one jitted step (trials that differ in "
-                          "learning rate and its warmup, weight decay, betas, seed, init scale "
-                          "only; the trial axis split over mesh.data devices)")
-  sweep.add_argument("--grace-seconds", type=int,
-                     help="a running trial silent this long is retried (default 30)")
-  sweep.add_argument("--progress", action="store_true", help="progress bars for each trial")
-
-
 def _add_launch(commands) -> None:
   # Listed here for --help; `main` hands `jaxllm launch ...` to jaxllm/tools/launch.py before parsing.
   commands.add_parser("launch", add_help=False,
@@ -275,25 +252,6 @@ def _convert(args) -> None:
         f"{hparams['d_model']}, context {hparams['context_length']}, vocab {hparams['vocab_size']}")
 
 
-def _sweep(args, overrides: list[str]) -> None:
-  from jaxllm import config as config_lib
-  from jaxllm.tools import sweep, sweep_results
-
-  module, _ = config_lib.load_experiment(args.config)
-  spec = sweep.sweep_spec(module, args.param, trials=args.trials, sampler=args.sampler,
-                          pruner=args.pruner, metric=args.metric, direction=args.direction,
-                          seed=args.seed, grace_seconds=args.grace_seconds,
-                          vectorize=args.vectorize)
-  sweep_dir = pathlib.Path(args.sweep_dir or f"runs/{pathlib.Path(args.config).stem}-sweep")
-  print(f"sweep: {spec['trials']} trials of {', '.join(spec['params'])} ({spec['sampler']}"
-        f" sampler, pruner {spec['pruner']}) in {sweep_dir}; TensorBoard: tensorboard "
-        f"--logdir {sweep_dir}")
-  study = sweep.run(args.config, spec, sweep_dir, overrides, args.storage,
-                    progress=args.progress)
-  print((sweep_dir / "results.md").read_text() if (sweep_dir / "results.md").is_file() else "")
-  print(f"{len(sweep_results.results(study, spec))} trials; results in {sweep_dir}")
-
-
 def _launch(argv: list[str]) -> int:
   from jaxllm.errors import JaxllmError
   from jaxllm.tools import launch
@@ -362,9 +320,11 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "convert":
       _convert(args)
     elif args.command == "sweep":
-      _sweep(args, overrides)
+      sweep.main(args, overrides)
     elif args.command == "serve":
       _serve(args, overrides)
+    elif args.command == "preflight":
+      return preflight.main(args, overrides)
     elif args.command == "reproduce":
       from jaxllm.tools import reproduce
 

@@ -21,6 +21,22 @@ from jaxllm.training import multihost
 from jaxllm.training import step as train_lib
 
 
+def model_functions(model, seed: int) -> dict:
+  """The task's parameters, loss and evaluation sums: what `jaxllm preflight` compiles without
+  the data."""
+  def eval_fn(params, batch):
+    loss_sum, count = train_lib.eval_step(params, batch, model=model)
+    return {"loss": loss_sum, "count": count}
+
+  return dict(
+      # The seed's first half: state.rng (dropout) draws from train.seed + 1.
+      init_params=lambda: init_params(model, jax.random.split(jax.random.key(seed))[0]),
+      param_axes=logical_axes(model),
+      loss_fn=functools.partial(train_lib.lm_loss, model=model,
+                                deterministic=model.config.dropout == 0.0),
+      eval_fn=eval_fn)
+
+
 def make_task(config: ml_collections.ConfigDict) -> common.Task:
   common.check_lm_options(config)
   train = config.train
@@ -38,10 +54,6 @@ def make_task(config: ml_collections.ConfigDict) -> common.Task:
                                        context_length, train.eval_batches, seed=train.seed + 1):
       yield data_lib.pad_batch(batch, train.batch_size)
 
-  def eval_fn(params, batch):
-    loss_sum, count = train_lib.eval_step(params, batch, model=model)
-    return {"loss": loss_sum, "count": count}
-
   def report(workdir: pathlib.Path, params, figures):
     if train.sample_tokens <= 0:  # no sample asked for: nothing to compile
       return figures
@@ -56,13 +68,7 @@ def make_task(config: ml_collections.ConfigDict) -> common.Task:
     return figures
 
   return common.Task(
-      model=model, tokenizer=tokenizer,
-      # The seed's first half: state.rng (dropout) draws from train.seed + 1.
-      init_params=lambda: init_params(model, jax.random.split(jax.random.key(train.seed))[0]),
-      param_axes=logical_axes(model),
-      loss_fn=functools.partial(train_lib.lm_loss, model=model,
-                                deterministic=model.config.dropout == 0.0),
-      eval_fn=eval_fn,
+      model=model, tokenizer=tokenizer, **model_functions(model, train.seed),
       train_batch=lambda step, rows: batches.batch(step, rows=rows),
       eval_batches=eval_batches,
       token_key="inputs",

@@ -30,6 +30,7 @@ import time
 from typing import Sequence
 
 from jaxllm.errors import PREEMPTED_EXIT_STATUS, JaxllmError
+from jaxllm.tools import tpu
 
 XPK_RESTART_STATUS = 42  # what JobSet's restart policy treats as "restart me"
 STOP_GRACE_SECONDS = 10.0  # for the other local processes to save before they are killed
@@ -158,14 +159,9 @@ def worker_command(argv: Sequence[str], checkout: str = "jaxllm") -> str:
 
 
 def tpu_hosts(accelerator: str) -> int:
-  """Hosts of a TPU VM slice: v5e / v6e slices past 8 chips have 4 chips a host; v4 / v5p
-  count cores in their names (v4-32: 16 chips), 4 chips a host."""
-  kind, _, size = accelerator.rpartition("-")
-  if not size.isdigit():
-    raise JaxllmError(f"--accelerator '{accelerator}' is not a TPU type like v5litepod-16")
-  count = int(size)
-  chips = count // 2 if kind in ("v4", "v5p", "v3", "v2") else count
-  return 1 if chips <= (4 if kind in ("v4", "v5p", "v3", "v2") else 8) else chips // 4
+  """Hosts of a TPU VM slice (jaxllm/tools/tpu.py: v5e / v6e slices past 8 chips have 4 chips a
+  host; v4 / v5p count cores in their names, v4-32: 16 chips, 4 a host)."""
+  return tpu.tpu_type(accelerator).hosts
 
 
 def tpu_commands(argv: Sequence[str], *, name: str, zone: str, accelerator: str,

@@ -39,6 +39,7 @@ from typing import Any, Sequence
 
 from jaxllm import config as config_lib
 from jaxllm.errors import JaxllmError
+from jaxllm.tools import preflight as preflight_lib
 from jaxllm.tools import sweep_results, vectorized
 from jaxllm.training import loop as trainer
 
@@ -211,7 +212,8 @@ def make_study(spec: dict, name: str, sweep_dir: pathlib.Path, storage: str = ""
 
 
 def _objective(config_path: pathlib.Path, overrides: Sequence[str], spec: dict,
-               sweep_dir: pathlib.Path, progress: bool):
+               sweep_dir: pathlib.Path, progress: bool,
+               fit: preflight_lib.Target | None = None):
   import optuna
 
   def objective(trial):
@@ -235,6 +237,15 @@ def _objective(config_path: pathlib.Path, overrides: Sequence[str], spec: dict,
     workdir = sweep_dir / f"trial_{trial.number if origin is None else origin:03d}"
     trial.set_user_attr("workdir", str(workdir))
     print(f"trial {trial.number}: {values} -> {workdir}")
+    if fit is not None:  # compiled for the slice first: a trial that cannot run never trains
+      report = preflight_lib.preflight(config, fit)
+      trial.set_user_attr("preflight_peak_bytes", max(p.peak_bytes for p in report.programs))
+      if not report.fits:
+        worst = max(report.programs, key=lambda p: (not p.fits, p.peak_bytes))
+        reason = (worst.error or f"{worst.peak_bytes / 2**30:.3f} GiB a device > "
+                  f"{report.memory_bytes / 2**30:.3f} GiB")
+        print(f"trial {trial.number}: does not fit {fit.name} ({worst.name}: {reason}); pruned")
+        raise optuna.TrialPruned(f"does not fit {fit.name}: {worst.name}: {reason}")
 
     def on_evaluation(step: int, figures: dict) -> None:
       if spec["pruner"] != "none" and spec["metric"] in figures:
@@ -253,8 +264,13 @@ def _objective(config_path: pathlib.Path, overrides: Sequence[str], spec: dict,
 
 
 def run(config_path: str | pathlib.Path, spec: dict, sweep_dir: str | pathlib.Path,
-        overrides: Sequence[str] = (), storage: str = "", progress: bool = False):
-  """Works on the sweep until it has `spec["trials"]` finished trials; returns the study."""
+        overrides: Sequence[str] = (), storage: str = "", progress: bool = False,
+        fit: preflight_lib.Target | None = None):
+  """Works on the sweep until it has `spec["trials"]` finished trials; returns the study.
+
+  `fit` (`jaxllm sweep --preflight TOPOLOGY`): each trial's steps are first compiled for that
+  slice (jaxllm/tools/preflight.py); one that does not fit is pruned without training.
+  """
   import optuna
 
   config_path, sweep_dir = pathlib.Path(config_path), pathlib.Path(sweep_dir)
@@ -269,9 +285,12 @@ def run(config_path: str | pathlib.Path, spec: dict, sweep_dir: str | pathlib.Pa
       study.stop()
 
   if spec.get("vectorize", 1) > 1:
+    if fit is not None:
+      raise JaxllmError("--preflight checks trials one by one: leave out --vectorize (vectorised "
+                        "trials share one model, which preflight can check alone)")
     _run_vectorized(study, config_path, overrides, spec, sweep_dir)
   elif len(sweep_results.finished(study)) < spec["trials"]:
-    study.optimize(_objective(config_path, overrides, spec, sweep_dir, progress),
+    study.optimize(_objective(config_path, overrides, spec, sweep_dir, progress, fit),
                    callbacks=[after_trial], catch=(_Surplus,))
   sweep_results.write_results(study, spec, sweep_dir)
   return study

@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 import optax
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -73,6 +74,14 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:
   if math.prod(sizes) != len(devices):
     raise JaxllmError(f"mesh (data, fsdp, tensor) = {tuple(sizes)} needs {math.prod(sizes)} "
                       f"devices, but {len(devices)} are available (set mesh.data/fsdp/tensor)")
+  slices = len({getattr(d, "slice_index", 0) for d in devices})
+  if slices > 1:  # multislice: the data axis spans the slices (DCN), the rest stays in one
+    if sizes[0] % slices:
+      raise JaxllmError(f"mesh.data={sizes[0]} must be a multiple of the {slices} slices (the "
+                        f"data axis spans them; fsdp and tensor stay inside one slice)")
+    grid = mesh_utils.create_hybrid_device_mesh(
+        (sizes[0] // slices, *sizes[1:]), (slices, 1, 1), devices)
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
   return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3,
                        devices=devices)
 
