@@ -1,8 +1,8 @@
 # Sourced by scripts/quickstart.sh and .ci/run: `source scripts/setup.sh`.
-# Creates .venv with jaxllm and the extras in $JAXLLM_EXTRAS (default "test,hf,eval": what the
-# tests need; quickstart sets it empty, as the main job needs neither pytest nor PyTorch), at the
-# exact versions of constraints.txt (pyproject.toml has ranges), and, where
-# an offline data mirror sits beside the checkout (../shared, or $JAXLLM_SHARED), points
+# Creates .venv with jaxllm and the extras in $JAXLLM_EXTRAS (default
+# "test,hf,eval,tpu-preflight": what the tests need; quickstart sets it empty, as the main job
+# needs neither pytest nor PyTorch), at the exact versions of constraints.txt (pyproject.toml
+# has ranges), and, where an offline data mirror sits beside the checkout (../shared, or $JAXLLM_SHARED), points
 # tiktoken and TFDS at it so nothing is downloaded. On a connected machine without the mirror,
 # tiktoken and TFDS download as usual.
 set -euo pipefail
@@ -12,7 +12,7 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-extras="${JAXLLM_EXTRAS-test,hf,eval}"
+extras="${JAXLLM_EXTRAS-test,hf,eval,tpu-preflight}"
 .venv/bin/python -m pip install --quiet -c constraints.txt -e ".${extras:+[$extras]}"
 
 shared="${JAXLLM_SHARED:-$repo/../shared}"

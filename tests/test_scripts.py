@@ -40,5 +40,6 @@ def test_quickstart_installs_jaxllm_alone_then_trains(tmp_path):
 def test_ci_installs_the_test_extras_then_runs_pytest(tmp_path):
   calls = _run(tmp_path, ".ci/run")
   installs = [c for c in calls if "pip install" in c and "-e" in c]
-  assert installs == ["python -m pip install --quiet -c constraints.txt -e .[test,hf,eval]"]
+  assert installs == ["python -m pip install --quiet -c constraints.txt "
+                      "-e .[test,hf,eval,tpu-preflight]"]
   assert calls[-1] == "python -m pytest -q --durations=30"  # the slowest tests, printed
