@@ -63,13 +63,13 @@ def test_cloud_tpu_names():
 def test_collectives_are_counted_from_the_program_text():
   text = """
   %all-gather.1 = bf16[128,256]{1,0:T(8,128)} all-gather(%p), dimensions={0}
-  %all-reduce.2 = (f32[4,8]{1,0}, f32[16]{0}) all-reduce(%a, %b), to_apply=%add
+  %all-reduce.2 = (f32[4,8]{1,0}, f32[16]{0}, f32[]{:T(128)}, f32[], f32[], /*index=5*/f32[2]) all-reduce(%a, %b), to_apply=%add
   %all-gather-start.3 = (f32[8]{0}, f32[64]{0}) all-gather-start(%q), dimensions={0}
   %all-gather-done.3 = f32[64]{0} all-gather-done(%all-gather-start.3)
   %reduce-scatter.4 = f32[2,3]{1,0} reduce-scatter(%r), dimensions={0}
   """
   assert preflight.collectives(text) == {
-      "all-gather": [2, 128 * 256 * 2 + 64 * 4], "all-reduce": [1, (32 + 16) * 4],
+      "all-gather": [2, 128 * 256 * 2 + 64 * 4], "all-reduce": [1, (32 + 16 + 3 + 2) * 4],
       "reduce-scatter": [1, 6 * 4]}
 
 
@@ -230,3 +230,27 @@ def test_simulated_cpu_devices_without_libtpu():
   with pytest.raises(JaxllmError, match="xla_force_host_platform_device_count=64"):
     preflight.target("cpu-64")
   np.testing.assert_equal(report.to_json()["fits"], True)
+
+
+def test_evaluation_in_microbatches_gives_the_same_sums_in_less_memory():
+  # An evaluation batch holds train.batch_size rows; with train.grad_accum = A it is summed in
+  # A slices, as training's microbatches are, so it fits where training does.
+  from jaxllm.training import sharding
+
+  task, _, _ = preflight._task(_config("mesh.data=1", "train.batch_size=32"))
+  params = jax.jit(task.init_params)()
+  rng = np.random.default_rng(0)
+  batch = {"inputs": rng.integers(0, 256, (32, 32), dtype=np.int32),
+           "targets": rng.integers(0, 256, (32, 32), dtype=np.int32),
+           "weights": (rng.random((32, 32)) < 0.8).astype(np.float32)}
+  mesh = sharding.make_mesh(_config("mesh.data=1").mesh, jax.devices()[:1])
+  rules = sharding.logical_rules()
+  shardings = jax.tree.map(lambda _: sharding.replicated(mesh), params)
+  whole = sharding.jit_eval_step(task.eval_fn, shardings, mesh, rules)
+  sliced = sharding.jit_eval_step(task.eval_fn, shardings, mesh, rules, microbatches=4)
+  a, b = whole(params, batch), sliced(params, batch)
+  assert float(a["count"]) == float(b["count"]) == float(batch["weights"].sum())
+  np.testing.assert_allclose(float(b["loss"]), float(a["loss"]), rtol=1e-6)
+  temp = [step.lower(params, batch).compile().memory_analysis().temp_size_in_bytes
+          for step in (whole, sliced)]
+  assert temp[1] < temp[0] / 2, temp

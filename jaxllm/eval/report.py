@@ -47,12 +47,15 @@ def split_sums(step, params: Any, batches: Iterable[dict[str, np.ndarray]], mesh
 
 
 def final_report(task: common.Task, params: Any, shardings: Any, mesh, rules, batch_size: int,
-                 workdir: pathlib.Path, figures: dict[str, Any]) -> dict[str, Any]:
+                 workdir: pathlib.Path, figures: dict[str, Any],
+                 microbatches: int = 1) -> dict[str, Any]:
   """eval.json's figures: `figures` (training's), then each of the task's report splits
   through its report step, compiled on the mesh with the parameters' `shardings` as every
   evaluation is, then the task's report (a sample, responses). Every process runs it (the
-  parameters are sharded over all of them); process 0 prints and writes."""
-  step = sharding.jit_eval_step(task.report_fn or task.eval_fn, shardings, mesh, rules)
+  parameters are sharded over all of them); process 0 prints and writes. `microbatches`:
+  each batch is summed in that many slices (train.grad_accum: no more memory than training)."""
+  step = sharding.jit_eval_step(task.report_fn or task.eval_fn, shardings, mesh, rules,
+                                microbatches)
   batches = task.report_batches or task.eval_batches
   for split in task.report_splits:
     sums = split_sums(step, params, batches(split), mesh, rules, batch_size)
@@ -97,7 +100,7 @@ def evaluate_finetuned(config: ml_collections.ConfigDict, model: GPT, params: An
                           target, shardings["reference"])
     params["reference"] = run_io.load_params(config.train.init_from, target, cast_floats=True)
   figures = final_report(task, params, shardings, mesh, rules, config.train.batch_size,
-                         workdir, dict(extra or {}))
+                         workdir, dict(extra or {}), config.train.grad_accum)
   if not multihost.is_main():
     return figures
   return write_figures(workdir, figures)

@@ -207,6 +207,7 @@ def collectives(hlo_text: str) -> dict[str, list[int]]:
   by its start (whose tuple holds operands, then results, for all-gather and
   collective-permute)."""
   found: dict[str, list[int]] = {}
+  hlo_text = re.sub(r"/\*index=\d+\*/", "", hlo_text)  # inside long tuples' shapes
   for match in _COLLECTIVE.finditer(hlo_text):
     arrays = _ARRAY.findall(match["shape"])
     if match["start"] and match["kind"] in ("all-gather", "collective-permute"):
@@ -225,6 +226,9 @@ def _compile(name: str, lowered_fn) -> Program:
   """Lowers and compiles `lowered_fn()`; an out-of-memory refusal is a program that does not
   fit, with the compiler's message."""
   start = time.perf_counter()
+  # Compile-only devices cannot load an executable back: no persistent cache for these.
+  cached = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
   try:
     compiled = lowered_fn().compile()
   except Exception as e:  # XlaRuntimeError: RESOURCE_EXHAUSTED on TPU
@@ -235,6 +239,8 @@ def _compile(name: str, lowered_fn) -> Program:
                  message.splitlines()[0])
     return Program(name, fits=False, compile_seconds=time.perf_counter() - start,
                    error=first.strip())
+  finally:
+    jax.config.update("jax_enable_compilation_cache", cached)
   seconds = time.perf_counter() - start
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis() or {}
@@ -313,7 +319,8 @@ def preflight(config: ml_collections.ConfigDict, where: Target, *, decode_slots:
   programs_ = [_compile("train step", lambda: step.lower(state, batch))]
   if evaluation:
     eval_batch = _abstract(eval_shapes, lambda ndim: sharding.batch_sharding(mesh, rules, 0, ndim))
-    eval_step = sharding.jit_eval_step(task.eval_fn, shardings.params, mesh, rules)
+    eval_step = sharding.jit_eval_step(task.eval_fn, shardings.params, mesh, rules,
+                                       train.grad_accum)
     programs_.append(_compile("eval step", lambda: eval_step.lower(state.params, eval_batch)))
   model = task.model
   if decode_slots and not isinstance(model, Encoder) and train.task != "classify":

@@ -113,8 +113,8 @@ def table(report: Report) -> str:
     lines.append(flops)
     if report.peak_flops:
       seconds = report.model_flops / report.peak_flops
-      lines.append(f"at the chip's peak a step takes at least {seconds * 1e3:.1f} ms; at 40% "
-                   f"MFU {seconds / 0.4 * 1e3:.1f} ms, "
+      lines.append(f"at the chip's peak a step takes at least {seconds * 1e3:.3g} ms; at 40% "
+                   f"MFU {seconds / 0.4 * 1e3:.3g} ms, "
                    f"{report.tokens / report.devices / (seconds / 0.4):,.0f} tokens/s a device")
     if train.collectives:
       lines.append("collectives (train step): " + ", ".join(

@@ -138,7 +138,8 @@ def train_loop(setup: Setup, state, start_step: int, progress: bool,
   task, train, total = setup.task, setup.config.train, setup.total_steps
   step_fn = sharding.jit_train_step(task_step(task, setup.optimizer), setup.shardings,
                                     setup.mesh, setup.rules)
-  eval_fn = sharding.jit_eval_step(task.eval_fn, setup.shardings.params, setup.mesh, setup.rules)
+  eval_fn = sharding.jit_eval_step(task.eval_fn, setup.shardings.params, setup.mesh,
+                                   setup.rules, microbatches=train.grad_accum)
   n_params = count_params(sharding.model_axes(task.model)[0])
   flops_per_token = functools.lru_cache(maxsize=None)(functools.partial(
       train_lib.flops_per_token, task.model, n_params, task.lm_head,
@@ -270,8 +271,8 @@ def finish(setup: Setup, state, summary: dict, start_time: float) -> dict[str, A
     run_io.save_params(setup.workdir, tree, name=name)
   records, final = summary.pop("records"), summary.pop("final")
   figures = report.final_report(task, params, shardings, setup.mesh, setup.rules,
-                                      setup.config.train.batch_size, setup.workdir,
-                                      {**summary, **final})
+                                setup.config.train.batch_size, setup.workdir,
+                                {**summary, **final}, setup.config.train.grad_accum)
   if not setup.main:
     return figures
   config = setup.config

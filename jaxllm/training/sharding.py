@@ -22,6 +22,7 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 from jax.experimental import mesh_utils
@@ -241,10 +242,27 @@ def jit_train_step(step_fn, shardings: train_lib.TrainState, mesh: Mesh, rules: 
                  out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
 
 
-def jit_eval_step(eval_fn, params_shardings: Any, mesh: Mesh, rules: Rules):
-  """`eval_fn(params, batch) -> sums` compiled for the mesh."""
+def jit_eval_step(eval_fn, params_shardings: Any, mesh: Mesh, rules: Rules,
+                  microbatches: int = 1):
+  """`eval_fn(params, batch) -> sums` compiled for the mesh.
+
+  `microbatches` > 1 (train.grad_accum) sums the batch's rows in that many slices, one after
+  another, so an evaluation batch needs no more memory than a training microbatch (a slice
+  holds every `microbatches`-th row: each device keeps its own rows).
+  """
+  if microbatches > 1:
+    eval_fn = _in_microbatches(eval_fn, microbatches)
   return jax.jit(_traced_with_rules(eval_fn, mesh, rules), in_shardings=(params_shardings, None),
                  out_shardings=replicated(mesh))
+
+
+def _in_microbatches(eval_fn, microbatches: int):
+  def summed(params, batch):
+    sliced = jax.tree.map(lambda x: jnp.moveaxis(
+        x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:]), 1, 0), batch)
+    sums = jax.lax.map(lambda rows: eval_fn(params, rows), sliced)
+    return jax.tree.map(lambda x: x.sum(0), sums)
+  return summed
 
 
 def bytes_per_device(tree: Any, shardings: Any) -> int:
