@@ -254,3 +254,15 @@ def test_evaluation_in_microbatches_gives_the_same_sums_in_less_memory():
   temp = [step.lower(params, batch).compile().memory_analysis().temp_size_in_bytes
           for step in (whole, sliced)]
   assert temp[1] < temp[0] / 2, temp
+
+
+def test_find_remat_compiles_every_setting_at_the_batch():
+  where = preflight.target("cpu-1", memory_gib=64 / 1024)
+  reports = preflight_report.find_remat(_config("mesh.data=1", "train.batch_size=64"), where,
+                                        log=lambda _: None)
+  assert [tuple(r.overrides.values()) for r in reports] == [
+      (remat, scan) for scan in (False, True) for remat in ("none", "dots", "full")]
+  temp = {tuple(r.overrides.values()): r.train.temp_bytes for r in reports}
+  # On XLA:CPU remat saves memory with scanned layers (docs/scaling.md): full keeps least.
+  assert temp[("full", True)] < temp[("dots", True)] < temp[("none", True)]
+  assert all(r.fits == (r.train.peak_bytes <= where.memory_bytes) for r in reports)
