@@ -202,6 +202,11 @@ SLOW = {
     "tests/test_cli.py::test_a_second_run_loads_its_compiled_programs_from_the_cache",  # 33
     # jaxllm eval --tasks in this process, then as a job of two processes.
     "tests/test_harness.py::test_jaxllm_eval_runs_local_tasks_and_writes_their_results",  # 14
+    # jaxllm preflight: steps compiled for a TPU topology or simulated CPU devices (load ~3).
+    "tests/test_preflight.py::test_memory_grows_with_the_batch_and_falls_with_fsdp",  # 8
+    "tests/test_preflight.py::test_find_remat_compiles_every_setting_at_the_batch",  # 16
+    "tests/test_preflight.py::test_an_oversized_batch_does_not_fit_and_exits_non_zero",  # 7
+    "tests/test_preflight.py::test_find_batch_returns_the_largest_that_fits",  # 7
     "tests/test_cli.py::test_train_then_generate",  # 22
     "tests/test_api.py::test_convert_load_generate_and_train",  # 19 (load ~4)
     # The `compile_cache` fixture's users, jaxllm train in subprocesses.
