@@ -41,8 +41,9 @@ def find_batch(config: ml_collections.ConfigDict, where: Target, log=print
     report = preflight(with_overrides(config, train__batch_size=multiple * unit), where,
                        evaluation=False)
     reports.append(report)
-    log(f"  batch {multiple * unit:>6}: {_gib(report.train.peak_bytes)} "
-        f"{'fits' if report.fits else 'does not fit'}")
+    log(f"  batch {multiple * unit:>6}: " + (
+        f"{_gib(report.train.peak_bytes)} {'fits' if report.fits else 'does not fit'}"
+        if report.train.fits else f"does not fit: {report.train.error}"))
     return report.fits
 
   if not fits(1):
@@ -68,8 +69,9 @@ def find_remat(config: ml_collections.ConfigDict, where: Target, log=print) -> l
                          where, evaluation=False)
       report.overrides = {"model.remat": remat, "model.scan_layers": scan}
       reports.append(report)
-      log(f"  remat {remat:<5} scan_layers {str(scan):<5}: {_gib(report.train.peak_bytes)} "
-          f"{'fits' if report.fits else 'does not fit'}")
+      log(f"  remat {remat:<5} scan_layers {str(scan):<5}: " + (
+          f"{_gib(report.train.peak_bytes)} {'fits' if report.fits else 'does not fit'}"
+          if report.train.fits else f"does not fit: {report.train.error}"))
   return reports
 
 
