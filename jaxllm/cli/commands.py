@@ -18,6 +18,8 @@
       (does the run fit? its steps compiled for a TPU slice: memory per chip, FLOPs)
     jaxllm bench-serve --url URL --requests N [--rate R] [--concurrency C] [--json FILE] ...
       (TTFT, TPOT, ITL, throughput of any OpenAI-compatible server: jaxllm/serve/bench.py)
+    jaxllm arena --models A=RUN,B=URL --prompts FILE --out DIR --judge-url URL --judge-model M
+      (pairwise battles, Bradley-Terry ratings, a leaderboard: jaxllm/eval/arena.py)
 
 Problems a user can fix (a missing file, an unknown config key, ...) print one line,
 `jaxllm: error: ...`, and exit with status 2. A training run stopped by SIGTERM saves a
@@ -32,7 +34,7 @@ import os
 import pathlib
 import sys
 
-from jaxllm.cli import preflight, sweep
+from jaxllm.cli import arena, preflight, sweep
 from jaxllm.errors import PREEMPTED_EXIT_STATUS
 from jaxllm.serve import bench
 
@@ -75,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
   _add_serve(commands)
   preflight.add_parser(commands)
   bench.add_parser(commands)
+  arena.add_parser(commands)
   return parser
 
 
@@ -325,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
       _serve(args, overrides)
     elif args.command == "preflight":
       return preflight.main(args, overrides)
+    elif args.command == "arena":
+      return arena.main(args)
     elif args.command == "reproduce":
       from jaxllm.tools import reproduce
 
