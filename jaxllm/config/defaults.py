@@ -89,10 +89,16 @@ def _model() -> ml_collections.ConfigDict:
   s.rope_low_freq_factor = None  # Llama 3 scaling: low-frequency factor
   s.rope_high_freq_factor = None  # Llama 3 scaling: high-frequency factor
   s.rope_original_context = None  # Llama 3 scaling: the context it was trained for
-  s.mlp = None  # "gelu" (GPT-2's tanh approximation) or "swiglu": gelu
+  # "gelu" (GPT-2's tanh approximation), "swiglu" or "relu2" (relu(x)^2, the speedrun's): gelu
+  s.mlp = None
   s.mlp_hidden = None  # MLP hidden units: 4 * d_model (gelu); required for swiglu
   s.n_kv_head = None  # key/value heads (grouped-query attention; 1 = multi-query): n_head
   s.qk_norm = None  # RMSNorm over each head of q and k before attention (Qwen3): False
+  # The GPT-2 speedrun's keys, off by default (Hugging Face export refuses the last three).
+  s.zero_init_proj = False  # zero init of attention out, MLP proj, and the head if untied
+  s.logit_softcap = 0.0  # logits = C * tanh(logits / C) wherever they come out; 0 = off
+  s.x0_shortcut = False  # block input x -> l * x + m * x0 (embeddings); learned l=1, m=0 at init
+  s.value_residual = False  # values v -> a * v + b * layer 0's v; learned a=1, b=0 at init
   # Encoders only. Segment (token-type) embeddings: 2; LayerNorm before each sublayer, with a
   # final one (GPT-2's order), instead of BERT's after each residual sum: False.
   s.type_vocab_size = None

@@ -39,10 +39,14 @@ class ModelConfig:
   rope_low_freq_factor: float = 1.0
   rope_high_freq_factor: float = 4.0
   rope_original_context: int = 8192
-  mlp: str = "gelu"  # "gelu" | "swiglu"
+  mlp: str = "gelu"  # "gelu" | "swiglu" | "relu2"
   mlp_hidden: int = 0  # 0 = 4 * d_model
   n_kv_head: int = 0  # 0 = n_head
   qk_norm: bool = False
+  zero_init_proj: bool = False  # attention out, MLP proj and an untied head start at zero
+  logit_softcap: float = 0.0  # logits = C tanh(logits / C); 0 = off
+  x0_shortcut: bool = False  # each block's input: lambda x + mu x0 (learned; 1 and 0 at init)
+  value_residual: bool = False  # each layer's values: a v + b v_first (learned; 1 and 0)
 
   @property
   def head_dim(self) -> int:
@@ -63,7 +67,7 @@ _GPT2 = dict(bias=True, tie_embeddings=True, norm="layernorm", layer_norm_epsilo
              rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_context=8192,
              mlp="gelu", mlp_hidden=0, n_kv_head=0, qk_norm=False)
 _CHOICES = {"norm": ("layernorm", "rmsnorm"), "position": ("learned", "rope"),
-            "mlp": ("gelu", "swiglu"), "dtype": ("float32", "bfloat16", "float64"),
+            "mlp": ("gelu", "swiglu", "relu2"), "dtype": ("float32", "bfloat16", "float64"),
             "matmul_dtype": ("float32", "bfloat16"), "remat": ("none", "full", "dots")}
 
 
@@ -149,6 +153,9 @@ def model_config(model: ml_collections.ConfigDict, vocab_size: int | None = None
       raise JaxllmError(f"model.{key} must be one of {', '.join(allowed)}, got '{value}'")
   _check_shapes(sizes, arch)
   _check_runtime(model)
+  if model.logit_softcap < 0:
+    raise JaxllmError(f"model.logit_softcap must be >= 0 (0 = off; the speedrun's: 15 or 30), "
+                      f"got {model.logit_softcap}")
   return ModelConfig(
       vocab_size=int(vocab), dropout=float(model.dropout), bias=bias, qkv_bias=bool(qkv_bias),
       dtype=model.dtype, matmul_dtype=model.matmul_dtype,
@@ -162,7 +169,9 @@ def model_config(model: ml_collections.ConfigDict, vocab_size: int | None = None
       rope_high_freq_factor=float(arch["rope_high_freq_factor"]),
       rope_original_context=int(arch["rope_original_context"]), mlp=arch["mlp"],
       mlp_hidden=int(arch["mlp_hidden"]), n_kv_head=int(arch["n_kv_head"]),
-      qk_norm=bool(arch["qk_norm"]), **sizes)
+      qk_norm=bool(arch["qk_norm"]), zero_init_proj=bool(model.zero_init_proj),
+      logit_softcap=float(model.logit_softcap), x0_shortcut=bool(model.x0_shortcut),
+      value_residual=bool(model.value_residual), **sizes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,7 +209,9 @@ _DECODER_ONLY = dict(bias=None, qkv_bias=None, tie_embeddings=None, norm=None, p
                      rope_theta=None, rope_scaling_factor=None, rope_low_freq_factor=None,
                      rope_high_freq_factor=None, rope_original_context=None, mlp=None,
                      n_kv_head=None, qk_norm=None, matmul_dtype="float32",
-                     embedding_init_std=0.02, remat="none", scan_layers=False)
+                     embedding_init_std=0.02, remat="none", scan_layers=False,
+                     zero_init_proj=False, logit_softcap=0.0, x0_shortcut=False,
+                     value_residual=False)
 
 
 def encoder_config(model: ml_collections.ConfigDict, vocab_size: int | None = None

@@ -30,7 +30,8 @@ import jax.numpy as jnp
 from jaxllm.config import EncoderConfig
 
 # The decoder's initialisers (normal, zeros, ones with logical axes): BERT's std is GPT-2's.
-from jaxllm.models.gpt import _init, _ones, _zeros, attention, param_dtype
+from jaxllm.models.gpt import param_dtype
+from jaxllm.models.layers import _init, _ones, _zeros, attention
 
 STD = 0.02
 

@@ -7,7 +7,12 @@ token embedding (or not). Llama-family models switch, by config: RMSNorm (`norm`
 position embeddings with Llama 3's frequency scaling (`position`, `rope_*`), a SwiGLU MLP
 with its own width (`mlp`, `mlp_hidden`), grouped-query attention with fewer key/value heads
 (`n_kv_head`; the KV cache holds only those), biases per kind of layer (`bias`, `qkv_bias`)
-and Qwen3's QK-norm (`qk_norm`). Parameters are float32 whatever the compute dtype;
+and Qwen3's QK-norm (`qk_norm`). The GPT-2 speedrun's keys, each off by default: a ReLU²
+MLP (`mlp=relu2`), zero-initialised output projections and head (`zero_init_proj`), soft-capped
+logits (`logit_softcap`), an x0 shortcut into every block (`x0_shortcut`) and a value residual
+from the first layer's values (`value_residual`), their learned per-layer scalars replicated
+("layers" when scanned). The pieces (norms, attention, RoPE, the MLP) are in
+jaxllm/models/layers.py. Parameters are float32 whatever the compute dtype;
 `matmul_dtype=bfloat16` sends every weight matmul through jaxllm/models/matmul.py (bf16 operands,
 float32 products, the same parameters). Every parameter names its logical axes ("vocab",
 "embed", "heads", "kv_heads", "mlp", ...) and a few activations name theirs ("batch",
@@ -24,17 +29,28 @@ K head dim, F MLP hidden, V vocabulary.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxllm.config import ModelConfig
 from jaxllm.models import matmul
+from jaxllm.models.layers import (
+  MLP,
+  _dense,
+  _einsum,
+  _init,
+  _norm,
+  _output_init,
+  _zeros,
+  apply_rope,
+  attention,
+  rope_frequencies,
+  scalar,
+)
 
 # A KV cache: one {"k": BxSxGxK, "v": BxSxGxK} dict per layer.
 KVCache = list[dict[str, jax.Array]] | dict[str, jax.Array]  # per layer, or stacked
@@ -46,83 +62,6 @@ REMAT_POLICIES = {
     # GELU and LayerNorm are recomputed.
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-
-
-def _init(std: float, axes: tuple[str | None, ...]):
-  return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), axes)
-
-
-def _zeros(axes: tuple[str | None, ...]):
-  return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
-
-
-def _ones(axes: tuple[str | None, ...]):
-  return nn.with_logical_partitioning(nn.initializers.ones_init(), axes)
-
-
-def _norm(cfg: ModelConfig, name: str | None = None, axes=("embed",)) -> nn.Module:
-  if cfg.norm == "rmsnorm":  # no bias, no mean; statistics in float32
-    return nn.RMSNorm(epsilon=cfg.layer_norm_epsilon, dtype=cfg.dtype,
-                      scale_init=_ones(axes), name=name)
-  return nn.LayerNorm(
-      epsilon=cfg.layer_norm_epsilon, use_bias=cfg.bias, dtype=cfg.dtype,
-      scale_init=_ones(axes), bias_init=_zeros(axes), name=name)
-
-
-def _einsum(cfg: ModelConfig, *args, **kwargs) -> nn.Module:
-  """nn.Einsum, or its bf16-operand twin when `matmul_dtype` is bfloat16 (same parameters)."""
-  cls = matmul.Bf16Einsum if cfg.matmul_dtype == "bfloat16" else nn.Einsum
-  return cls(*args, dtype=cfg.dtype, **kwargs)
-
-
-def _dense(cfg: ModelConfig, *args, **kwargs) -> nn.Module:
-  if cfg.matmul_dtype == "bfloat16":
-    kwargs["dot_general"] = matmul.dot_general
-  return nn.Dense(*args, dtype=cfg.dtype, **kwargs)
-
-
-def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
-  """The rotary angle per position of each pair of head dims, K/2 (Llama 3's scaling: low
-  frequencies slowed down by `factor`, high ones kept, a smooth blend in between)."""
-  k = cfg.head_dim
-  inv_freq = 1.0 / cfg.rope_theta ** (np.arange(0, k, 2, dtype=np.float64) / k)
-  if cfg.rope_scaling_factor:
-    factor, low, high = cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
-    old = cfg.rope_original_context
-    wavelength = 2 * np.pi / inv_freq
-    smooth = (old / wavelength - low) / (high - low)
-    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-    inv_freq = np.where(wavelength > old / low, inv_freq / factor,
-                        np.where(wavelength < old / high, inv_freq, blended))
-  return inv_freq.astype(np.float32)
-
-
-def attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask=None, is_causal: bool = False):
-  """`jax.nn.dot_product_attention` (G kv heads serving H / G query heads each; `mask`
-  broadcasting to BxHxLxS): its XLA form takes the softmax in float32, so float64 inputs
-  (model.dtype=float64) get the same attention written out in float64."""
-  if q_BxLxHxK.dtype != jnp.float64:
-    return jax.nn.dot_product_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask=mask,
-                                        is_causal=is_causal)
-  groups = q_BxLxHxK.shape[2] // k_BxSxGxK.shape[2]
-  k_BxSxHxK, v_BxSxHxK = (jnp.repeat(x, groups, axis=2) for x in (k_BxSxGxK, v_BxSxGxK))
-  scores_BxHxLxS = (jnp.einsum("blhk,bshk->bhls", q_BxLxHxK, k_BxSxHxK)
-                    / math.sqrt(q_BxLxHxK.shape[-1]))
-  if is_causal:
-    mask = jnp.tril(jnp.ones(scores_BxHxLxS.shape[-2:], bool))
-  if mask is not None:
-    scores_BxHxLxS = jnp.where(mask, scores_BxHxLxS, jnp.finfo(scores_BxHxLxS.dtype).min)
-  return jnp.einsum("bhls,bshk->blhk", jax.nn.softmax(scores_BxHxLxS, axis=-1), v_BxSxHxK)
-
-
-def apply_rope(x_BxLxHxK, positions_BxL, inv_freq_K2):
-  """Rotates each (i, i + K/2) pair of dims by position * frequency (Llama's rotate-half)."""
-  dtype = jnp.promote_types(x_BxLxHxK.dtype, jnp.float32)  # float32, or float64
-  angles_BxLx1xK2 = positions_BxL[:, :, None, None].astype(dtype) * inv_freq_K2.astype(dtype)
-  cos, sin = jnp.cos(angles_BxLx1xK2), jnp.sin(angles_BxLx1xK2)
-  x1, x2 = jnp.split(x_BxLxHxK.astype(dtype), 2, axis=-1)
-  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return rotated.astype(x_BxLxHxK.dtype)
 
 
 class CausalSelfAttention(nn.Module):
@@ -153,10 +92,22 @@ class CausalSelfAttention(nn.Module):
     return q_BxLxHxK, kv_BxLx2xGxK[:, :, 0], kv_BxLx2xGxK[:, :, 1]
 
   @nn.compact
-  def __call__(self, x_BxLxD, positions_BxL, cache: dict[str, jax.Array] | None):
+  def __call__(self, x_BxLxD, positions_BxL, cache: dict[str, jax.Array] | None,
+               v_first_BxLxGxK=None, layer=None):
+    """(BxLxD output, the updated cache, the first layer's values for `value_residual`)."""
     cfg = self.config
     residual_std = 0.02 / math.sqrt(2 * cfg.n_layer)
     q_BxLxHxK, k_BxLxGxK, v_BxLxGxK = self._projections(x_BxLxD)
+    if cfg.value_residual:  # v = a v + b v_first; the cache holds the mixed values
+      # The first layer's raw values: it has none to read (unscanned: None; scanned: zeros).
+      v_first_BxLxGxK = v_BxLxGxK if v_first_BxLxGxK is None else jnp.where(
+          layer == 0, v_BxLxGxK, v_first_BxLxGxK)
+      v_first_BxLxGxK = nn.with_logical_constraint(
+          v_first_BxLxGxK, ("batch", "sequence", "heads" if cfg.kv_heads == cfg.n_head
+                            else "kv_heads", "kv"))
+      a, b = (scalar(self, name, value).astype(v_BxLxGxK.dtype)
+              for name, value in (("v_scale", 1.0), ("v_first_scale", 0.0)))
+      v_BxLxGxK = a * v_BxLxGxK + b * v_first_BxLxGxK
     if cfg.qk_norm:
       q_BxLxHxK = _norm(cfg, "q_norm", axes=("kv",))(q_BxLxHxK)
       k_BxLxGxK = _norm(cfg, "k_norm", axes=("kv",))(k_BxLxGxK)
@@ -187,55 +138,34 @@ class CausalSelfAttention(nn.Module):
 
     out_BxLxD = _einsum(
         cfg, (cfg.n_head, cfg.head_dim, cfg.d_model), "blhk,hkd->bld", use_bias=cfg.bias,
-        kernel_init=_init(residual_std, ("heads", "kv", "embed")),
+        kernel_init=_output_init(cfg, residual_std, ("heads", "kv", "embed")),
         bias_init=_zeros(("embed",)), name="out")(out_BxLxHxK)
-    return out_BxLxD, new_cache
-
-
-class MLP(nn.Module):
-  config: ModelConfig
-
-  @nn.compact
-  def __call__(self, x_BxLxD):
-    cfg = self.config
-    residual_std = 0.02 / math.sqrt(2 * cfg.n_layer)
-    # Tokens as rows of a matrix: on XLA:CPU the 3-D form makes the backward pass re-compute
-    # the GELU derivative inside a transposing copy, 3x slower than the matmuls themselves.
-    x_NxD = x_BxLxD.reshape(-1, cfg.d_model)
-
-    def dense(width, axes, std, name):
-      return _dense(cfg, width, use_bias=cfg.bias, kernel_init=_init(std, axes),
-                    bias_init=_zeros(axes[-1:]), name=name)
-
-    if cfg.mlp == "swiglu":  # down(silu(gate(x)) * up(x))
-      gate_NxF = dense(cfg.hidden, ("embed", "mlp"), 0.02, "gate")(x_NxD)
-      up_NxF = dense(cfg.hidden, ("embed", "mlp"), 0.02, "up")(x_NxD)
-      h_NxF = nn.silu(nn.with_logical_constraint(gate_NxF, ("batch", "mlp"))) * up_NxF
-    else:
-      h_NxF = dense(cfg.hidden, ("embed", "mlp"), 0.02, "fc")(x_NxD)
-      # N = B * L rows: split as the batch is (whole rows of B stay together).
-      h_NxF = nn.with_logical_constraint(h_NxF, ("batch", "mlp"))
-      # GPT-2's tanh approximation, recomputed in the backward pass from its input: else XLA
-      # keeps one more NxF intermediate per layer for the derivative (0.15 GB of temporaries
-      # at GPT-2 small's B4 x T256); the same arithmetic, the same losses.
-      h_NxF = jax.checkpoint(functools.partial(nn.gelu, approximate=True))(h_NxF)
-    out_NxD = dense(cfg.d_model, ("mlp", "embed"), residual_std, "proj")(h_NxF)
-    return out_NxD.reshape(x_BxLxD.shape)
+    return out_BxLxD, new_cache, v_first_BxLxGxK
 
 
 class Block(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, positions_BxL, cache, deterministic: bool):
-    drop = nn.Dropout(self.config.dropout, deterministic=deterministic)
-    attn_BxLxD, cache = CausalSelfAttention(self.config, name="attn")(
-        _norm(self.config, name="ln_1")(x_BxLxD), positions_BxL, cache)
+  def __call__(self, carry, positions_BxL, cache, deterministic: bool, x0_BxLxD=None,
+               layer=None):
+    """carry: (the residual stream BxLxD, the first layer's values or None); x0_BxLxD: the
+    embedding output (`x0_shortcut`); layer: this block's index (`value_residual`)."""
+    cfg = self.config
+    x_BxLxD, v_first_BxLxGxK = carry
+    if cfg.x0_shortcut:  # x = lambda x + mu x0 (the speedrun's), the plain block at init
+      lam, mu = (scalar(self, name, value).astype(x_BxLxD.dtype)
+                 for name, value in (("x_scale", 1.0), ("x0_scale", 0.0)))
+      x_BxLxD = lam * x_BxLxD + mu * x0_BxLxD
+    drop = nn.Dropout(cfg.dropout, deterministic=deterministic)
+    attn_BxLxD, cache, v_first_BxLxGxK = CausalSelfAttention(cfg, name="attn")(
+        _norm(cfg, name="ln_1")(x_BxLxD), positions_BxL, cache, v_first_BxLxGxK, layer)
     x_BxLxD = x_BxLxD + drop(attn_BxLxD)
-    x_BxLxD = x_BxLxD + drop(MLP(self.config, name="mlp")(_norm(self.config, name="ln_2")(x_BxLxD)))
+    x_BxLxD = x_BxLxD + drop(MLP(cfg, name="mlp")(_norm(cfg, name="ln_2")(x_BxLxD)))
     # Between blocks the residual stream is split by batch rows only: "batch" takes the
     # fsdp axis first, so "embed" stays whole here (and tensor-parallel outputs are summed).
-    return nn.with_logical_constraint(x_BxLxD, ("batch", "sequence", "embed")), cache
+    x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "sequence", "embed"))
+    return (x_BxLxD, v_first_BxLxGxK), cache
 
 
 def _blocks(cfg: ModelConfig):
@@ -250,7 +180,7 @@ def _blocks(cfg: ModelConfig):
     return [block(cfg) for _ in range(cfg.n_layer)]
   return nn.scan(
       block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-      in_axes=(nn.broadcast, 0, nn.broadcast), length=cfg.n_layer,
+      in_axes=(nn.broadcast, 0, nn.broadcast, nn.broadcast, 0), length=cfg.n_layer,
       metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
 
 
@@ -271,7 +201,7 @@ class GPT(nn.Module):
     self.ln_f = _norm(cfg)
     if not cfg.tie_embeddings:
       self.lm_head = _dense(cfg, cfg.vocab_size, use_bias=False,
-                            kernel_init=_init(0.02, ("embed", "vocab")))
+                            kernel_init=_output_init(cfg, 0.02, ("embed", "vocab")))
 
   def encode(self, tokens_BxL, positions_BxL=None, cache: KVCache | None = None,
              deterministic: bool = True):
@@ -292,21 +222,35 @@ class GPT(nn.Module):
       x_BxLxD = x_BxLxD + jnp.take(wpe_TxD, positions_BxL, axis=0)
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "sequence", "embed"))
     x_BxLxD = self.drop(x_BxLxD, deterministic=deterministic)
+    x0_BxLxD = x_BxLxD if self.config.x0_shortcut else None
     if self.config.scan_layers:
       # The cache is stacked (LxBxSxHxK, as init_cache makes it): one layer per iteration,
       # never copied into or out of a per-layer list.
-      x_BxLxD, cache = self.blocks(x_BxLxD, positions_BxL, cache, deterministic)
+      (x_BxLxD, _), cache = self.blocks(
+          (x_BxLxD, self._first_values(tokens_BxL.shape)), positions_BxL, cache,
+          deterministic, x0_BxLxD,
+          jnp.arange(self.config.n_layer) if self.config.value_residual else None)
       return self.ln_f(x_BxLxD), cache
     new_cache = [] if cache is not None else None
+    carry = (x_BxLxD, None)
     for i, block in enumerate(self.blocks):
-      x_BxLxD, layer_cache = block(x_BxLxD, positions_BxL,
-                                   None if cache is None else cache[i], deterministic)
+      carry, layer_cache = block(carry, positions_BxL, None if cache is None else cache[i],
+                                 deterministic, x0_BxLxD, i)
       if cache is not None:
         new_cache.append(layer_cache)
-    return self.ln_f(x_BxLxD), new_cache
+    return self.ln_f(carry[0]), new_cache
+
+  def _first_values(self, shape_BxL):
+    """The scan's carry of the first layer's values before there are any (`value_residual`;
+    else None): zeros the first block replaces."""
+    cfg = self.config
+    if not cfg.value_residual:
+      return None
+    return jnp.zeros((*shape_BxL, cfg.kv_heads, cfg.head_dim), jnp.dtype(cfg.dtype))
 
   def logits(self, hidden_BxLxD):
-    """The LM head: float32 logits (float64 under model.dtype=float64), BxLxV."""
+    """The LM head: float32 logits (float64 under model.dtype=float64), BxLxV; soft-capped
+    under `logit_softcap` (every caller's logits come from here: loss, evaluation, generation)."""
     if self.config.tie_embeddings and self.config.matmul_dtype == "bfloat16":
       hidden_NxD = hidden_BxLxD.reshape(-1, hidden_BxLxD.shape[-1])
       logits_BxLxV = matmul.bf16_matmul(hidden_NxD, self.wte.embedding, True).reshape(
@@ -316,6 +260,9 @@ class GPT(nn.Module):
     else:
       logits_BxLxV = self.lm_head(hidden_BxLxD)
     logits_BxLxV = logits_BxLxV.astype(jnp.promote_types(self.config.dtype, jnp.float32))
+    if self.config.logit_softcap:  # Gemma 2's soft cap, |logits| < C
+      cap = self.config.logit_softcap
+      logits_BxLxV = cap * jnp.tanh(logits_BxLxV / cap)
     return nn.with_logical_constraint(logits_BxLxV, ("batch", "sequence", "vocab"))
 
   def __call__(self, tokens_BxL, deterministic: bool = True, return_hidden: bool = False):
