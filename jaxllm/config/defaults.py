@@ -174,6 +174,9 @@ def _train() -> ml_collections.ConfigDict:
   s.grad_accum = 1  # microbatches per optimizer step
   s.eval_every = 250  # also evaluated before the first step and after the last; 0 = only then
   s.eval_batches = 20  # batches of each split per evaluation
+  # > 0: the first evaluation with val_loss <= this: its step, tokens and training seconds in
+  # metrics.jsonl (target_step, ...), eval.json (steps_to_target, ...) and the printout; 0 = off
+  s.target_val_loss = 0.0
   s.log_every = 10  # 0 = log only where the run evaluates
   s.seed = 1337  # parameters, batches and dropout follow from it
   s.peak_flops = 0.0  # per-device FLOP/s for MFU; 0 = measure a matmul at start-up

@@ -85,6 +85,7 @@ class Meter:
     rows = setup.train_rows.stop - setup.train_rows.start
     self.scale = (setup.config.train.batch_size // setup.config.train.grad_accum) / rows
     self.total_wait = 0.0  # seconds the loop waited for batches, over the whole run
+    self.total_tokens = 0.0  # tokens trained on, all processes' (a resumed run's set at start)
     self.reset()
 
   def reset(self) -> None:
@@ -99,6 +100,7 @@ class Meter:
     self.flops += local_tokens * self.scale * self.flops_per_token(length)
     self.wait += wait_seconds
     self.total_wait += wait_seconds
+    self.total_tokens += local_tokens * self.scale
 
   def figures(self) -> dict[str, float]:
     seconds = time.perf_counter() - self.start
@@ -126,6 +128,42 @@ class Progress:
   meter: "Meter"
   last_eval: dict[str, float]
   eval_seconds: float = 0.0
+  started: float = 0.0  # perf_counter at the first step
+  target: dict[str, float] | None = None  # the first evaluation at train.target_val_loss
+
+
+_TARGET_KEYS = ("target_step", "target_tokens", "target_seconds")
+
+
+def _resume_target(run: Progress, start_step: int, local_tokens: int) -> None:
+  """A resumed run's target as its history recorded it, its tokens so far as steps x the
+  first batch's (this process's `local_tokens`, scaled to all processes')."""
+  run.target = next(({k: r[k] for k in _TARGET_KEYS} for r in run.writer.records
+                     if "target_step" in r), None)
+  run.meter.total_tokens = start_step * local_tokens * run.meter.scale
+
+
+def _target_summary(train: ml_collections.ConfigDict, run: Progress) -> dict[str, Any]:
+  """eval.json's figures of train.target_val_loss (None where the run never reached it)."""
+  if not train.target_val_loss:
+    return {}
+  target = run.target or {}
+  return {"target_val_loss": float(train.target_val_loss),
+          **{f"{name}s_to_target": target.get(f"target_{name}")
+             for name in ("step", "token", "second")}}
+
+
+def _reach_target(setup: Setup, run: Progress, done: int, record: dict, bar=None) -> None:
+  """Adds target_step, target_tokens and target_seconds (training time, evaluations left out)
+  to the record of the first evaluation whose val_loss <= train.target_val_loss (0 = off)."""
+  target = float(setup.config.train.target_val_loss)
+  if not target or run.target is not None or record.get("val_loss", math.inf) > target:
+    return
+  seconds = time.perf_counter() - run.started - run.eval_seconds if done else 0.0
+  run.target = dict(zip(_TARGET_KEYS, (done, run.meter.total_tokens, seconds)))
+  record.update(run.target)
+  log(setup, f"step {done}: val loss {record['val_loss']:.4f} <= train.target_val_loss "
+             f"{target} after {run.meter.total_tokens:,.0f} tokens, {seconds:.1f} s", bar)
 
 
 def train_loop(setup: Setup, state, start_step: int, progress: bool,
@@ -150,13 +188,16 @@ def train_loop(setup: Setup, state, start_step: int, progress: bool,
   describe(setup, state, peak_flops, flops_per_token(first_length), first_length)
   run = Progress(_metrics_writer(setup, start_step), Meter(setup, flops_per_token, peak_flops),
                  evaluate(setup, eval_fn, state.params))
+  _resume_target(run, start_step, first[task.token_key].size)
   if not start_step:
-    run.writer.write({"step": 0, **run.last_eval})
+    record = {"step": 0, **run.last_eval}
+    _reach_target(setup, run, 0, record)
+    run.writer.write(record)
   log(setup, f"step {start_step}: " + _figures_text(run.last_eval))
   log(setup, f"TensorBoard: tensorboard --logdir {setup.workdir / 'tensorboard'}")
   bar = progress_bar(total=total, initial=start_step, desc=train.task, unit="step",
                      disable=not (progress and setup.main), dynamic_ncols=True)
-  train_start = time.perf_counter()
+  train_start = run.started = time.perf_counter()
   batches = prefetch.Prefetcher(functools.partial(_train_batch, setup), start_step, total,
                                 setup.config.data.prefetch)
   with jax.set_mesh(setup.mesh), checkpoint_lib.PreemptionWatch() as preemption, batches:
@@ -178,8 +219,9 @@ def train_loop(setup: Setup, state, start_step: int, progress: bool,
       bar.close()
       run.writer.close()
       setup.manager.close()  # waits for the last save
-  return state, _summary(task, state, run, start_step, total,
-                         time.perf_counter() - train_start - run.eval_seconds)
+  return state, {**_summary(task, state, run, start_step, total,
+                            time.perf_counter() - train_start - run.eval_seconds),
+                 **_target_summary(train, run)}
 
 
 def _summary(task, state, run: Progress, start_step: int, total: int,
@@ -214,6 +256,7 @@ def _log_step(setup: Setup, run: Progress, done: int, metrics: dict, evaluation,
     run.eval_seconds += time.perf_counter() - eval_start
     record.update(run.last_eval)
     log(setup, f"step {done}: " + _figures_text(run.last_eval), bar)
+    _reach_target(setup, run, done, record, bar)
   run.writer.write(record)
   bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}",
                   mfu=f"{record['mfu']:.1%}")
@@ -227,6 +270,16 @@ def task_step(task: tasks_lib.Task, optimizer: optax.GradientTransformation):
     return train_lib.train_step(state, batch, loss_fn=task.loss_fn, optimizer=optimizer,
                                 weight_fn=task.weight_fn, trainable=task.trainable)
   return step
+
+
+def _target_text(summary: dict) -> str:
+  """The final printout's line for train.target_val_loss."""
+  target = summary["target_val_loss"]
+  if summary["steps_to_target"] is None:
+    return f"val loss never reached train.target_val_loss {target} in {summary['steps']} steps"
+  return (f"val loss reached train.target_val_loss {target} at step "
+          f"{summary['steps_to_target']}: {summary['tokens_to_target']:,.0f} tokens, "
+          f"{summary['seconds_to_target']:.1f} s of training")
 
 
 def _figures_text(figures: dict[str, float]) -> str:
@@ -283,6 +336,8 @@ def finish(setup: Setup, state, summary: dict, start_time: float) -> dict[str, A
   print(f"step {summary['steps']}: {_figures_text(final)}; {summary['steps_per_s']:.1f} "
         f"steps/s (waiting for data {summary['input_wait']:.1%} of it), wall time "
         f"{figures['wall_seconds']:.0f} s; outputs in {setup.workdir}")
+  if "target_val_loss" in summary:
+    print(_target_text(summary))
   return figures
 
 

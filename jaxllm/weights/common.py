@@ -50,3 +50,22 @@ def read_json(path: pathlib.Path, what: str) -> dict:
     return json.loads(path.read_text())
   except json.JSONDecodeError as e:
     raise JaxllmError(f"{path} is not valid JSON ({e})") from e
+
+
+def check_hf_expressible(cfg, workdir) -> None:
+  """A one-line error for the first architecture key (the GPT-2 speedrun's) that Hugging
+  Face's GPT-2 and Llama models cannot express; zero_init_proj is only an initialisation."""
+  family = "Llama" if (cfg.norm == "rmsnorm" or cfg.position == "rope") else "GPT-2"
+  refused = [
+      ("mlp", cfg.mlp == "relu2", "relu2", f"{family}'s MLP is "
+       f"{'SwiGLU' if family == 'Llama' else 'GELU (gelu_new)'}", "gelu or swiglu"),
+      ("logit_softcap", cfg.logit_softcap > 0, cfg.logit_softcap, "its logits are uncapped", 0),
+      ("x0_shortcut", cfg.x0_shortcut, "true", "its blocks have no x0 shortcut", "false"),
+      ("value_residual", cfg.value_residual, "true", "its attention has no value residual",
+       "false"),
+  ]
+  for key, on, value, reason, fix in refused:
+    if on:
+      raise JaxllmError(f"{workdir}: model.{key}={value} cannot be exported to Hugging Face "
+                        f"{family} ({reason}); train with model.{key}={fix} to export, or "
+                        f"use the run directory itself (jaxllm generate, serve and eval read it)")

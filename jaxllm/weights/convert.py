@@ -264,6 +264,7 @@ def export_hf(workdir: str | pathlib.Path, out: str | pathlib.Path) -> dict:
     params = stacking.unstack_layers(params)
   if isinstance(cfg, config_lib.EncoderConfig):
     return bert_weights.export_bert(config, model, params, tokenizer, workdir, out)
+  common.check_hf_expressible(cfg, workdir)
   if cfg.norm == "rmsnorm" or cfg.position == "rope" or cfg.mlp == "swiglu":
     return llama_weights.export_llama(cfg, params, tokenizer, workdir, out)
   if not (cfg.bias and cfg.qkv_bias and cfg.tie_embeddings):
