@@ -103,3 +103,40 @@ def test_all_cpu_experiments_in_dependency_order(tmp_path, shared_data, capsys):
   assert cli.main(["reproduce", "--all", "--experiments", str(folder), "--data-dir",
                    str(shared_data), "--workdir", str(runs), "--no-progress"]) == 1
   assert "2 of 3 experiments reproduce; failing: c." in (runs / "reproduce.md").read_text()
+
+
+def test_seeds_check_the_mean_and_report_the_spread(tmp_path, shared_data, capsys):
+  experiment = tmp_path / "tiny.py"
+  experiment.write_text(
+      "from jaxllm.config import load_config\n"
+      "EXPECTED = {'val_loss': ('<', 4.5, 'below ln(vocab)'), 'steps': ('==', 10)}\n"
+      "def get_config():\n"
+      f"  c = load_config({str(REPO / 'experiments' / 'shakespeare_char.py')!r})\n"
+      "  c.model.preset = 'gpt-micro'\n  c.data.dataset = 'text'\n  c.data.tokenizer = 'char'\n"
+      "  c.data.train_split = 'train'\n  c.data.val_split = ''\n"
+      f"  c.data.path = {str(shared_data / 'the-verdict.txt')!r}\n"
+      "  c.train.steps = 10\n  c.train.eval_every = 10\n  c.train.batch_size = 4\n"
+      "  c.train.eval_batches = 2\n  c.train.peak_flops = 1e11\n  c.train.sample_tokens = 5\n"
+      "  return c\n")
+  workdir = tmp_path / "runs"
+  argv = ["reproduce", str(experiment), "--workdir", str(workdir), "--seeds", "3,4",
+          "--no-progress"]
+  assert cli.main(argv) == 0
+  losses = [json.loads((workdir / f"seed-{s}" / "eval.json").read_text())["val_loss"]
+            for s in (3, 4)]
+  assert losses[0] != losses[1]  # the seed reached each run
+  assert json.loads((workdir / "seed-4" / "request.json").read_text())["train"]["seed"] == 4
+  table = json.loads((workdir / "seeds.json").read_text())["figures"]
+  assert table["val_loss"]["values"] == losses
+  assert table["val_loss"]["mean"] == pytest.approx((losses[0] + losses[1]) / 2, abs=1e-12)
+  assert table["val_loss"]["std"] == pytest.approx(abs(losses[0] - losses[1]) / 2 ** 0.5,
+                                                   abs=1e-12)
+  assert table["steps"] == {"mean": 10, "std": 0, "min": 10, "max": 10, "values": [10, 10]}
+  report = (workdir / "reproduce.md").read_text()
+  assert f"| `val_loss` | < 4.5 | {table['val_loss']['mean']:.6g} | pass |" in report
+  assert "| figure | mean | std | min | max | seed 3 | seed 4 |" in report
+  capsys.readouterr()
+  assert cli.main([*argv[:-3], "--seeds", "3,x"]) == 2
+  assert "--seeds takes integers" in capsys.readouterr().err
+  assert cli.main([*argv, "--config.train.seed=1"]) == 2
+  assert "leave out --config.train.seed" in capsys.readouterr().err

@@ -8,7 +8,8 @@
     jaxllm eval --workdir DIR --tasks T1,T2 [--include-path DIR] [--num-fewshot K] [--limit N]
       (lm-evaluation-harness tasks, in-process: jaxllm/eval/harness.py)
     jaxllm convert --from gpt2-medium|FOLDER --out DIR [--to jaxllm|hf]
-    jaxllm reproduce experiments/<name>.py [--workdir DIR] [--rerun] [--config.KEY=VALUE ...]
+    jaxllm reproduce experiments/<name>.py [--workdir DIR] [--rerun] [--seeds S1,S2,...]
+      [--config.KEY=VALUE ...]
     jaxllm sweep --config experiments/<name>.py [--param KEY=V1,V2 ...] [--trials N] ...
     jaxllm launch local|tpu|xpk|slurm [options] -- train --config experiments/<name>.py ...
     jaxllm serve --workdir DIR [--host H] [--port P] [--slots S] [--max-queue Q] [--model-name N]
@@ -35,7 +36,7 @@ import pathlib
 import sys
 
 from jaxllm.cli import arena, preflight, sweep
-from jaxllm.errors import PREEMPTED_EXIT_STATUS
+from jaxllm.errors import PREEMPTED_EXIT_STATUS, JaxllmError
 from jaxllm.serve import bench
 
 # The subcommands that take --config.KEY=VALUE overrides.
@@ -154,6 +155,13 @@ def _add_convert(commands) -> None:
   convert.add_argument("--cache-dir", help="where names are downloaded (default ~/.cache/jaxllm)")
 
 
+def _seeds(text: str) -> list[int]:
+  try:
+    return [int(s) for s in text.split(",") if s.strip()]
+  except ValueError:
+    raise JaxllmError(f"--seeds takes integers separated by commas; got '{text}'") from None
+
+
 def _add_reproduce(commands) -> None:
   reproduce = commands.add_parser(
       "reproduce", help="check a run against the figures its experiment expects",
@@ -170,6 +178,8 @@ def _add_reproduce(commands) -> None:
   reproduce.add_argument("--experiments", default="experiments", help="with --all: the folder")
   reproduce.add_argument("--workdir", help="run directory (default: runs/<experiment name>)")
   reproduce.add_argument("--rerun", action="store_true", help="train even if a run is there")
+  reproduce.add_argument("--seeds", help="S1,S2,...: one run per train.seed (DIR/seed-S); "
+                         "EXPECTED against their mean, the spread of every figure")
   reproduce.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -340,8 +350,13 @@ def main(argv: list[str] | None = None) -> int:
             args.experiments, cpu_only=args.cpu, data_dir=args.data_dir,
             runs=args.workdir or "runs", rerun=args.rerun, progress=not args.no_progress)
         return 0 if all(r.passed for rows in results.values() for r in rows) else 1
-      rows = reproduce.reproduce(args.experiment, args.workdir, overrides, rerun=args.rerun,
-                                 progress=not args.no_progress)
+      if args.seeds:
+        rows = reproduce.reproduce_seeds(args.experiment, _seeds(args.seeds), args.workdir,
+                                         overrides, rerun=args.rerun,
+                                         progress=not args.no_progress)
+      else:
+        rows = reproduce.reproduce(args.experiment, args.workdir, overrides, rerun=args.rerun,
+                                   progress=not args.no_progress)
       return 0 if all(row.passed for row in rows) else 1
     else:
       _generate(args)

@@ -12,6 +12,11 @@ obtained with pass / fail per row, and writes it as reproduce.md in the run dire
 finished run is read only if it was made from the same config (the experiment's with the
 overrides, as recorded in its request.json); otherwise it is trained again from scratch.
 
+`reproduce_seeds` runs the experiment once per seed (`train.seed`, into DIR/seed-S), checks
+EXPECTED against the seeds' mean, and writes a table of every figure the runs share: mean,
+standard deviation (n - 1), least and greatest, and each seed's value (the tokens-to-target
+figures of `train.target_val_loss` among them).
+
 `reproduce_all` does that for every experiment of a folder (`--cpu`: those marked
 `CPU = True`, sized for a 2-core CPU), in an order that honours `REQUIRES = ("other",)`
 (experiments whose runs this one starts from), giving each its data as
@@ -22,8 +27,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import operator
 import pathlib
+import statistics
 from typing import Any, Sequence
 
 from jaxllm import config as config_lib
@@ -141,6 +148,61 @@ def reproduce(experiment: str | pathlib.Path, workdir: str | pathlib.Path | None
   rows = compare(expected, json.loads(figures_path.read_text()), str(experiment))
   report = markdown(f"{experiment.name}: {workdir}", rows)
   (workdir / "reproduce.md").write_text(report)
+  print(report + f"written to {workdir / 'reproduce.md'}")
+  return rows
+
+
+def spread(figures: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+  """{figure: mean, std, min, max, values} of each number that every run's figures have."""
+  shared = [k for k, v in figures[0].items() if isinstance(v, (int, float))
+            and not isinstance(v, bool) and all(isinstance(f.get(k), (int, float)) for f in figures)]
+  table = {}
+  for key in shared:
+    values = [float(f[key]) for f in figures]
+    if not all(math.isfinite(v) for v in values):
+      continue
+    table[key] = {"mean": statistics.fmean(values),
+                  "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                  "min": min(values), "max": max(values), "values": values}
+  return table
+
+
+def spread_markdown(title: str, seeds: Sequence[int], table: dict[str, dict]) -> str:
+  lines = [f"## {title}: {len(seeds)} seeds", "",
+           "| figure | mean | std | min | max | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+           "|---|---:|---:|---:|---:|" + "---:|" * len(seeds)]
+  for key, row in table.items():
+    cells = [f"{row[k]:.6g}" for k in ("mean", "std", "min", "max")]
+    lines.append(f"| `{key}` | " + " | ".join(cells + [f"{v:.6g}" for v in row["values"]]) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def reproduce_seeds(experiment: str | pathlib.Path, seeds: Sequence[int],
+                    workdir: str | pathlib.Path | None = None, overrides: Sequence[str] = (),
+                    rerun: bool = False, progress: bool = True) -> list[Row]:
+  """`reproduce` once per seed into WORKDIR/seed-S; EXPECTED checked against the seeds'
+  mean; the spread of every figure in WORKDIR/reproduce.md and seeds.json."""
+  experiment = pathlib.Path(experiment)
+  if len(set(seeds)) != len(seeds) or not seeds:
+    raise JaxllmError(f"--seeds {','.join(map(str, seeds))}: give distinct seeds")
+  if any(o.partition("=")[0].strip() == "train.seed" for o in overrides):
+    raise JaxllmError("--seeds sets train.seed for each run; leave out --config.train.seed")
+  module, _ = config_lib.load_experiment(experiment)
+  workdir = pathlib.Path(workdir or pathlib.Path("runs") / experiment.stem)
+  figures = []
+  for seed in seeds:
+    run = workdir / f"seed-{seed}"
+    reproduce(experiment, run, [*overrides, f"train.seed={seed}"], rerun=rerun,
+              progress=progress)
+    figures.append(json.loads((run / "eval.json").read_text()))
+  table = spread(figures)
+  rows = compare(getattr(module, "EXPECTED"), {k: v["mean"] for k, v in table.items()},
+                 str(experiment))
+  report = (markdown(f"{experiment.name}: {workdir}, the mean of {len(seeds)} seeds", rows)
+            + "\n" + spread_markdown(experiment.name, seeds, table))
+  (workdir / "reproduce.md").write_text(report)
+  (workdir / "seeds.json").write_text(json.dumps({"seeds": list(seeds), "figures": table},
+                                                 indent=1) + "\n")
   print(report + f"written to {workdir / 'reproduce.md'}")
   return rows
 
