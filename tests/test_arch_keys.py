@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxllm import cli
 from jaxllm import config as config_lib
 from jaxllm.errors import JaxllmError
 from jaxllm.models import layers
@@ -20,7 +21,7 @@ from jaxllm.models.gpt import GPT, Block, CausalSelfAttention, init_cache, init_
 from jaxllm.serve import generate as generate_lib
 from jaxllm.training import loop as trainer
 from jaxllm.training import rundir as run_io
-from jaxllm.weights import convert
+from jaxllm.weights import common, convert
 
 TINY = dict(n_layer=2, n_head=4, d_model=32, context_length=16, vocab_size=50)
 LLAMA = dict(norm="rmsnorm", position="rope", mlp_hidden=64, bias=False, n_kv_head=2,
@@ -200,14 +201,22 @@ def test_config_checks():
     (dict(x0_shortcut=True), "model.x0_shortcut=true cannot be exported"),
     (dict(value_residual=True, scan_layers=True), "model.value_residual=true cannot be exported"),
 ])
-def test_export_refuses_what_hugging_face_cannot_express(tmp_path, keys, refused):
-  config = _config(**keys)
-  params = init_params(GPT(config_lib.model_config(config.model)), jax.random.key(0))
-  run_io.write_run(tmp_path / "run", config, params, {"kind": "char", "chars": "abc"})
+def test_export_refuses_what_hugging_face_cannot_express(keys, refused):
   with pytest.raises(JaxllmError) as error:
-    convert.export_hf(tmp_path / "run", tmp_path / "hf")
+    common.check_hf_expressible(_cfg(**keys), "run")
   message = str(error.value)
   assert refused in message and "\n" not in message and "to export" in message
+  common.check_hf_expressible(_cfg(zero_init_proj=True, **LLAMA, mlp="swiglu"), "run")
+
+
+def test_export_command_refuses_in_one_line(tmp_path, capsys):
+  config = _config(x0_shortcut=True)
+  params = init_params(GPT(config_lib.model_config(config.model)), jax.random.key(0))
+  run_io.write_run(tmp_path / "run", config, params, {"kind": "char", "chars": "abc"})
+  assert cli.main(["convert", "--from", str(tmp_path / "run"), "--to", "hf", "--out",
+                   str(tmp_path / "hf")]) != 0
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "model.x0_shortcut=true cannot be exported" in err[0], err
   assert not (tmp_path / "hf").exists()
 
 
@@ -250,3 +259,15 @@ def test_training_with_every_key_records_steps_to_target(tmp_path, shared_data, 
   learned = [np.asarray(params["blocks"]["x0_scale"]),
              np.asarray(params["blocks"]["attn"]["v_first_scale"])]
   assert all(np.all(x != 0) for x in learned)  # the shortcuts opened from 0
+
+
+def test_target_never_reached_is_none_in_eval_json():
+  run = trainer.Progress(writer=None, meter=None, last_eval={})
+  train = config_lib.default_config().train
+  assert trainer._target_summary(train, run) == {}  # off: eval.json as before
+  train.target_val_loss = 1.5
+  summary = {"steps": 30, **trainer._target_summary(train, run)}
+  assert summary == {"steps": 30, "target_val_loss": 1.5, "steps_to_target": None,
+                     "tokens_to_target": None, "seconds_to_target": None}
+  assert trainer._target_text(summary) == (
+      "val loss never reached train.target_val_loss 1.5 in 30 steps")

@@ -149,8 +149,9 @@ def _target_summary(train: ml_collections.ConfigDict, run: Progress) -> dict[str
     return {}
   target = run.target or {}
   return {"target_val_loss": float(train.target_val_loss),
-          **{f"{name}s_to_target": target.get(f"target_{name}")
-             for name in ("step", "token", "second")}}
+          "steps_to_target": target.get("target_step"),
+          "tokens_to_target": target.get("target_tokens"),
+          "seconds_to_target": target.get("target_seconds")}
 
 
 def _reach_target(setup: Setup, run: Progress, done: int, record: dict, bar=None) -> None:
