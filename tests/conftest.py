@@ -202,6 +202,7 @@ SLOW = {
     "tests/test_cli.py::test_a_second_run_loads_its_compiled_programs_from_the_cache",  # 33
     # jaxllm eval --tasks in this process, then as a job of two processes.
     "tests/test_harness.py::test_jaxllm_eval_runs_local_tasks_and_writes_their_results",  # 14
+    "tests/test_harness_hf.py",  # lm_eval's hf model beside jaxllm's, 2 models: 333 s (load ~6)
     # jaxllm preflight: steps compiled for a TPU topology or simulated CPU devices (load ~3).
     "tests/test_preflight.py::test_memory_grows_with_the_batch_and_falls_with_fsdp",  # 8
     "tests/test_preflight.py::test_find_remat_compiles_every_setting_at_the_batch",  # 16

@@ -20,7 +20,8 @@
   a max_gen_toks of the context length or more keeps half the context and decodes past it
   as `jaxllm generate` does.
 
-Requests become rows of a few fixed shapes, one compile each, on the run's mesh; with several
+Requests become rows of a few fixed shapes, one compile each, on the run's mesh (the choices
+after one context run it once); with several
 processes the harness runs on process 0 and every process runs each batch
 (jaxllm/eval/scoring.py). The harness's bootstrap of standard errors forks a process pool,
 which a process running JAX must not do: `run_tasks` passes bootstrap_iters=0.
@@ -39,7 +40,14 @@ import numpy as np
 from jaxllm import config as config_lib
 from jaxllm.data import tokenizer as tokenizer_lib
 from jaxllm.errors import JaxllmError
-from jaxllm.eval.scoring import Devices, Row, bucket_for, bucket_lengths, continuation_row
+from jaxllm.eval.scoring import (
+  Devices,
+  Row,
+  bucket_for,
+  bucket_lengths,
+  continuation_row,
+  score_rows,
+)
 from jaxllm.models.gpt import GPT, count_params
 from jaxllm.progress import progress_bar
 from jaxllm.training import multihost, sharding
@@ -132,35 +140,11 @@ class JaxllmLM(TemplateLM):
 
   def score_rows(self, rows: Sequence[Row], desc: str = "loglikelihood"
                  ) -> list[tuple[float, bool]]:
-    """(sum of log-probabilities, all greedy) of each row, in order: rows grouped by bucket,
-    longest first, in batches of batch_size_per_call."""
-    results: list[tuple[float, bool] | None] = [None] * len(rows)
-    by_bucket: dict[int, list[int]] = defaultdict(list)
-    for i, row in enumerate(rows):
-      if row.scored == 0:  # an empty continuation: probability 1
-        results[i] = (0.0, True)
-      else:
-        by_bucket[bucket_for(len(row.tokens), self.buckets)].append(i)
-    size = self.batch_size_per_call
-    batches = []
-    for bucket in sorted(by_bucket, reverse=True):
-      order = sorted(by_bucket[bucket], key=lambda i: -len(rows[i].tokens))
-      batches.extend((bucket, order[s:s + size]) for s in range(0, len(order), size))
+    """(sum of log-probabilities, all greedy) of each row, in order (scoring.score_rows:
+    shared prefixes run once, the other rows by bucket, longest first)."""
     bar = progress_bar(total=len(rows), desc=desc, disable=not self.progress)
-    for bucket, members in batches:
-      tokens_BxT = np.zeros((size, bucket), np.int32)
-      targets_BxT = np.zeros((size, bucket), np.int32)
-      scored_BxT = np.zeros((size, bucket), bool)
-      for b, i in enumerate(members):
-        row = rows[i]
-        length = len(row.tokens)
-        tokens_BxT[b, :length] = row.tokens
-        targets_BxT[b, :length] = row.targets
-        scored_BxT[b, length - row.scored:length] = True
-      logprob_B, greedy_B = self.devices.score(tokens_BxT, targets_BxT, scored_BxT)
-      for b, i in enumerate(members):
-        results[i] = (float(logprob_B[b]), bool(greedy_B[b]))
-      bar.update(len(members))
+    results = score_rows(self.devices, rows, self.batch_size_per_call, self.buckets,
+                         bar.update)
     bar.close()
     return results
 
