@@ -307,6 +307,27 @@ def _generate(args) -> None:
     print(prompt + text)
 
 
+def _reproduce(args, overrides: list[str]) -> int:
+  """`jaxllm reproduce`: 0 if every expected figure holds, 1 if one fails."""
+  from jaxllm.tools import reproduce
+
+  if args.all == bool(args.experiment):
+    raise JaxllmError("give one experiment file, or --all (not both)")
+  progress = not args.no_progress
+  if args.all:
+    results = reproduce.reproduce_all(args.experiments, cpu_only=args.cpu,
+                                      data_dir=args.data_dir, runs=args.workdir or "runs",
+                                      rerun=args.rerun, progress=progress)
+    return 0 if all(r.passed for rows in results.values() for r in rows) else 1
+  if args.seeds:
+    rows = reproduce.reproduce_seeds(args.experiment, _seeds(args.seeds), args.workdir,
+                                     overrides, rerun=args.rerun, progress=progress)
+  else:
+    rows = reproduce.reproduce(args.experiment, args.workdir, overrides, rerun=args.rerun,
+                               progress=progress)
+  return 0 if all(row.passed for row in rows) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   if argv[:1] == ["launch"]:  # what follows -- is another jaxllm command, left as it is
@@ -341,23 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "arena":
       return arena.main(args)
     elif args.command == "reproduce":
-      from jaxllm.tools import reproduce
-
-      if args.all == bool(args.experiment):
-        raise JaxllmError("give one experiment file, or --all (not both)")
-      if args.all:
-        results = reproduce.reproduce_all(
-            args.experiments, cpu_only=args.cpu, data_dir=args.data_dir,
-            runs=args.workdir or "runs", rerun=args.rerun, progress=not args.no_progress)
-        return 0 if all(r.passed for rows in results.values() for r in rows) else 1
-      if args.seeds:
-        rows = reproduce.reproduce_seeds(args.experiment, _seeds(args.seeds), args.workdir,
-                                         overrides, rerun=args.rerun,
-                                         progress=not args.no_progress)
-      else:
-        rows = reproduce.reproduce(args.experiment, args.workdir, overrides, rerun=args.rerun,
-                                   progress=not args.no_progress)
-      return 0 if all(row.passed for row in rows) else 1
+      return _reproduce(args, overrides)
     else:
       _generate(args)
   except JaxllmError as e:
