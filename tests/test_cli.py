@@ -153,10 +153,11 @@ def test_installed_command_prints_one_line(tmp_path):
   assert result.stderr.strip() == (
       "jaxllm: error: unknown config key 'model.n_layr' (section 'model' has: architecture, "
       "bias, context_length, d_model, dropout, dtype, embedding_init_std, layer_norm_epsilon, "
-      "matmul_dtype, mlp, mlp_hidden, n_head, n_kv_head, n_layer, norm, position, pre_norm, "
-      "preset, qk_norm, qkv_bias, remat, rope_high_freq_factor, rope_low_freq_factor, "
-      "rope_original_context, rope_scaling_factor, rope_theta, scan_layers, tie_embeddings, "
-      "type_vocab_size, vocab_size)")
+      "logit_softcap, matmul_dtype, mlp, mlp_hidden, n_head, n_kv_head, n_layer, norm, "
+      "position, pre_norm, preset, qk_norm, qkv_bias, remat, rope_high_freq_factor, "
+      "rope_low_freq_factor, rope_original_context, rope_scaling_factor, rope_theta, "
+      "scan_layers, tie_embeddings, type_vocab_size, value_residual, vocab_size, x0_shortcut, "
+      "zero_init_proj)")
 
 
 def test_malloc_tuning_applies_on_glibc_and_can_be_turned_off(monkeypatch):
