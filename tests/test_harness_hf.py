@@ -37,7 +37,7 @@ try:
 except ImportError:
   if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
     raise  # CI installs the eval and hf extras (scripts/setup.sh): a failure there
-  pytest.skip("needs lm_eval's hf model: pip install -e .[hf,eval] accelerate",
+  pytest.skip("needs lm_eval's hf model: pip install -e .[hf,eval]",
               allow_module_level=True)
 
 from jaxllm import cli  # noqa: E402
