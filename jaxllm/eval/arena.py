@@ -21,13 +21,12 @@ import hashlib
 import itertools
 import json
 import pathlib
-import urllib.error
-import urllib.request
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from jaxllm.errors import JaxllmError
+from jaxllm.eval import responses
 from jaxllm.progress import progress_bar
 
 ANSWERS, BATTLES = "answers.jsonl", "battles.jsonl"
@@ -133,30 +132,10 @@ def parse_models(spec: str) -> dict[str, str]:
 # --- OpenAI-compatible endpoints ----------------------------------------------------------
 
 
-def _request(url: str, body: dict | None, timeout: float, what: str) -> dict:
-  data = None if body is None else json.dumps(body).encode("utf-8")
-  request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"},
-                                   method="GET" if body is None else "POST")
-  try:
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-      return json.loads(response.read().decode("utf-8"))
-  except urllib.error.HTTPError as e:
-    raise JaxllmError(f"{what} at {url} answered HTTP {e.code} "
-                      f"({e.read()[:200].decode('utf-8', 'replace')!r})") from None
-  except (urllib.error.URLError, TimeoutError, OSError) as e:
-    raise JaxllmError(f"{what} at {url} is unreachable ({e}); is its server running?") from None
-  except ValueError:
-    raise JaxllmError(f"{what} at {url} did not answer JSON") from None
-
-
-def _base(url: str) -> str:
-  url = url.rstrip("/")
-  return url if url.endswith("/v1") else url + "/v1"
-
-
 def endpoint_model(url: str, name: str, timeout: float = 30.0) -> str:
   """The model id to ask at `url`: `name` if the endpoint lists it, else its only model."""
-  listed = _request(_base(url) + "/models", None, timeout, f"model '{name}'")
+  listed = responses.request_json(responses.api_url(url, "/models"), what=f"model '{name}'",
+                                  timeout=timeout)
   ids = [m.get("id") for m in listed.get("data", [])]
   if name in ids or not ids:
     return name
@@ -168,14 +147,9 @@ def endpoint_model(url: str, name: str, timeout: float = 30.0) -> str:
 def chat(url: str, model: str, messages: list[dict], *, max_tokens: int, seed: int = 0,
          timeout: float = 120.0, what: str = "the endpoint") -> str:
   """The reply of an OpenAI-compatible chat endpoint (greedy, seeded)."""
-  body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0.0,
-          "seed": seed}
-  reply = _request(_base(url) + "/chat/completions", body, timeout, what)
-  try:
-    return str(reply["choices"][0]["message"]["content"] or "")
-  except (KeyError, IndexError, TypeError):
-    raise JaxllmError(f"{what} at {url} did not answer in the OpenAI chat format "
-                      f"(choices[0].message.content)") from None
+  return responses.chat(url, messages, model=model, seed=seed, max_tokens=max_tokens,
+                        timeout=timeout, what=what,
+                        http_hint=f"is the model '{model}' served there?")
 
 
 def url_judge(url: str, model: str, *, max_tokens: int = 512, seed: int = 0,
@@ -191,7 +165,6 @@ def url_judge(url: str, model: str, *, max_tokens: int = 512, seed: int = 0,
 def _run_answers(workdir: str, records: list[dict], max_tokens: int, progress: bool
                  ) -> list[str]:
   """Greedy answers of a jaxllm run, in its prompt template (instruct.template)."""
-  from jaxllm.eval import responses
   from jaxllm.training import rundir
 
   config, model, params, tokenizer = rundir.load_run(workdir, decoder_for="answering prompts")

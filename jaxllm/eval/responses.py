@@ -68,31 +68,57 @@ def judge_prompt(entry: dict, template: str = "alpaca") -> str:
           f"Respond with the integer number only.")
 
 
-def chat_url(url: str) -> str:
+def api_url(url: str, path: str) -> str:
+  """`path` (e.g. /chat/completions) under an OpenAI-compatible server's /v1."""
   url = url.rstrip("/")
-  return url + ("/chat/completions" if url.endswith("/v1") else "/v1/chat/completions")
+  return (url if url.endswith("/v1") else url + "/v1") + path
+
+
+def chat_url(url: str) -> str:
+  return api_url(url, "/chat/completions")
+
+
+def request_json(url: str, body: dict | None = None, *, what: str, timeout: float = 120.0,
+                 http_hint: str = "", unreachable_hint: str = "is its server running?") -> Any:
+  """The JSON answer of a GET (body None) or a JSON POST; failures as one-line JaxllmErrors
+  naming `what` was asked, with a hint."""
+  data = None if body is None else json.dumps(body).encode("utf-8")
+  request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"},
+                                   method="GET" if body is None else "POST")
+  try:
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+      return json.loads(response.read().decode("utf-8"))
+  except urllib.error.HTTPError as e:
+    raise JaxllmError(f"{what} at {url} answered HTTP {e.code} "
+                      f"({e.read()[:200].decode('utf-8', 'replace')!r})"
+                      f"{'; ' + http_hint if http_hint else ''}") from None
+  except (urllib.error.URLError, TimeoutError, OSError) as e:
+    raise JaxllmError(f"{what} at {url} is unreachable ({e}); {unreachable_hint}") from None
+  except ValueError:
+    raise JaxllmError(f"{what} at {url} did not answer JSON") from None
+
+
+def chat(url: str, messages: list[dict], *, model: str, seed: int = 123,
+         max_tokens: int | None = None, timeout: float = 120.0, what: str = "the endpoint",
+         http_hint: str = "", unreachable_hint: str = "is its server running?") -> str:
+  """The reply of an OpenAI-compatible chat endpoint to `messages` (greedy, seeded)."""
+  body = {"model": model, "messages": messages, "temperature": 0.0, "seed": seed}
+  if max_tokens is not None:
+    body["max_tokens"] = max_tokens
+  reply = request_json(chat_url(url), body, what=what, timeout=timeout, http_hint=http_hint,
+                       unreachable_hint=unreachable_hint)
+  try:
+    return str(reply["choices"][0]["message"]["content"] or "")
+  except (KeyError, IndexError, TypeError):
+    raise JaxllmError(f"{what} at {chat_url(url)} did not answer in the OpenAI chat format "
+                      f"(choices[0].message.content)") from None
 
 
 def query_judge(prompt: str, *, url: str, model: str, timeout: float = 120.0) -> str:
-  """The reply of an OpenAI-compatible chat endpoint to one user message (greedy, seeded)."""
-  body = {"model": model, "messages": [{"role": "user", "content": prompt}],
-          "temperature": 0.0, "seed": 123}
-  request = urllib.request.Request(chat_url(url), data=json.dumps(body).encode("utf-8"),
-                                   headers={"Content-Type": "application/json"}, method="POST")
-  try:
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-      reply = json.loads(response.read().decode("utf-8"))
-    return str(reply["choices"][0]["message"]["content"])
-  except urllib.error.HTTPError as e:
-    raise JaxllmError(f"judge at {chat_url(url)} answered HTTP {e.code} "
-                      f"({e.read()[:200].decode('utf-8', 'replace')!r}); is judge.model "
-                      f"'{model}' served there?") from None
-  except (urllib.error.URLError, TimeoutError, OSError) as e:
-    raise JaxllmError(f"judge at {chat_url(url)} is unreachable ({e}); start the server "
-                      f"or unset judge.url") from None
-  except (ValueError, KeyError, IndexError, TypeError):
-    raise JaxllmError(f"judge at {chat_url(url)} did not answer in the OpenAI chat format "
-                      f"(choices[0].message.content)") from None
+  """The judge's reply to one user message (greedy, seed 123)."""
+  return chat(url, [{"role": "user", "content": prompt}], model=model, timeout=timeout,
+              what="judge", http_hint=f"is judge.model '{model}' served there?",
+              unreachable_hint="start the server or unset judge.url")
 
 
 def parse_score(reply: str) -> int | None:
