@@ -36,6 +36,12 @@ if "TFDS_DATA_DIR" not in os.environ:  # else TFDS would write to ~/tensorflow_d
   os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(prefix="jaxllm-tfds-")
   atexit.register(shutil.rmtree, os.environ["TFDS_DATA_DIR"], ignore_errors=True)
 
+# `datasets` (lm_eval loads a task's JSON through it) reads these when first imported: local
+# files only, its cache out of the home directory.
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+if "HF_DATASETS_CACHE" not in os.environ:
+  os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="jaxllm-hf-datasets-")
+  atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], ignore_errors=True)
 if "JAXLLM_COMPILATION_CACHE" not in os.environ:  # else ~/.cache/jaxllm/xla
   os.environ["JAXLLM_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="jaxllm-xla-")
   atexit.register(shutil.rmtree, os.environ["JAXLLM_COMPILATION_CACHE"], ignore_errors=True)

@@ -2,30 +2,20 @@
 forward pass and generation computed directly, in fixed shapes, and `jaxllm eval --tasks` on
 task YAMLs of local JSON files. Skips without the eval extra (fails under CI=true)."""
 
-import atexit
 import functools
 import json
 import math
 import os
 import random
-import shutil
 import string
 import subprocess
 import sys
-import tempfile
 import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-# `datasets` reads these when first imported: local files only, its cache out of the home
-# directory (the harness loads a task's JSON through it).
-os.environ["HF_DATASETS_OFFLINE"] = "1"
-if "HF_DATASETS_CACHE" not in os.environ:
-  os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="jaxllm-hf-datasets-")
-  atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], ignore_errors=True)
 
 try:
   import lm_eval

@@ -9,25 +9,16 @@ context, non-ASCII text among them); and 8 simulated devices against one. Skips 
 lm_eval, torch, transformers or accelerate (HFLM's imports), failing under CI=true.
 """
 
-import atexit
 import json
 import os
 import random
 import shutil
 import subprocess
 import sys
-import tempfile
 import types
 
 import numpy as np
 import pytest
-
-# `datasets` reads these when first imported: local files only, its cache out of the home
-# directory (the harness loads a task's JSON through it).
-os.environ["HF_DATASETS_OFFLINE"] = "1"
-if "HF_DATASETS_CACHE" not in os.environ:
-  os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="jaxllm-hf-datasets-")
-  atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], ignore_errors=True)
 
 try:
   import torch
