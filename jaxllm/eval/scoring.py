@@ -106,11 +106,11 @@ def score_rows(devices: "Devices", rows: Sequence[Row], size: int, buckets: Sequ
     width = bucket_for(max(rows[i].scored for i in members), suffixes)
     fits = len(prefix) + width <= buckets[-1]  # every padded position in the context
     if len(members) > 1 and fits:
-      shared.extend(members[s:s + size] for s in range(0, len(members), size))
+      shared.extend((members[s:s + size], width) for s in range(0, len(members), size))
     else:
       plain.extend(members)
   batches = itertools.chain(_plain_batches(devices, rows, plain, size, buckets),
-                            _shared_batches(devices, rows, shared, size, buckets, suffixes))
+                            _shared_batches(devices, rows, shared, size, buckets))
   for members, (logprob_B, greedy_B) in batches:
     for b, i in enumerate(members):
       results[i] = (float(logprob_B[b]), bool(greedy_B[b]))
@@ -135,15 +135,14 @@ def _plain_batches(devices, rows, indices, size, buckets) -> Iterator[tuple[list
       yield members, devices.score(tokens_BxT, targets_BxT, scored_BxT)
 
 
-def _shared_batches(devices, rows, groups, size, buckets, suffixes
+def _shared_batches(devices, rows, groups, size, buckets
                     ) -> Iterator[tuple[list[int], Scores]]:
-  """Batches of `size` rows and up to size / 4 groups (whole), by (prefix bucket, suffix
-  bucket), longest prefix first."""
+  """Batches of `size` rows and up to size / 4 groups (whole; each with its suffix bucket),
+  by (prefix bucket, suffix bucket), longest prefix first."""
   prefixes = max(devices.split, size // 4 // devices.split * devices.split)
   by_shape: dict[tuple[int, int], list[list[int]]] = defaultdict(list)
-  for members in groups:
+  for members, width in groups:
     row = rows[members[0]]
-    width = bucket_for(max(rows[i].scored for i in members), suffixes)
     by_shape[bucket_for(len(row.tokens) - row.scored, buckets), width].append(members)
   for (length, width), chunks in sorted(by_shape.items(), reverse=True):
     chunks.sort(key=lambda members: rows[members[0]].scored - len(rows[members[0]].tokens))
